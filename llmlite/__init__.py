@@ -1,0 +1,31 @@
+"""llmlite: quantize, fine-tune, serve and evaluate compressed LLMs.
+
+Public API (imported lazily so that ``llmlite --help`` starts fast)::
+
+    model, tokenizer = llmlite.load_model("smollm2-135m")
+    result = llmlite.quantize(method="gptq", bits=4, group_size=128, output="out/w4g128")
+    report = llmlite.evaluate(model="out/w4g128", max_windows=8)
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_model": "llmlite.models",
+    "quantize": "llmlite.api",
+    "evaluate": "llmlite.api",
+    "QuantizeConfig": "llmlite.config",
+    "EvalConfig": "llmlite.config",
+    "LlmliteError": "llmlite.errors",
+    "QuantLinear": "llmlite.quant.linear",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'llmlite' has no attribute {name!r}")

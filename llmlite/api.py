@@ -1,0 +1,197 @@
+"""The Python API: ``quantize`` and ``evaluate``. The CLI verbs are thin wrappers over these."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmlite.config import EvalConfig, QuantizeConfig, build
+from llmlite.data import calibration_windows, eval_windows, load_text, tokenize
+from llmlite.errors import LlmliteError
+from llmlite.evaluate.metrics import RunStats, measure, memory_bytes, param_count, size_on_disk
+from llmlite.evaluate.perplexity import perplexity
+from llmlite.models import atomic_output, check_output, load_model, model_path
+from llmlite.quant.checkpoint import gptq_config, save_gptq_checkpoint
+from llmlite.quant.driver import QuantReport, QuantSettings, quantize_model
+
+log = logging.getLogger("llmlite")
+
+
+@dataclass
+class QuantizeResult:
+    model: Any
+    tokenizer: Any
+    config: QuantizeConfig
+    report: QuantReport
+    stats: RunStats
+    output: Path | None
+
+    def summary(self) -> dict:
+        errors = [m.output_error for m in self.report.modules if m.output_error is not None]
+        return {
+            "output": None if self.output is None else str(self.output),
+            "method": self.config.method,
+            "bits": self.config.bits,
+            "group_size": self.config.group_size,
+            "sym": self.config.sym,
+            "act_order": self.config.act_order,
+            "modules": len(self.report.modules),
+            "mean_output_error": sum(errors) / len(errors) if errors else None,
+            "seconds": round(self.stats.seconds, 2),
+            "peak_rss_bytes": self.stats.peak_rss_bytes,
+            "size_bytes": size_on_disk(self.output),
+        }
+
+
+def quantize(
+    config: QuantizeConfig | None = None, *, recipe: str | None = None, progress: bool = True, **options
+) -> QuantizeResult:
+    """Quantize a model with RTN or GPTQ and, when ``output`` is set, save a GPTQ-layout checkpoint.
+
+    Options are ``QuantizeConfig``'s fields (``llmlite.quantize(bits=3, output="out")``), or a
+    ready ``config``; ``recipe`` names a YAML file of options that ``options`` override.
+    """
+    cfg = config.validate() if config is not None else build(QuantizeConfig, recipe, **options)
+    if cfg.output:
+        check_output(cfg.output, cfg.overwrite)  # fail before the long work, not after
+    with measure() as stats:
+        model, tokenizer = load_model(cfg.model)
+        windows = None
+        if cfg.method == "gptq":
+            ids = tokenize(tokenizer, load_text(cfg.calibration))
+            windows = calibration_windows(ids, cfg.samples, cfg.seqlen, cfg.seed)
+        settings = QuantSettings(
+            method=cfg.method,
+            bits=cfg.bits,
+            group_size=cfg.group_size,
+            sym=cfg.sym,
+            act_order=cfg.act_order,
+            damp=cfg.damp,
+            quantize_head=cfg.quantize_head,
+        )
+        with measure() as core:
+            report = quantize_model(model, settings, windows, progress=progress)
+        report.seconds = core.seconds
+    output = None
+    if cfg.output:
+        qconfig = gptq_config(cfg.bits, cfg.group_size, cfg.sym, cfg.act_order, cfg.damp, cfg.quantize_head)
+        with atomic_output(cfg.output, cfg.overwrite) as tmp:
+            save_gptq_checkpoint(model, tokenizer, tmp, qconfig)
+            record = {
+                "config": asdict(cfg),
+                "stats": asdict(stats),
+                "report": report.to_dict(),
+                "environment": environment(),
+            }
+            (tmp / "llmlite.json").write_text(json.dumps(record, indent=2) + "\n")
+        output = Path(cfg.output)
+    model.llmlite_source = str(output) if output else cfg.model
+    return QuantizeResult(model, tokenizer, cfg, report, stats, output)
+
+
+def evaluate(
+    config: EvalConfig | None = None,
+    *,
+    recipe: str | None = None,
+    progress: bool = True,
+    tokenizer=None,
+    **options,
+) -> dict:
+    """Perplexity of a model on a text with the papers' window protocol, plus efficiency metrics.
+
+    ``model`` is a name or path, or a model object in memory (e.g. ``quantize(...).model``) given
+    with its ``tokenizer``.
+    With ``baseline`` (a model name or path) the baseline is evaluated the same way and the
+    result gains ``baseline`` and ``change`` (ratios). ``json`` also writes the result to a file.
+    """
+    model = None
+    if not isinstance(options.get("model", ""), str):
+        model = options.pop("model")
+        options["model"] = getattr(model, "llmlite_source", "in-memory")
+    cfg = config.validate() if config is not None else build(EvalConfig, recipe, **options)
+    text = load_text(cfg.ppl)
+    out = _evaluate_one(cfg, cfg.model, text, model, tokenizer, progress)
+    if cfg.baseline:
+        base = _evaluate_one(cfg, cfg.baseline, text, None, None, progress)
+        out["baseline"] = base
+        out["change"] = {
+            k: out[k] / base[k]
+            for k in ("perplexity", "size_bytes", "memory_bytes", "seconds")
+            if out[k] and base[k]
+        }
+    if cfg.json:
+        write_json(cfg.json, out)
+    return out
+
+
+def _evaluate_one(cfg: EvalConfig, source: str, text: str, model, tokenizer, progress: bool) -> dict:
+    with measure() as stats:
+        if model is None:
+            model, tokenizer = load_model(source)
+        max_positions = getattr(model.config, "max_position_embeddings", None)
+        if max_positions and cfg.ctx > max_positions:
+            raise LlmliteError(
+                f"--ctx {cfg.ctx} is above the model's maximum of {max_positions} tokens; lower it"
+            )
+        windows = eval_windows(tokenize(tokenizer, text), cfg.ctx, cfg.max_windows)
+        result = perplexity(model, windows, cfg.batch_size, progress=progress)
+    return {
+        "model": source,
+        "text": cfg.ppl,
+        **asdict(result),
+        "params": param_count(model),
+        "size_bytes": size_on_disk(model_path(model)),
+        "memory_bytes": memory_bytes(model),
+        "seconds": round(stats.seconds, 3),
+        "peak_rss_bytes": stats.peak_rss_bytes,
+        "peak_rss_scope": stats.peak_rss_scope,
+        "peak_gpu_bytes": stats.peak_gpu_bytes,
+        "quantization": getattr(model, "llmlite_quantization", None),
+        "environment": environment(),
+    }
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    """Write ``data`` to ``path`` atomically (a temporary file renamed over it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def environment() -> dict:
+    import transformers
+
+    from llmlite import __version__
+
+    return {
+        "llmlite": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu": _cpu_name(),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

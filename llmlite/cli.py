@@ -1,0 +1,158 @@
+"""The ``llmlite`` command: each verb a thin wrapper over the Python API.
+
+User mistakes print one line (``llmlite: error: ...``) and exit with 2; Ctrl-C exits with 130
+after removing any partial output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import NoReturn
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from llmlite import __version__
+
+    root = _Parser(prog="llmlite", description="Quantize and evaluate LLMs.")
+    root.add_argument("--version", action="version", version=f"llmlite {__version__}")
+    verbs = root.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+
+    q = verbs.add_parser(
+        "quantize",
+        help="quantize a model (RTN or GPTQ) and save a GPTQ-layout checkpoint",
+        argument_default=argparse.SUPPRESS,
+        description="Quantize the linear layers of every decoder layer; with no options: the bundled "
+        "smollm2-135m, GPTQ 4-bit, group 128, symmetric, 128 calibration windows of 512 tokens.",
+    )
+    q.add_argument("--model", help="bundled name, local folder, .gguf file or hub id (default smollm2-135m)")
+    q.add_argument("--method", choices=["rtn", "gptq"], help="default gptq")
+    q.add_argument("--bits", type=int, help="2, 3, 4 (default) or 8")
+    q.add_argument("--group-size", type=int, help="columns per scale (default 128); -1 = per output channel")
+    sym = q.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", help="symmetric grid (default)")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (zero-points)")
+    q.add_argument(
+        "--act-order",
+        action=argparse.BooleanOptionalAction,
+        help="GPTQ columns by descending Hessian diagonal (static groups)",
+    )
+    q.add_argument("--calibration", help="calibration text: file or corpus name (default wikitext2-valid)")
+    q.add_argument("--samples", type=int, help="calibration windows (default 128)")
+    q.add_argument("--seqlen", type=int, help="tokens per calibration window (default 512)")
+    q.add_argument("--seed", type=int, help="calibration sampling seed (default 0)")
+    q.add_argument("--damp", type=float, help="GPTQ damping, fraction of mean diag(H) (default 0.01)")
+    q.add_argument(
+        "--quantize-head",
+        action=argparse.BooleanOptionalAction,
+        help="also quantize lm_head (untied from the embeddings)",
+    )
+    q.add_argument("--recipe", help="YAML file of these options (explicit options win)")
+    q.add_argument("--output", help="checkpoint folder to write (required)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(func=_quantize)
+
+    e = verbs.add_parser(
+        "eval",
+        help="perplexity and efficiency metrics of a model",
+        argument_default=argparse.SUPPRESS,
+        description="Perplexity over non-overlapping windows (the GPTQ/AWQ papers' protocol) plus "
+        "parameters, size on disk, time and peak memory.",
+    )
+    e.add_argument(
+        "model",
+        nargs="?",
+        help="bundled name, folder, .gguf file, hub id or checkpoint (default smollm2-135m)",
+    )
+    e.add_argument("--ppl", help="text: file or corpus name (default wikitext2, the raw test split)")
+    e.add_argument("--ctx", type=int, help="tokens per window (default 2048)")
+    e.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
+    e.add_argument("--batch-size", type=int, help="windows per forward pass (default 1)")
+    e.add_argument("--baseline", help="also evaluate this model (e.g. the unquantized one) and compare")
+    e.add_argument("--json", help="write the results to this JSON file")
+    e.add_argument("--recipe", help="YAML file of these options (explicit options win)")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.set_defaults(func=_eval)
+    return root
+
+
+def _options(args: argparse.Namespace) -> tuple[dict, str | None, bool]:
+    options = dict(vars(args))
+    for key in ("verb", "func"):
+        options.pop(key, None)
+    return options, options.pop("recipe", None), not options.pop("quiet", False)
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from llmlite.api import quantize
+    from llmlite.config import QuantizeConfig, build
+    from llmlite.errors import LlmliteError
+
+    options, recipe, progress = _options(args)
+    config = build(QuantizeConfig, recipe, **options)
+    if not config.output:
+        raise LlmliteError("quantize needs --output DIR (the checkpoint folder to write)")
+    result = quantize(config, progress=progress)
+    s = result.summary()
+    grid = f"{s['bits']}-bit, group {s['group_size']}, {'sym' if s['sym'] else 'asym'}"
+    print(
+        f"{s['method']} {grid}: {s['modules']} linear layers in {s['seconds']:.1f} s, "
+        f"peak RSS {_gb(s['peak_rss_bytes'])} -> {s['output']} ({_mb(s['size_bytes'])})"
+    )
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from llmlite.api import evaluate
+
+    options, recipe, progress = _options(args)
+    result = evaluate(recipe=recipe, progress=progress, **options)
+    rows = [result, result["baseline"]] if "baseline" in result else [result]
+    for r in rows:
+        print(
+            f"{r['model']}: perplexity {r['perplexity']:.4f} on {r['text']} "
+            f"({r['windows']} windows x {r['ctx']} tokens, {r['tokens']} tokens scored) | "
+            f"params {r['params'] / 1e6:.1f}M | disk {_mb(r['size_bytes'])} | "
+            f"{r['seconds']:.1f} s | peak RSS {_gb(r['peak_rss_bytes'])}"
+        )
+    if "change" in result:
+        change = ", ".join(f"{k} x{v:.3f}" for k, v in result["change"].items())
+        print(f"change vs baseline: {change}")
+    return 0
+
+
+def _mb(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def _gb(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("llmlite: %(message)s"))
+    logging.getLogger("llmlite").addHandler(handler)
+    logging.getLogger("llmlite").setLevel(logging.INFO)
+    from llmlite.errors import LlmliteError
+
+    try:
+        return args.func(args)
+    except LlmliteError as e:
+        print(f"llmlite: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llmlite: interrupted; no output was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Option dataclasses shared by the CLI, the Python API and YAML recipes.
+
+A recipe is a YAML mapping whose keys are the command's long options (``group-size`` or
+``group_size``). Precedence: the defaults below < the recipe < options given explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from llmlite.data import DEFAULT_CALIBRATION, DEFAULT_EVAL_TEXT
+from llmlite.errors import LlmliteError
+from llmlite.models import DEFAULT_MODEL
+from llmlite.quant.grid import SUPPORTED_BITS
+
+METHODS = ("rtn", "gptq")
+
+
+@dataclass
+class QuantizeConfig:
+    """Options of ``llmlite quantize`` / ``llmlite.quantize``."""
+
+    model: str = DEFAULT_MODEL
+    method: str = "gptq"
+    bits: int = 4
+    group_size: int = 128  # -1: one group per output channel
+    sym: bool = True
+    act_order: bool = False
+    calibration: str = DEFAULT_CALIBRATION
+    samples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    damp: float = 0.01
+    quantize_head: bool = False
+    output: str | None = None
+    overwrite: bool = False
+
+    def validate(self) -> QuantizeConfig:
+        if self.method not in METHODS:
+            raise LlmliteError(f"unknown method '{self.method}'; use one of: {', '.join(METHODS)}")
+        if self.bits not in SUPPORTED_BITS:
+            raise LlmliteError(f"{self.bits}-bit weights are not supported; use --bits 2, 3, 4 or 8")
+        if self.group_size == 0 or self.group_size < -1:
+            raise LlmliteError(
+                f"group size {self.group_size} is invalid; use a positive size such as 128, "
+                "or -1 for one group per output channel"
+            )
+        if self.samples < 1 or self.seqlen < 1:
+            raise LlmliteError("--samples and --seqlen must be at least 1")
+        if not 0 < self.damp <= 1:
+            raise LlmliteError(f"--damp {self.damp} is out of range; use a value in (0, 1], e.g. 0.01")
+        return self
+
+
+@dataclass
+class EvalConfig:
+    """Options of ``llmlite eval`` / ``llmlite.evaluate``."""
+
+    model: str = DEFAULT_MODEL
+    ppl: str = DEFAULT_EVAL_TEXT
+    ctx: int = 2048
+    max_windows: int | None = None
+    batch_size: int = 1
+    baseline: str | None = None
+    json: str | None = None
+
+    def validate(self) -> EvalConfig:
+        if self.ctx < 2:
+            raise LlmliteError(f"--ctx {self.ctx} is too short; use 2 or more (2048 is the papers')")
+        if self.max_windows is not None and (not isinstance(self.max_windows, int) or self.max_windows < 1):
+            raise LlmliteError(f"--max-windows must be at least 1, got {self.max_windows}")
+        if self.batch_size < 1:
+            raise LlmliteError(f"--batch-size must be at least 1, got {self.batch_size}")
+        return self
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """The options in a YAML recipe, keys normalised to Python names."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise LlmliteError(f"no such recipe: {path}") from None
+    except (OSError, yaml.YAMLError) as e:
+        raise LlmliteError(f"cannot read recipe {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise LlmliteError(f"recipe {path} must be a mapping of option: value")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def build(cls: type, recipe: str | Path | None = None, **options: Any):
+    """An options object from the defaults, an optional recipe, then ``options``."""
+    names = {f.name for f in fields(cls)}
+    merged = read_recipe(recipe) if recipe else {}
+    unknown = sorted(set(merged) - names)
+    if unknown:
+        valid = ", ".join(sorted(n.replace("_", "-") for n in names))
+        raise LlmliteError(f"recipe {recipe}: unknown option(s) {', '.join(unknown)}; valid: {valid}")
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(unknown)} for {cls.__name__}")
+    merged.update(options)
+    try:
+        config = cls(**merged)
+    except TypeError as e:
+        raise LlmliteError(f"bad recipe option: {e}") from None
+    _check_types(config, recipe)
+    return config.validate()
+
+
+def _check_types(config: Any, recipe: Any) -> None:
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        default = f.default
+        expected = type(default) if default is not None else None
+        name = f.name.replace("_", "-")
+        if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise LlmliteError(f"option {name} must be a whole number, got {value!r}")
+        if expected is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise LlmliteError(f"option {name} must be a number, got {value!r}")
+        if expected is bool and not isinstance(value, bool):
+            raise LlmliteError(f"option {name} must be true or false, got {value!r}")

@@ -1,0 +1,378 @@
+"""Walk a model's decoder layers and quantize every Linear in them with RTN or GPTQ.
+
+GPTQ runs *sequentially*: each layer is calibrated on the outputs of the already-quantized layers
+before it, and *true-sequentially* inside a layer: linears that read the same input (q/k/v, then
+o, then gate/up, then down) are quantized as a group, and later groups see the outputs of the
+quantized earlier ones. Only one layer's activations for the calibration set are held at a time.
+
+Two ways through a layer, with identical results:
+
+* Llama-style layers (Llama, Mistral, Qwen2/3, SmolLM): a staged forward that runs every part of
+  the layer exactly once and keeps at most the layer's hidden states plus the MLP's inner
+  activations;
+* any other layer: the layer's own forward, stopped by a hook at each group's input, re-run once
+  per group (slower, same memory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from llmlite.quant.gptq import accumulate_hessian, finish_hessian, gptq
+from llmlite.quant.grid import QuantizedWeight
+from llmlite.quant.linear import QuantLinear
+from llmlite.quant.rtn import rtn
+
+log = logging.getLogger("llmlite")
+CHUNK_TOKENS = 4096  # calibration tokens per forward call
+_LLAMA_CHILDREN = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
+
+
+@dataclass
+class QuantSettings:
+    method: str = "gptq"
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    act_order: bool = False
+    damp: float = 0.01
+    quantize_head: bool = False
+
+
+@dataclass
+class ModuleRecord:
+    name: str
+    shape: tuple[int, int]
+    seconds: float
+    damp: float | None = None  # damping GPTQ needed (raised from the setting when Cholesky failed)
+    output_error: float | None = None  # relative error of the layer output on calibration inputs
+
+
+@dataclass
+class QuantReport:
+    settings: QuantSettings
+    modules: list[ModuleRecord] = field(default_factory=list)
+    path: str = ""  # "llama-staged", "generic-hooks" or "rtn"
+    seconds: float = 0.0  # wall time of the quantization itself (model loading excluded)
+
+    def to_dict(self) -> dict:
+        modules = [asdict(m) for m in self.modules]
+        return {
+            "settings": asdict(self.settings),
+            "path": self.path,
+            "seconds": self.seconds,
+            "modules": modules,
+        }
+
+
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise, and the peak RSS creeps up
+    layer after layer as large activation buffers are freed and reallocated)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+try:
+    _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    _LIBC.malloc_trim  # noqa: B018  (glibc only)
+except (OSError, AttributeError):
+    _LIBC = None
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early once the wanted input has been seen."""
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder layers (the ModuleList as long as ``num_hidden_layers``)."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def linears(module: nn.Module) -> dict[str, nn.Linear]:
+    return {n: m for n, m in module.named_modules() if isinstance(m, nn.Linear)}
+
+
+def relative_output_error(w: Tensor, w_hat: Tensor, h: Tensor) -> float:
+    """‖X(Ŵ−W)ᵀ‖² / ‖XWᵀ‖² from the Hessian ``H ∝ XᵀX`` alone."""
+    d = w_hat - w
+    return float(((d @ h) * d).sum() / ((w @ h) * w).sum().clamp(min=1e-30))
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    settings: QuantSettings,
+    calibration: Tensor | None = None,
+    progress: bool = True,
+    path: str | None = None,
+) -> QuantReport:
+    """Quantize every Linear inside the decoder layers of ``model`` in place (``QuantLinear``).
+
+    ``calibration`` is ``[samples, seqlen]`` token ids, required by GPTQ and unused by RTN.
+    ``path`` forces "generic-hooks" (for tests); by default Llama-style models take the staged path.
+    """
+    report = QuantReport(settings=settings)
+    layers = decoder_layers(model)
+    head = model.get_output_embeddings() if settings.quantize_head else None
+    if settings.method == "rtn":
+        report.path = "rtn"
+        for i, layer in enumerate(tqdm(layers, desc="rtn", unit="layer", disable=not progress)):
+            for name, module in linears(layer).items():
+                _rtn_swap(layer, name, module, settings, report, f"layers.{i}.{name}")
+        if head is not None:
+            _quantize_head(model, head, settings, None, report)
+        return report
+    if calibration is None:
+        raise ValueError("GPTQ needs calibration token windows")
+    hidden, kwargs = _capture_layer_inputs(model, layers[0], calibration)
+    staged = path is None and all(_is_llama_style(layer) for layer in layers)
+    report.path = "llama-staged" if staged else "generic-hooks"
+    bar = tqdm(layers, desc="gptq", unit="layer", disable=not progress)
+    for i, layer in enumerate(bar):
+        done: dict[str, QuantLinear] = {}
+
+        def quantize_group(names: list[str], h: Tensor, layer=layer, i=i, done=done) -> None:
+            done.update(_quantize_group(layer, names, h, settings, report, prefix=f"layers.{i}."))
+
+        count = len(linears(layer))
+        (_llama_layer if staged else _generic_layer)(layer, hidden, kwargs, quantize_group)
+        _install(layer, done)
+        _trim_heap()
+        worst = max(r.output_error or 0.0 for r in report.modules[-count:])
+        bar.set_postfix(max_rel_err=f"{worst:.2e}")
+    if head is not None:
+        norm = getattr(model.base_model, "norm", None)
+        if norm is None:
+            raise ValueError("quantizing the head needs a final `norm` module in the base model")
+        h = _hessian(norm(c) for c in hidden)
+        _quantize_head(model, head, settings, h, report)
+    return report
+
+
+# --- calibration plumbing ----------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _capture_layer_inputs(model: nn.Module, first: nn.Module, calibration: Tensor):
+    """Hidden states entering the first layer (as ``[chunks]`` of ``[b, seqlen, d]``) and the
+    keyword arguments the model passes to every layer (rotary embeddings, masks), per chunk."""
+    per_chunk = max(1, CHUNK_TOKENS // calibration.shape[1])
+    hidden: list[Tensor] = []
+    kwargs: list[dict] = []
+
+    def catch(_module, args, kw):
+        h = args[0] if args else kw.pop("hidden_states")
+        hidden.append(h)
+        kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _Stop
+
+    device = next(model.parameters()).device
+    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for i in range(0, calibration.shape[0], per_chunk):
+            with contextlib.suppress(_Stop):
+                model(input_ids=calibration[i : i + per_chunk].to(device), use_cache=False)
+    finally:
+        handle.remove()
+    return hidden, kwargs
+
+
+def _hessian(inputs: Iterator[Tensor]) -> Tensor:
+    h = None
+    tokens = 0
+    for x in inputs:
+        x = x.reshape(-1, x.shape[-1])
+        if h is None:
+            h = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+        accumulate_hessian(h, x)
+        tokens += x.shape[0]
+    return finish_hessian(h, tokens)
+
+
+def _quantize_group(
+    parent: nn.Module, names: list[str], h: Tensor, settings: QuantSettings, report: QuantReport, prefix: str
+) -> dict[str, QuantLinear]:
+    """GPTQ on linears that share an input (one Hessian): their weights are stacked by rows.
+
+    The float modules stay in place, their weights set to exactly what the ``QuantLinear``
+    computes with, so that the rest of the layer's calibration runs at full speed; the returned
+    ``QuantLinear`` modules replace them when the layer is done (``_install``).
+    """
+    start = time.perf_counter()
+    modules = [parent.get_submodule(n) for n in names]
+    w = torch.cat([m.weight.detach().float() for m in modules])
+    result = gptq(w, h, settings.bits, settings.group_size, settings.sym, settings.act_order, settings.damp)
+    if result.damp != settings.damp:
+        log.warning(
+            "%s: Hessian not positive definite at damp %g; used %g",
+            prefix + names[0],
+            settings.damp,
+            result.damp,
+        )
+    seconds = (time.perf_counter() - start) / len(names)
+    quantized, row, qw = {}, 0, result.weight
+    for name, module in zip(names, modules, strict=True):
+        rows = slice(row, row + module.out_features)
+        row += module.out_features
+        part = QuantizedWeight(qw.codes[rows], qw.scale[rows], qw.zero[rows], qw.g_idx, qw.bits)
+        qlinear = _quant_linear(module, part, settings)
+        module.weight.data = qlinear.dequantize(module.weight.dtype)
+        if module.bias is not None:
+            module.bias.data = qlinear.bias.to(module.bias.dtype)
+        error = relative_output_error(w[rows], module.weight.detach().float(), h)
+        report.modules.append(
+            ModuleRecord(prefix + name, tuple(module.weight.shape), seconds, result.damp, error)
+        )
+        quantized[name] = qlinear
+    return quantized
+
+
+def _rtn_swap(
+    parent: nn.Module, name: str, module: nn.Linear, settings: QuantSettings, report, full_name: str
+) -> None:
+    start = time.perf_counter()
+    qw = rtn(module.weight.detach(), settings.bits, settings.group_size, settings.sym)
+    qlinear = _quant_linear(module, qw, settings)
+    report.modules.append(ModuleRecord(full_name, tuple(module.weight.shape), time.perf_counter() - start))
+    _install(parent, {name: qlinear})
+
+
+def _quant_linear(module: nn.Linear, qw: QuantizedWeight, settings: QuantSettings) -> QuantLinear:
+    bias = None if module.bias is None else module.bias.detach()
+    return QuantLinear.from_weight(qw, bias, settings.group_size).to(module.weight.device)
+
+
+def _install(parent: nn.Module, quantized: dict[str, QuantLinear]) -> None:
+    for name, qlinear in quantized.items():
+        parent.set_submodule(name, qlinear)
+
+
+def _quantize_head(model, head: nn.Linear, settings, h: Tensor | None, report) -> None:
+    """Quantize the output head; a head tied to the input embeddings is untied first."""
+    if model.get_input_embeddings().weight is head.weight:
+        head.weight = nn.Parameter(head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+    parent_name = next(n for n, m in model.named_modules() if m is head)
+    if h is None:
+        _rtn_swap(model, parent_name, head, settings, report, parent_name)
+    else:
+        _install(model, _quantize_group(model, [parent_name], h, settings, report, prefix=""))
+
+
+# --- the two ways through a layer ---------------------------------------------------------------
+
+
+def _is_llama_style(layer: nn.Module) -> bool:
+    children = set(dict(layer.named_children()))
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    return (
+        children == _LLAMA_CHILDREN
+        and all(
+            isinstance(getattr(attn, p, None), nn.Linear) for p in ("q_proj", "k_proj", "v_proj", "o_proj")
+        )
+        and all(isinstance(getattr(mlp, p, None), nn.Linear) for p in ("gate_proj", "up_proj", "down_proj"))
+        and hasattr(mlp, "act_fn")
+    )
+
+
+@torch.no_grad()
+def _llama_layer(layer: nn.Module, hidden: list[Tensor], kwargs: list[dict], quantize: Callable) -> None:
+    """``h ← h + o(attn(norm₁ h))``, then ``h ← h + down(act(gate(x)) · up(x))`` with ``x = norm₂ h``,
+    quantizing each group once its input is known for every chunk. Updates ``hidden`` in place."""
+    attn, mlp = layer.self_attn, layer.mlp
+
+    quantize(
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        _hessian(layer.input_layernorm(h) for h in hidden),
+    )
+
+    attn_in = [
+        _input_of(attn.o_proj, attn, layer.input_layernorm(h), kw)
+        for h, kw in zip(hidden, kwargs, strict=True)
+    ]
+    quantize(["self_attn.o_proj"], _hessian(attn_in))
+    for h, a in zip(hidden, attn_in, strict=True):
+        h += attn.o_proj(a)
+    del attn_in
+    _trim_heap()
+
+    quantize(["mlp.gate_proj", "mlp.up_proj"], _hessian(layer.post_attention_layernorm(h) for h in hidden))
+
+    mid = []
+    for h in hidden:
+        x = layer.post_attention_layernorm(h)
+        mid.append(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+    quantize(["mlp.down_proj"], _hessian(mid))
+    for h, m in zip(hidden, mid, strict=True):
+        h += mlp.down_proj(m)
+
+
+def _input_of(target: nn.Module, module: nn.Module, x: Tensor, kwargs: dict) -> Tensor:
+    """The input ``target`` receives when ``module`` is called with ``x``; stops right there."""
+    seen = []
+
+    def grab(_m, args):
+        seen.append(args[0])
+        raise _Stop
+
+    handle = target.register_forward_pre_hook(grab)
+    try:
+        module(x, **kwargs)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+@torch.no_grad()
+def _generic_layer(layer: nn.Module, hidden: list[Tensor], kwargs: list[dict], quantize: Callable) -> None:
+    """Any layer: groups are the linears that receive the same input tensor, in call order."""
+    for names in _groups(layer, hidden[0], kwargs[0]):
+        module = layer.get_submodule(names[0])
+        quantize(
+            names, _hessian(_input_of(module, layer, h, kw) for h, kw in zip(hidden, kwargs, strict=True))
+        )
+    for i, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
+        out = layer(h, **kw)
+        hidden[i] = out[0] if isinstance(out, tuple) else out
+
+
+def _groups(layer: nn.Module, h: Tensor, kw: dict) -> list[list[str]]:
+    calls: list[tuple[str, Tensor]] = []  # holding the inputs keeps their identities distinct
+    handles = [
+        m.register_forward_pre_hook(lambda _m, args, n=n: calls.append((n, args[0])))
+        for n, m in linears(layer).items()
+    ]
+    try:
+        layer(h, **kw)
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: list[tuple[Tensor, list[str]]] = []
+    done: set[str] = set()
+    for name, x in calls:
+        if name in done:
+            continue
+        done.add(name)
+        group = next((g for g in groups if g[0] is x), None)
+        if group is None:
+            groups.append((x, [name]))
+        else:
+            group[1].append(name)
+    return [names for _, names in groups]

@@ -1,0 +1,107 @@
+"""The integer grid shared by every weight quantizer: scales, zero-points, codes.
+
+A weight ``w`` in a group with scale ``s`` and zero-point ``z`` is stored as the code
+``q = clamp(round(w / s) + z, 0, 2**bits - 1)`` and read back as ``(q - z) * s``.
+
+Two conventions make the in-memory result identical to what serving loaders read back:
+
+* scales are rounded to float16 before use, because checkpoints store them in float16;
+* asymmetric zero-points are at least 1, because the GPTQ "v1" layout stores ``z - 1``
+  (a zero of 0 would be written as -1 and misread). When the natural zero rounds to 0, the
+  group is re-gridded with ``z = 1`` and ``s = max / (2**bits - 2)``, which still covers its range.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+_FP16_TINY = 2.0**-24  # smallest positive float16 (subnormal)
+
+
+def max_code(bits: int) -> int:
+    return 2**bits - 1
+
+
+def _to_fp16_grid(scale: Tensor) -> Tensor:
+    return scale.clamp(min=_FP16_TINY).to(torch.float16).to(scale.dtype)
+
+
+def grid_params(w: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
+    """Scale and zero-point of each row of ``w`` (reducing over the last dimension).
+
+    Both are returned in ``w``'s dtype; zero-points hold integers.
+    """
+    maxq = max_code(bits)
+    xmin = w.amin(-1).clamp(max=0)
+    xmax = w.amax(-1).clamp(min=0)
+    if sym:
+        xmax = torch.maximum(-xmin, xmax)
+        xmax = torch.where(xmax == 0, torch.ones_like(xmax), xmax)
+        scale = _to_fp16_grid(2 * xmax / maxq)
+        return scale, torch.full_like(scale, (maxq + 1) // 2)
+    empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
+    xmax = torch.where(empty, torch.ones_like(xmax), xmax)
+    scale = _to_fp16_grid((xmax - xmin) / maxq)
+    zero = torch.round(-xmin / scale)
+    low = zero < 1
+    if low.any():
+        scale = torch.where(low, _to_fp16_grid(xmax / (maxq - 1)), scale)
+        zero = torch.where(low, torch.ones_like(zero), zero)
+    return scale, zero.clamp(1, maxq)
+
+
+def quantize_codes(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+    """Integer codes (in ``w``'s dtype) of ``w`` on the grid; scale/zero broadcast against ``w``."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, max_code(bits))
+
+
+def dequantize_codes(q: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+    return (q - zero) * scale
+
+
+@dataclass
+class QuantizedWeight:
+    """A weight matrix ``[out, in]`` as integer codes plus per-group scales and zero-points.
+
+    ``g_idx[i]`` is the group of input column ``i``; ``scale`` and ``zero`` are ``[out, groups]``.
+    """
+
+    codes: Tensor  # uint8 [out, in]
+    scale: Tensor  # float32 [out, groups], float16-representable
+    zero: Tensor  # uint8 [out, groups]
+    g_idx: Tensor  # int32 [in]
+    bits: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        g = self.g_idx.long()
+        s = self.scale.to(dtype)[:, g]
+        z = self.zero.to(dtype)[:, g]
+        return (self.codes.to(dtype) - z) * s
+
+
+def group_index(in_features: int, group_size: int) -> Tensor:
+    """``g_idx`` for contiguous groups; ``group_size`` -1 means one group per row."""
+    g = in_features if group_size == -1 else group_size
+    return torch.arange(in_features, dtype=torch.int32) // max(g, 1)
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    return 1 if group_size == -1 else math.ceil(in_features / group_size)
+
+
+def group_params(w: Tensor, bits: int, group_size: int, sym: bool) -> tuple[Tensor, Tensor]:
+    """Scale and zero-point ``[out, groups]`` of contiguous column groups (the last may be short)."""
+    cols = w.shape[1]
+    g = cols if group_size == -1 else group_size
+    pairs = [grid_params(w[:, i : i + g], bits, sym) for i in range(0, cols, g)]
+    return torch.stack([p[0] for p in pairs], 1), torch.stack([p[1] for p in pairs], 1)

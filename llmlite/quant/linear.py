@@ -1,0 +1,94 @@
+"""``QuantLinear``: a Linear layer stored in the GPTQ layout, with switchable compute backends."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llmlite.quant.formats import from_gptq, packed_length, to_gptq
+from llmlite.quant.grid import QuantizedWeight, num_groups
+
+Backend = Callable[["QuantLinear", Tensor], Tensor]
+BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(name: str) -> Callable[[Backend], Backend]:
+    """Register ``fn(layer, x) -> y`` as a compute backend for ``QuantLinear``."""
+
+    def wrap(fn: Backend) -> Backend:
+        BACKENDS[name] = fn
+        return fn
+
+    return wrap
+
+
+@register_backend("torch")
+def _torch_backend(layer: QuantLinear, x: Tensor) -> Tensor:
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    return F.linear(x, layer.dequantize(x.dtype), bias)
+
+
+class QuantLinear(nn.Module):
+    """``y = x Wᵀ + b`` with ``W`` held as packed integer codes (buffers ``qweight``, ``qzeros``,
+    ``scales``, ``g_idx``, ``bias``: the GPTQ checkpoint tensors, so ``state_dict`` is the file)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        bias: bool = False,
+        backend: str = "torch",
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.backend = bits, group_size, backend
+        groups = num_groups(in_features, group_size)
+        words = packed_length(in_features, bits)
+        self.register_buffer("qweight", torch.zeros(words, out_features, dtype=torch.int32))
+        zero_words = packed_length(out_features, bits)
+        self.register_buffer("qzeros", torch.zeros(groups, zero_words, dtype=torch.int32))
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16))
+        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16) if bias else None)
+
+    @classmethod
+    def from_weight(
+        cls, weight: QuantizedWeight, bias: Tensor | None = None, group_size: int = -1
+    ) -> QuantLinear:
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, weight.bits, group_size, bias is not None)
+        for name, tensor in to_gptq(weight, bias).items():
+            getattr(layer, name).copy_(tensor)
+        return layer
+
+    def quantized_weight(self) -> QuantizedWeight:
+        tensors = {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales}
+        return from_gptq({**tensors, "g_idx": self.g_idx}, self.bits)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The weight ``[out, in]`` as ``(q - z) · s``."""
+        return self.quantized_weight().dequantize(dtype)
+
+    def _apply(self, fn, recurse=True):
+        # Casting the model (``.half()``, ``.to(bfloat16)``) must not round the stored scales:
+        # they stay float16, the checkpoint's exact values; only their device follows.
+        scales, bias = self.scales, self.bias
+        super()._apply(fn, recurse)
+        self.scales = scales.to(self.scales.device)
+        if bias is not None:
+            self.bias = bias.to(self.bias.device)
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        return BACKENDS[self.backend](self, x)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, bias={self.bias is not None}, backend={self.backend}"
+        )

@@ -1,0 +1,116 @@
+"""Independent float64 references of llmlite's quantization math, written for the tests only.
+
+They follow the papers' formulations rather than llmlite's code: GPTQ here is the column-by-column
+Optimal Brain Quantization update with an explicit inverse Hessian that is reduced after every
+column (GPTQ paper, eq. 2-3), not the blocked Cholesky form that llmlite runs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def fp16(x):
+    return np.maximum(x, 2.0**-24).astype(np.float16).astype(np.float64)
+
+
+def grid(w: np.ndarray, bits: int, sym: bool):
+    """Per-row (scale, zero) of a 2-D float64 array, with llmlite's documented conventions."""
+    maxq = 2**bits - 1
+    lo = np.minimum(w.min(1), 0.0)
+    hi = np.maximum(w.max(1), 0.0)
+    if sym:
+        m = np.maximum(-lo, hi)
+        m[m == 0] = 1.0
+        scale = fp16(2 * m / maxq)
+        return scale, np.full_like(scale, (maxq + 1) // 2)
+    both = (lo == 0) & (hi == 0)
+    lo[both], hi[both] = -1.0, 1.0
+    scale = fp16((hi - lo) / maxq)
+    zero = np.round(-lo / scale)
+    low = zero < 1
+    scale[low] = fp16(hi[low] / (maxq - 1))
+    zero[low] = 1
+    return scale, np.clip(zero, 1, maxq)
+
+
+def quant(w, scale, zero, bits):
+    q = np.clip(np.round(w / scale) + zero, 0, 2**bits - 1)
+    return q, (q - zero) * scale
+
+
+def rtn(w: np.ndarray, bits: int, group_size: int, sym: bool):
+    """Codes, per-column scale and zero (expanded to [out, in]) of round-to-nearest."""
+    cols = w.shape[1]
+    g = cols if group_size == -1 else group_size
+    codes, scales, zeros = (np.zeros_like(w) for _ in range(3))
+    for start in range(0, cols, g):
+        sl = slice(start, start + g)
+        s, z = grid(w[:, sl], bits, sym)
+        codes[:, sl], _ = quant(w[:, sl], s[:, None], z[:, None], bits)
+        scales[:, sl], zeros[:, sl] = s[:, None], z[:, None]
+    return codes, scales, zeros
+
+
+def gptq(w, h, bits, group_size=-1, sym=True, act_order=False, damp=0.01):
+    """GPTQ as sequential OBQ updates in float64. Returns codes and expanded scales/zeros."""
+    W = np.array(w, dtype=np.float64)
+    H = np.array(h, dtype=np.float64)
+    cols = W.shape[1]
+    g = cols if group_size == -1 else group_size
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H = H + damp * np.mean(np.diag(H)) * np.eye(cols)
+    Hinv = np.linalg.inv(H)
+    order = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(cols)
+    codes, scales, zeros = (np.zeros_like(W) for _ in range(3))
+    static = act_order or group_size == -1
+    if static:  # grid fixed from the weight before any update
+        _, scales, zeros = rtn(W, bits, group_size, sym)
+    for pos, j in enumerate(order):
+        if not static and j % g == 0:
+            s, z = grid(W[:, j : j + g], bits, sym)
+            scales[:, j : j + g], zeros[:, j : j + g] = s[:, None], z[:, None]
+        q, dq = quant(W[:, j], scales[:, j], zeros[:, j], bits)
+        codes[:, j] = q
+        err = (W[:, j] - dq) / Hinv[j, j]
+        rest = order[pos + 1 :]
+        W[:, rest] -= np.outer(err, Hinv[j, rest])
+        Hinv = Hinv - np.outer(Hinv[:, j], Hinv[j, :]) / Hinv[j, j]
+    return codes, scales, zeros
+
+
+def autogptq_pack(intweight: np.ndarray, bits: int) -> np.ndarray:
+    """AutoGPTQ's reference packing loop (values [in, out] → uint32 words), incl. its 3-bit case."""
+    intweight = intweight.astype(np.uint32)
+    rows = intweight.shape[0] * bits // 32
+    qweight = np.zeros((rows, intweight.shape[1]), dtype=np.uint32)
+    i = row = 0
+    if bits in (2, 4, 8):
+        while row < rows:
+            for j in range(i, i + 32 // bits):
+                qweight[row] |= intweight[j] << (bits * (j - i))
+            i += 32 // bits
+            row += 1
+    elif bits == 3:
+        while row < rows:
+            for j in range(i, i + 10):
+                qweight[row] |= intweight[j] << (3 * (j - i))
+            i += 10
+            qweight[row] |= intweight[i] << 30
+            row += 1
+            qweight[row] |= (intweight[i] >> 2) & 1
+            i += 1
+            for j in range(i, i + 10):
+                qweight[row] |= intweight[j] << (3 * (j - i) + 1)
+            i += 10
+            qweight[row] |= intweight[i] << 31
+            row += 1
+            qweight[row] |= (intweight[i] >> 1) & 0x3
+            i += 1
+            for j in range(i, i + 10):
+                qweight[row] |= intweight[j] << (3 * (j - i) + 2)
+            i += 10
+            row += 1
+    return qweight

@@ -1,0 +1,134 @@
+"""The layer walk: staged vs generic paths, true-sequential groups, RTN, the head; real layers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import make_tiny
+from torch import nn
+
+from llmlite.quant.driver import QuantSettings, _groups, decoder_layers, quantize_model
+from llmlite.quant.gptq import accumulate_hessian, finish_hessian, gptq
+from llmlite.quant.linear import QuantLinear
+from llmlite.quant.rtn import rtn
+
+
+def quantized_modules(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def test_staged_path_equals_generic_hooks_path(tokenizer):
+    """The Llama fast path and the architecture-agnostic path (the layer's own forward, re-run per
+    group) must give bit-identical checkpoints: both are true-sequential and layer-sequential."""
+    model = make_tiny(tokenizer)
+    other = copy.deepcopy(model)
+    calib = torch.randint(0, len(tokenizer), (6, 48))
+    settings = QuantSettings("gptq", 4, 32, sym=False, act_order=True)
+    a = quantize_model(model, settings, calib, progress=False)
+    b = quantize_model(other, settings, calib, progress=False, path="generic")
+    assert (a.path, b.path) == ("llama-staged", "generic-hooks")
+    qa, qb = quantized_modules(model), quantized_modules(other)
+    assert len(qa) == 14 and qa.keys() == qb.keys()
+    for name in qa:
+        for buf in ("qweight", "qzeros", "scales", "g_idx"):
+            assert torch.equal(getattr(qa[name], buf), getattr(qb[name], buf)), (name, buf)
+
+
+def test_groups_follow_shared_inputs(tokenizer):
+    model = make_tiny(tokenizer)
+    layer = decoder_layers(model)[0]
+    h = torch.randn(1, 8, 96)
+    pos = torch.arange(8)[None]
+    kwargs = {"position_embeddings": model.model.rotary_emb(h, pos), "attention_mask": None}
+    assert _groups(layer, h, kwargs) == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"],
+        ["mlp.down_proj"],
+    ]
+
+
+def test_gptq_layer_errors_below_rtn_and_logits_closer(tokenizer):
+    calib = torch.randint(0, len(tokenizer), (8, 64))
+    base = make_tiny(tokenizer)
+    g, r = copy.deepcopy(base), copy.deepcopy(base)
+    report = quantize_model(g, QuantSettings("gptq", 3, 32), calib, progress=False)
+    quantize_model(r, QuantSettings("rtn", 3, 32), None, progress=False)
+    assert all(m.output_error is not None and m.output_error < 1 for m in report.modules)
+    with torch.no_grad():
+        ref = base(calib).logits
+        assert (g(calib).logits - ref).square().mean() < (r(calib).logits - ref).square().mean()
+
+
+def test_rtn_needs_no_data_and_quantizes_every_layer_linear(tokenizer):
+    model = make_tiny(tokenizer)
+    report = quantize_model(model, QuantSettings("rtn", 4, 64), None, progress=False)
+    assert report.path == "rtn" and len(report.modules) == 14
+    assert set(quantized_modules(model)) == {
+        f"model.layers.{i}.{p}"
+        for i in range(2)
+        for p in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
+    }
+    assert isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is model.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_quantize_head_unties_it(tokenizer, method):
+    model = make_tiny(tokenizer)
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    calib = torch.randint(0, len(tokenizer), (4, 32))
+    quantize_model(model, QuantSettings(method, 8, 64, quantize_head=True), calib, progress=False)
+    assert isinstance(model.lm_head, QuantLinear) and not model.config.tie_word_embeddings
+    assert torch.equal(model.model.embed_tokens.weight, embedding)
+    assert (model.lm_head.dequantize() - embedding).abs().max() < 0.01
+
+
+@pytest.mark.slow
+def test_gptq_beats_rtn_on_real_smollm2_layers(bundled_dir):
+    """Real weights and real activations of SmolLM2-135M (layer 7), at 4 and 3 bits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmlite.data import calibration_windows, load_text, tokenize
+
+    model = AutoModelForCausalLM.from_pretrained(bundled_dir).eval()
+    tok = AutoTokenizer.from_pretrained(bundled_dir)
+    windows = calibration_windows(tokenize(tok, load_text("wikitext2-valid")[:200_000]), 8, 256, seed=1)
+    inputs = {}
+    layer = model.model.layers[7]
+    hooks = [
+        getattr(layer, part)
+        .get_submodule(name)
+        .register_forward_pre_hook(
+            lambda _m, args, key=name: inputs.setdefault(key, []).append(
+                args[0].reshape(-1, args[0].shape[-1])
+            )
+        )
+        for part, name in (("self_attn", "q_proj"), ("mlp", "down_proj"))
+    ]
+    with torch.no_grad():
+        model.model(windows)
+    for h in hooks:
+        h.remove()
+    for name, weight in (
+        ("q_proj", layer.self_attn.q_proj.weight),
+        ("down_proj", layer.mlp.down_proj.weight),
+    ):
+        x = torch.cat(inputs[name])
+        hess = torch.zeros(x.shape[1], x.shape[1])
+        accumulate_hessian(hess, x)
+        hess = finish_hessian(hess, x.shape[0])
+        w = weight.detach()
+        for bits in (4, 3):
+            err_g = ((x @ (gptq(w, hess, bits, 128).weight.dequantize() - w).T) ** 2).mean()
+            err_r = ((x @ (rtn(w, bits, 128).dequantize() - w).T) ** 2).mean()
+            assert err_g < err_r, (name, bits, float(err_g), float(err_r))

@@ -1,0 +1,126 @@
+"""RTN and GPTQ cores against the independent float64 references in ``reference.py``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import reference as ref
+import torch
+
+from llmlite.quant.gptq import accumulate_hessian, finish_hessian, gptq, inverse_cholesky
+from llmlite.quant.grid import dequantize_codes, grid_params, quantize_codes
+from llmlite.quant.rtn import rtn
+
+SHAPES = [(1, 1), (3, 7), (16, 96), (24, 200), (5, 576)]  # in-features not multiples of the groups
+GROUPS = [-1, 32, 64, 128]
+
+
+def random_weight(rows, cols, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g, dtype=torch.float64) * 0.05
+    w[:, ::7] *= 4  # outlier columns
+    return w
+
+
+def correlated_inputs(tokens, cols, seed):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=g, dtype=torch.float64) / cols**0.5
+    scale = torch.rand(cols, generator=g, dtype=torch.float64) * 3 + 0.1
+    return (torch.randn(tokens, cols, generator=g, dtype=torch.float64) @ mix) * scale
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("group_size", GROUPS)
+def test_rtn_matches_float64_reference(bits, sym, shape, group_size):
+    w = random_weight(*shape, seed=bits * 1000 + shape[1] + group_size)
+    got = rtn(w, bits, group_size, sym)
+    codes, scales, zeros = ref.rtn(w.numpy(), bits, group_size, sym)
+    assert np.array_equal(got.codes.numpy(), codes)
+    g = got.g_idx.long()
+    assert np.array_equal(got.scale[:, g].double().numpy(), scales)
+    assert np.array_equal(got.zero[:, g].double().numpy(), zeros)
+    expected = (codes - zeros) * scales
+    assert np.allclose(got.dequantize(torch.float64).numpy(), expected, rtol=0, atol=0)
+
+
+def test_grid_conventions():
+    w = torch.tensor([[0.0, 0.0, 0.0], [0.1, 0.2, 0.3], [-0.3, -0.1, -0.2], [-0.001, 0.5, 1.0]])
+    scale, zero = grid_params(w, 4, sym=False)
+    assert torch.all(zero >= 1), "v1 checkpoints store zero-1: zero must be at least 1"
+    assert torch.equal(scale, scale.half().float()), "scales must be float16-representable"
+    q = quantize_codes(w, scale[:, None], zero[:, None], 4)
+    back = dequantize_codes(q, scale[:, None], zero[:, None])
+    assert torch.allclose(back, w, atol=float(scale.max()) / 2 + 1e-7)  # every weight in range
+    assert torch.equal(back[0], torch.zeros(3))  # an all-zero row stays exactly zero
+    _, zsym = grid_params(w, 3, sym=True)
+    assert torch.all(zsym == 4)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize(
+    "group_size,act_order", [(-1, False), (32, False), (64, False), (-1, True), (32, True), (128, True)]
+)
+def test_gptq_matches_obq_reference_float64(bits, sym, group_size, act_order):
+    rows, cols = 12, 200
+    w = random_weight(rows, cols, seed=bits + cols)
+    x = correlated_inputs(512, cols, seed=bits)
+    h = 2 * x.T @ x / x.shape[0]
+    h[:, 5] = h[5, :] = 0  # a dead input column
+    got = gptq(w, h, bits, group_size, sym, act_order, damp=0.01, block_size=64)
+    codes, scales, zeros = ref.gptq(w.numpy(), h.numpy(), bits, group_size, sym, act_order)
+    assert np.array_equal(got.weight.codes.double().numpy(), codes)
+    g = got.weight.g_idx.long()
+    assert np.array_equal(got.weight.scale[:, g].double().numpy(), scales)
+    assert np.array_equal(got.weight.zero[:, g].double().numpy(), zeros)
+    assert torch.all(got.weight.dequantize()[:, 5] == 0)
+    assert got.damp == 0.01
+
+
+def output_error(w, w_hat, x):
+    return float(((x @ (w_hat - w).T) ** 2).mean())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size", [-1, 64])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_rtn_on_calibration_inputs(bits, group_size, act_order):
+    w = random_weight(64, 192, seed=7).float()
+    x = correlated_inputs(2048, 192, seed=8).float()
+    h = torch.zeros(192, 192)
+    accumulate_hessian(h, x)
+    h = finish_hessian(h, x.shape[0])
+    q = gptq(w, h, bits, group_size, True, act_order).weight.dequantize()
+    r = rtn(w, bits, group_size, True).dequantize()
+    assert output_error(w, q, x) < output_error(w, r, x)
+
+
+@pytest.mark.parametrize("cols", [1, 100, 300, 600])
+def test_hessian_upper_triangle_accumulation(cols):
+    x = torch.randn(333, cols, dtype=torch.float64)
+    h = torch.zeros(cols, cols, dtype=torch.float64)
+    accumulate_hessian(h, x[:200])
+    accumulate_hessian(h, x[200:])
+    assert torch.allclose(finish_hessian(h, 333), 2 * x.T @ x / 333, rtol=1e-12, atol=1e-12)
+
+
+def test_damping_retries_until_factorisable():
+    h = torch.zeros(4, 4, dtype=torch.float64)
+    h[0, 0] = 1.0
+    h[1, 1] = -0.5  # indefinite: fails at 0.01 and 0.1, works once λ = damp·mean(diag) > 0.5
+    h[2, 2] = h[3, 3] = 0.25
+    upper, damp = inverse_cholesky(h, 0.01)
+    assert damp == pytest.approx(10.0)
+    eye = torch.eye(4, dtype=torch.float64)
+    inv = torch.linalg.inv(h + damp * h.diagonal().mean() * eye)
+    assert torch.allclose(upper.T @ upper, inv)
+
+
+def test_gptq_reports_raised_damping():
+    w = torch.randn(8, 16)
+    h = -torch.eye(16)  # negative definite
+    h[0, 0] = 20.0
+    result = gptq(w, h, 4)
+    assert result.damp > 0.01
