@@ -18,7 +18,7 @@ from llmlite.errors import LlmliteError
 from llmlite.evaluate.metrics import RunStats, measure, memory_bytes, param_count, size_on_disk
 from llmlite.evaluate.perplexity import perplexity
 from llmlite.models import atomic_output, check_output, load_model, model_path
-from llmlite.quant.checkpoint import gptq_config, save_gptq_checkpoint
+from llmlite.quant.checkpoint import gptq_config, round_unquantized, save_gptq_checkpoint
 from llmlite.quant.driver import QuantReport, QuantSettings, quantize_model
 
 log = logging.getLogger("llmlite")
@@ -79,11 +79,13 @@ def quantize(
         with measure() as core:
             report = quantize_model(model, settings, windows, progress=progress)
         report.seconds = core.seconds
+        dtype = getattr(torch, cfg.dtype)
+        round_unquantized(model, dtype)
     output = None
     if cfg.output:
         qconfig = gptq_config(cfg.bits, cfg.group_size, cfg.sym, cfg.act_order, cfg.damp, cfg.quantize_head)
         with atomic_output(cfg.output, cfg.overwrite) as tmp:
-            save_gptq_checkpoint(model, tokenizer, tmp, qconfig)
+            save_gptq_checkpoint(model, tokenizer, tmp, qconfig, dtype)
             record = {
                 "config": asdict(cfg),
                 "stats": asdict(stats),

@@ -53,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="also quantize lm_head (untied from the embeddings)",
     )
+    q.add_argument(
+        "--dtype",
+        choices=["float16", "bfloat16", "float32"],
+        help="storage of unquantized tensors (default float16)",
+    )
     q.add_argument("--recipe", help="YAML file of these options (explicit options win)")
     q.add_argument("--output", help="checkpoint folder to write (required)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

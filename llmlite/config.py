@@ -17,6 +17,7 @@ from llmlite.models import DEFAULT_MODEL
 from llmlite.quant.grid import SUPPORTED_BITS
 
 METHODS = ("rtn", "gptq")
+DTYPES = ("float16", "bfloat16", "float32")
 
 
 @dataclass
@@ -35,6 +36,7 @@ class QuantizeConfig:
     seed: int = 0
     damp: float = 0.01
     quantize_head: bool = False
+    dtype: str = "float16"  # storage of the tensors that stay unquantized (embeddings, norms)
     output: str | None = None
     overwrite: bool = False
 
@@ -50,6 +52,8 @@ class QuantizeConfig:
             )
         if self.samples < 1 or self.seqlen < 1:
             raise LlmliteError("--samples and --seqlen must be at least 1")
+        if self.dtype not in DTYPES:
+            raise LlmliteError(f"--dtype {self.dtype} is not supported; use one of: {', '.join(DTYPES)}")
         if not 0 < self.damp <= 1:
             raise LlmliteError(f"--damp {self.damp} is out of range; use a value in (0, 1], e.g. 0.01")
         return self

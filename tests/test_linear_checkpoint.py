@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_tiny
-from safetensors.numpy import load_file
+from safetensors.torch import load_file
 
 from llmlite.models import load_model
-from llmlite.quant.checkpoint import gptq_config, save_gptq_checkpoint
+from llmlite.quant.checkpoint import gptq_config, round_unquantized, save_gptq_checkpoint
 from llmlite.quant.driver import QuantSettings, quantize_model
 from llmlite.quant.linear import QuantLinear
 from llmlite.quant.rtn import rtn
@@ -21,10 +21,10 @@ from llmlite.quant.rtn import rtn
 def decode_gptq_file(tensors: dict, prefix: str, bits: int) -> np.ndarray:
     """Weight [out, in] from a GPTQ-layout file, straight from the layout's definition:
     value i of a column is bits b·i .. b·i+b-1 of its little-endian word stream; zeros are v1."""
-    g_idx = tensors[f"{prefix}.g_idx"].astype(np.int64)
-    scales = tensors[f"{prefix}.scales"].astype(np.float64)
-    words = tensors[f"{prefix}.qweight"].view(np.uint32)
-    zwords = tensors[f"{prefix}.qzeros"].view(np.uint32)
+    g_idx = tensors[f"{prefix}.g_idx"].numpy().astype(np.int64)
+    scales = tensors[f"{prefix}.scales"].numpy().astype(np.float64)
+    words = tensors[f"{prefix}.qweight"].numpy().view(np.uint32)
+    zwords = tensors[f"{prefix}.qzeros"].numpy().view(np.uint32)
 
     def stream_value(column_words, i):
         stream = 0
@@ -67,17 +67,24 @@ def test_quant_linear_one_token_and_empty_input():
 
 
 @pytest.mark.parametrize(
-    "bits,group_size,sym,act_order",
-    [(4, 64, True, False), (3, 32, False, True), (2, -1, False, False), (8, 128, True, True)],
+    "bits,group_size,sym,act_order,dtype",
+    [
+        (4, 64, True, False, torch.float16),
+        (3, 32, False, True, torch.bfloat16),
+        (2, -1, False, False, torch.float32),
+        (8, 128, True, True, torch.float16),
+    ],
 )
-def test_checkpoint_reloads_exactly(tmp_path, tokenizer, bits, group_size, sym, act_order):
+def test_checkpoint_reloads_exactly(tmp_path, tokenizer, bits, group_size, sym, act_order, dtype):
     model = make_tiny(tokenizer)
     calib = torch.randint(0, len(tokenizer), (4, 64))
     settings = QuantSettings("gptq", bits, group_size, sym, act_order)
     quantize_model(model, settings, calib, progress=False)
+    round_unquantized(model, dtype)
     folder = tmp_path / "ckpt"
     folder.mkdir()
-    save_gptq_checkpoint(model, tokenizer, folder, gptq_config(bits, group_size, sym, act_order, 0.01, False))
+    qconfig = gptq_config(bits, group_size, sym, act_order, 0.01, False)
+    save_gptq_checkpoint(model, tokenizer, folder, qconfig, dtype)
 
     reloaded, _ = load_model(str(folder))
     x = torch.randint(0, len(tokenizer), (2, 33))
@@ -86,11 +93,15 @@ def test_checkpoint_reloads_exactly(tmp_path, tokenizer, bits, group_size, sym, 
 
     tensors = load_file(str(folder / "model.safetensors"))
     assert "lm_head.weight" not in tensors  # tied to the embeddings
+    assert tensors["model.embed_tokens.weight"].dtype == dtype
     assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
     for name in ("model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj"):
         qlinear = reloaded.get_submodule(name)
         assert isinstance(qlinear, QuantLinear)
-        assert tensors[f"{name}.qweight"].dtype == np.int32 and tensors[f"{name}.scales"].dtype == np.float16
+        assert (
+            tensors[f"{name}.qweight"].dtype == torch.int32
+            and tensors[f"{name}.scales"].dtype == torch.float16
+        )
         assert np.array_equal(
             qlinear.dequantize(torch.float64).numpy(), decode_gptq_file(tensors, name, bits)
         )

@@ -45,9 +45,27 @@ def gptq_config(bits: int, group_size: int, sym: bool, act_order: bool, damp: fl
     }
 
 
-def save_gptq_checkpoint(model: PreTrainedModel, tokenizer, folder: Path, qconfig: dict) -> None:
-    """Write ``model`` (with ``QuantLinear`` layers) and its tokenizer into ``folder``."""
-    state = model.state_dict()
+def round_unquantized(model: PreTrainedModel, dtype: torch.dtype) -> None:
+    """Round the tensors that stay unquantized (embeddings, norms, a float head) to ``dtype``'s
+    precision in place, keeping their storage dtype, so that the model in memory computes exactly
+    what a checkpoint saved in ``dtype`` reloads to."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(dtype).to(p.dtype)
+
+
+def save_gptq_checkpoint(
+    model: PreTrainedModel, tokenizer, folder: Path, qconfig: dict, dtype: torch.dtype = torch.float16
+) -> None:
+    """Write ``model`` (with ``QuantLinear`` layers) and its tokenizer into ``folder``; tensors that
+    are not quantized are stored in ``dtype`` (call ``round_unquantized`` first for exactness)."""
+    packed = {
+        f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, QuantLinear) for b in ("scales", "bias")
+    }
+    state = {
+        k: v if k in packed or not v.is_floating_point() else v.to(dtype)
+        for k, v in model.state_dict().items()
+    }
     head = model.get_output_embeddings()
     if head is not None and head.weight is model.get_input_embeddings().weight:
         head_name = next(n for n, m in model.named_modules() if m is head)
@@ -55,6 +73,7 @@ def save_gptq_checkpoint(model: PreTrainedModel, tokenizer, folder: Path, qconfi
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / WEIGHTS), metadata={"format": "pt"})
     config = model.config.to_dict()
     config["quantization_config"] = qconfig
+    config["dtype"] = str(dtype).removeprefix("torch.")
     config.pop("_name_or_path", None)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (folder / "quantize_config.json").write_text(json.dumps(qconfig, indent=2) + "\n")

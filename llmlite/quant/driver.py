@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from llmlite.errors import LlmliteError
 from llmlite.quant.gptq import accumulate_hessian, finish_hessian, gptq
 from llmlite.quant.grid import QuantizedWeight
 from llmlite.quant.linear import QuantLinear
@@ -100,7 +101,10 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     for module in model.modules():
         if isinstance(module, nn.ModuleList) and len(module) == n:
             return module
-    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+    raise LlmliteError(
+        f"cannot find the decoder layers of {type(model).__name__}: llmlite quantizes decoder-only "
+        "transformers whose config sets num_hidden_layers"
+    )
 
 
 def linears(module: nn.Module) -> dict[str, nn.Linear]:
@@ -158,7 +162,9 @@ def quantize_model(
     if head is not None:
         norm = getattr(model.base_model, "norm", None)
         if norm is None:
-            raise ValueError("quantizing the head needs a final `norm` module in the base model")
+            raise LlmliteError(
+                f"--quantize-head needs a final `norm` module in {type(model).__name__}; drop the option"
+            )
         h = _hessian(norm(c) for c in hidden)
         _quantize_head(model, head, settings, h, report)
     return report

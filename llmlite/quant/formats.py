@@ -59,8 +59,12 @@ def unpack(words: Tensor, bits: int, length: int) -> Tensor:
     """Inverse of ``pack``: int32 words ``[w, m]`` → uint8 values ``[length, m]``."""
     per_chunk, words_per_chunk = _chunk(bits)
     m = words.shape[1]
-    w = (words.to(torch.int64) & _MASK32).view(-1, words_per_chunk, m)
     mask = (1 << bits) - 1
+    if words_per_chunk == 1:  # 2, 4, 8 bits: one vectorised shift (masking drops the sign bits)
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device)
+        out = (words.unsqueeze(1) >> shifts.view(1, -1, 1)) & mask
+        return out.reshape(-1, m)[:length].to(torch.uint8)
+    w = (words.to(torch.int64) & _MASK32).view(-1, words_per_chunk, m)
     out = torch.empty(w.shape[0], per_chunk, m, dtype=torch.int64)
     for j in range(per_chunk):
         word, shift = divmod(bits * j, 32)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llmlite.quant.formats import from_gptq, packed_length, to_gptq
+from llmlite.quant.formats import from_gptq, packed_length, to_gptq, unpack
 from llmlite.quant.grid import QuantizedWeight, num_groups
 
 Backend = Callable[["QuantLinear", Tensor], Tensor]
@@ -71,8 +71,13 @@ class QuantLinear(nn.Module):
         return from_gptq({**tensors, "g_idx": self.g_idx}, self.bits)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The weight ``[out, in]`` as ``(q - z) · s``."""
-        return self.quantized_weight().dequantize(dtype)
+        """The weight ``[out, in]`` as ``(q - z) · s`` (the values of ``QuantizedWeight.dequantize``,
+        computed in the stored ``[in, out]`` orientation)."""
+        g = self.g_idx.long()
+        codes = unpack(self.qweight, self.bits, self.in_features).to(dtype)
+        zeros = unpack(self.qzeros.T, self.bits, self.out_features).T.to(dtype) + 1
+        w = (codes - zeros.index_select(0, g)) * self.scales.to(dtype).index_select(0, g)
+        return w.T.contiguous()
 
     def _apply(self, fn, recurse=True):
         # Casting the model (``.half()``, ``.to(bfloat16)``) must not round the stored scales:

@@ -1,0 +1,63 @@
+"""Options: defaults, recipes (every bundled one), precedence and type errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llmlite.config import EvalConfig, QuantizeConfig, build
+from llmlite.errors import LlmliteError
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+
+
+def test_defaults_are_the_documented_job():
+    c = build(QuantizeConfig)
+    assert (c.model, c.method, c.bits, c.group_size, c.sym, c.samples, c.seqlen) == (
+        "smollm2-135m",
+        "gptq",
+        4,
+        128,
+        True,
+        128,
+        512,
+    )
+    assert (build(EvalConfig).ctx, build(EvalConfig).ppl) == (2048, "wikitext2")
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])
+def test_bundled_recipes_are_valid(recipe):
+    cls = EvalConfig if recipe.name.startswith("eval") else QuantizeConfig
+    assert build(cls, recipe)
+
+
+def test_recipe_then_explicit_options(tmp_path):
+    r = tmp_path / "r.yaml"
+    r.write_text("bits: 3\ngroup-size: 64\nact_order: true\n")
+    c = build(QuantizeConfig, r, bits=8)
+    assert (c.bits, c.group_size, c.act_order) == (8, 64, True)
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("bits: four\n", "must be a whole number"),
+        ("sym: maybe\n", "must be true or false"),
+        ("bits: 4.0\n", "must be a whole number"),
+        ("colour: red\n", "unknown option"),
+        ("- a list\n", "must be a mapping"),
+        ("bits: [\n", "cannot read recipe"),
+        ("group-size: -3\n", "group size -3"),
+    ],
+)
+def test_bad_recipes(tmp_path, text, message):
+    r = tmp_path / "bad.yaml"
+    r.write_text(text)
+    with pytest.raises(LlmliteError, match=message):
+        build(QuantizeConfig, r)
+
+
+def test_missing_recipe():
+    with pytest.raises(LlmliteError, match="no such recipe"):
+        build(QuantizeConfig, "nope.yaml")
