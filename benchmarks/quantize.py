@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from llmlite.api import environment  # noqa: E402
 from llmlite.data import calibration_windows, eval_windows, load_text, tokenize  # noqa: E402
-from llmlite.evaluate.perplexity import perplexity  # noqa: E402
+from llmlite.evaluation.perplexity import perplexity  # noqa: E402
 from llmlite.models import load_model, resolve_model  # noqa: E402
 
 BENCH = ROOT / ".bench"

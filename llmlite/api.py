@@ -15,8 +15,8 @@ import torch
 from llmlite.config import EvalConfig, QuantizeConfig, build
 from llmlite.data import calibration_windows, eval_windows, load_text, tokenize
 from llmlite.errors import LlmliteError
-from llmlite.evaluate.metrics import RunStats, measure, memory_bytes, param_count, size_on_disk
-from llmlite.evaluate.perplexity import perplexity
+from llmlite.evaluation.metrics import RunStats, measure, memory_bytes, param_count, size_on_disk
+from llmlite.evaluation.perplexity import perplexity
 from llmlite.models import atomic_output, check_output, load_model, model_path
 from llmlite.quant.checkpoint import gptq_config, round_unquantized, save_gptq_checkpoint
 from llmlite.quant.driver import QuantReport, QuantSettings, quantize_model
@@ -74,6 +74,7 @@ def quantize(
             sym=cfg.sym,
             act_order=cfg.act_order,
             damp=cfg.damp,
+            mse=cfg.mse,
             quantize_head=cfg.quantize_head,
         )
         with measure() as core:
@@ -83,7 +84,7 @@ def quantize(
         round_unquantized(model, dtype)
     output = None
     if cfg.output:
-        qconfig = gptq_config(cfg.bits, cfg.group_size, cfg.sym, cfg.act_order, cfg.damp, cfg.quantize_head)
+        qconfig = gptq_config(cfg)
         with atomic_output(cfg.output, cfg.overwrite) as tmp:
             save_gptq_checkpoint(model, tokenizer, tmp, qconfig, dtype)
             record = {

@@ -43,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="GPTQ columns by descending Hessian diagonal (static groups)",
     )
+    q.add_argument(
+        "--mse",
+        action=argparse.BooleanOptionalAction,
+        help="search each group's clipping range (GPTQ reference's mse grid)",
+    )
     q.add_argument("--calibration", help="calibration text: file or corpus name (default wikitext2-valid)")
     q.add_argument("--samples", type=int, help="calibration windows (default 128)")
     q.add_argument("--seqlen", type=int, help="tokens per calibration window (default 512)")

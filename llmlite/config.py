@@ -35,6 +35,7 @@ class QuantizeConfig:
     seqlen: int = 512
     seed: int = 0
     damp: float = 0.01
+    mse: bool = False
     quantize_head: bool = False
     dtype: str = "float16"  # storage of the tensors that stay unquantized (embeddings, norms)
     output: str | None = None

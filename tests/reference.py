@@ -14,11 +14,35 @@ def fp16(x):
     return np.maximum(x, 2.0**-24).astype(np.float16).astype(np.float64)
 
 
-def grid(w: np.ndarray, bits: int, sym: bool):
-    """Per-row (scale, zero) of a 2-D float64 array, with llmlite's documented conventions."""
-    maxq = 2**bits - 1
+def grid(w: np.ndarray, bits: int, sym: bool, mse: bool = False):
+    """Per-row (scale, zero) of a 2-D float64 array, with llmlite's documented conventions; with
+    ``mse``, the GPTQ reference's search: shrink the range in 1% steps (80 of them), keep the
+    smallest Σ|w − q|^2.4 per row (the first best on ties)."""
     lo = np.minimum(w.min(1), 0.0)
     hi = np.maximum(w.max(1), 0.0)
+    if not mse:
+        return range_grid(lo, hi, bits, sym)
+    best = None
+    for i in range(80):
+        p = 1 - i / 100
+        s, z = range_grid(p * lo, p * hi, bits, sym)
+        _, dq = quant(w, s[:, None], z[:, None], bits)
+        err = (np.abs(dq - w) ** 2.4).sum(1)
+        if best is None:
+            best = [err, s, z]
+        else:
+            better = err < best[0]
+            best = [
+                np.where(better, err, best[0]),
+                np.where(better, s, best[1]),
+                np.where(better, z, best[2]),
+            ]
+    return best[1], best[2]
+
+
+def range_grid(lo, hi, bits, sym):
+    maxq = 2**bits - 1
+    lo, hi = lo.copy(), hi.copy()
     if sym:
         m = np.maximum(-lo, hi)
         m[m == 0] = 1.0
@@ -39,20 +63,20 @@ def quant(w, scale, zero, bits):
     return q, (q - zero) * scale
 
 
-def rtn(w: np.ndarray, bits: int, group_size: int, sym: bool):
+def rtn(w: np.ndarray, bits: int, group_size: int, sym: bool, mse: bool = False):
     """Codes, per-column scale and zero (expanded to [out, in]) of round-to-nearest."""
     cols = w.shape[1]
     g = cols if group_size == -1 else group_size
     codes, scales, zeros = (np.zeros_like(w) for _ in range(3))
     for start in range(0, cols, g):
         sl = slice(start, start + g)
-        s, z = grid(w[:, sl], bits, sym)
+        s, z = grid(w[:, sl], bits, sym, mse)
         codes[:, sl], _ = quant(w[:, sl], s[:, None], z[:, None], bits)
         scales[:, sl], zeros[:, sl] = s[:, None], z[:, None]
     return codes, scales, zeros
 
 
-def gptq(w, h, bits, group_size=-1, sym=True, act_order=False, damp=0.01):
+def gptq(w, h, bits, group_size=-1, sym=True, act_order=False, damp=0.01, mse=False):
     """GPTQ as sequential OBQ updates in float64. Returns codes and expanded scales/zeros."""
     W = np.array(w, dtype=np.float64)
     H = np.array(h, dtype=np.float64)
@@ -67,10 +91,10 @@ def gptq(w, h, bits, group_size=-1, sym=True, act_order=False, damp=0.01):
     codes, scales, zeros = (np.zeros_like(W) for _ in range(3))
     static = act_order or group_size == -1
     if static:  # grid fixed from the weight before any update
-        _, scales, zeros = rtn(W, bits, group_size, sym)
+        _, scales, zeros = rtn(W, bits, group_size, sym, mse)
     for pos, j in enumerate(order):
         if not static and j % g == 0:
-            s, z = grid(W[:, j : j + g], bits, sym)
+            s, z = grid(W[:, j : j + g], bits, sym, mse)
             scales[:, j : j + g], zeros[:, j : j + g] = s[:, None], z[:, None]
         q, dq = quant(W[:, j], scales[:, j], zeros[:, j], bits)
         codes[:, j] = q

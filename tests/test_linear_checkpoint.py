@@ -12,6 +12,7 @@ from conftest import make_tiny
 from safetensors.torch import load_file
 
 from llmlite.models import load_model
+from llmlite.config import QuantizeConfig
 from llmlite.quant.checkpoint import gptq_config, round_unquantized, save_gptq_checkpoint
 from llmlite.quant.driver import QuantSettings, quantize_model
 from llmlite.quant.linear import QuantLinear
@@ -83,7 +84,7 @@ def test_checkpoint_reloads_exactly(tmp_path, tokenizer, bits, group_size, sym, 
     round_unquantized(model, dtype)
     folder = tmp_path / "ckpt"
     folder.mkdir()
-    qconfig = gptq_config(bits, group_size, sym, act_order, 0.01, False)
+    qconfig = gptq_config(QuantizeConfig(bits=bits, group_size=group_size, sym=sym, act_order=act_order))
     save_gptq_checkpoint(model, tokenizer, folder, qconfig, dtype)
 
     reloaded, _ = load_model(str(folder))

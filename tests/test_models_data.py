@@ -13,7 +13,7 @@ import torch
 
 from llmlite.data import calibration_windows, eval_windows, load_text, tokenize
 from llmlite.errors import LlmliteError
-from llmlite.evaluate.perplexity import perplexity
+from llmlite.evaluation.perplexity import perplexity
 from llmlite.models import BUNDLED, load_model
 
 

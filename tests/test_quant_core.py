@@ -45,6 +45,20 @@ def test_rtn_matches_float64_reference(bits, sym, shape, group_size):
     assert np.allclose(got.dequantize(torch.float64).numpy(), expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("group_size", [-1, 32])
+def test_rtn_mse_grid_matches_reference_and_lowers_error(bits, sym, group_size):
+    w = random_weight(10, 200, seed=bits)
+    got = rtn(w, bits, group_size, sym, mse=True)
+    codes, scales, zeros = ref.rtn(w.numpy(), bits, group_size, sym, mse=True)
+    assert np.array_equal(got.codes.numpy(), codes)
+    assert np.array_equal(got.scale[:, got.g_idx.long()].double().numpy(), scales)
+    plain = rtn(w, bits, group_size, sym)
+    err = lambda q: float((q.dequantize(torch.float64) - w).abs().pow(2.4).sum())  # noqa: E731
+    assert err(got) <= err(plain)
+
+
 def test_grid_conventions():
     w = torch.tensor([[0.0, 0.0, 0.0], [0.1, 0.2, 0.3], [-0.3, -0.1, -0.2], [-0.001, 0.5, 1.0]])
     scale, zero = grid_params(w, 4, sym=False)
@@ -63,14 +77,15 @@ def test_grid_conventions():
 @pytest.mark.parametrize(
     "group_size,act_order", [(-1, False), (32, False), (64, False), (-1, True), (32, True), (128, True)]
 )
-def test_gptq_matches_obq_reference_float64(bits, sym, group_size, act_order):
+@pytest.mark.parametrize("mse", [False, True])
+def test_gptq_matches_obq_reference_float64(bits, sym, group_size, act_order, mse):
     rows, cols = 12, 200
     w = random_weight(rows, cols, seed=bits + cols)
     x = correlated_inputs(512, cols, seed=bits)
     h = 2 * x.T @ x / x.shape[0]
     h[:, 5] = h[5, :] = 0  # a dead input column
-    got = gptq(w, h, bits, group_size, sym, act_order, damp=0.01, block_size=64)
-    codes, scales, zeros = ref.gptq(w.numpy(), h.numpy(), bits, group_size, sym, act_order)
+    got = gptq(w, h, bits, group_size, sym, act_order, damp=0.01, block_size=64, mse=mse)
+    codes, scales, zeros = ref.gptq(w.numpy(), h.numpy(), bits, group_size, sym, act_order, mse=mse)
     assert np.array_equal(got.weight.codes.double().numpy(), codes)
     g = got.weight.g_idx.long()
     assert np.array_equal(got.weight.scale[:, g].double().numpy(), scales)

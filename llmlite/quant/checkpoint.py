@@ -23,25 +23,32 @@ from llmlite.quant.linear import QuantLinear
 WEIGHTS = "model.safetensors"
 
 
-def gptq_config(bits: int, group_size: int, sym: bool, act_order: bool, damp: float, head: bool) -> dict:
-    """``quantization_config`` for a GPTQ-layout checkpoint written by llmlite.
+def gptq_config(options) -> dict:
+    """``quantization_config`` for a GPTQ-layout checkpoint written by llmlite (``options``: a
+    ``QuantizeConfig``).
 
     ``desc_act`` is false even with act-order: llmlite's static groups keep ``g_idx = i // g``,
     so loaders take their fast, non-reordering kernels.
     """
+    o = options
     return {
         "quant_method": "gptq",
         "checkpoint_format": "gptq",
-        "bits": bits,
-        "group_size": group_size,
-        "sym": sym,
+        "bits": o.bits,
+        "group_size": o.group_size,
+        "sym": o.sym,
         "desc_act": False,
-        "static_groups": act_order,
+        "static_groups": o.act_order,
         "true_sequential": True,
-        "damp_percent": damp,
-        "lm_head": head,
+        "damp_percent": o.damp,
+        "lm_head": o.quantize_head,
         "pack_dtype": "int32",
-        "meta": {"quantizer": [f"llmlite:{__version__}"], "act_order": act_order},
+        "meta": {
+            "quantizer": [f"llmlite:{__version__}"],
+            "method": o.method,
+            "act_order": o.act_order,
+            "mse": o.mse,
+        },
     }
 
 

@@ -47,6 +47,7 @@ class QuantSettings:
     sym: bool = True
     act_order: bool = False
     damp: float = 0.01
+    mse: bool = False
     quantize_head: bool = False
 
 
@@ -222,7 +223,8 @@ def _quantize_group(
     start = time.perf_counter()
     modules = [parent.get_submodule(n) for n in names]
     w = torch.cat([m.weight.detach().float() for m in modules])
-    result = gptq(w, h, settings.bits, settings.group_size, settings.sym, settings.act_order, settings.damp)
+    s = settings
+    result = gptq(w, h, s.bits, s.group_size, s.sym, s.act_order, s.damp, mse=s.mse)
     if result.damp != settings.damp:
         log.warning(
             "%s: Hessian not positive definite at damp %g; used %g",
@@ -252,7 +254,7 @@ def _rtn_swap(
     parent: nn.Module, name: str, module: nn.Linear, settings: QuantSettings, report, full_name: str
 ) -> None:
     start = time.perf_counter()
-    qw = rtn(module.weight.detach(), settings.bits, settings.group_size, settings.sym)
+    qw = rtn(module.weight.detach(), settings.bits, settings.group_size, settings.sym, settings.mse)
     qlinear = _quant_linear(module, qw, settings)
     report.modules.append(ModuleRecord(full_name, tuple(module.weight.shape), time.perf_counter() - start))
     _install(parent, {name: qlinear})

@@ -78,6 +78,7 @@ def gptq(
     act_order: bool = False,
     damp: float = 0.01,
     block_size: int = 128,
+    mse: bool = False,
 ) -> GPTQResult:
     """Quantize ``w`` ``[out, in]`` given the Hessian ``[in, in]`` of its layer's inputs.
 
@@ -103,7 +104,7 @@ def gptq(
     zero = torch.zeros(n_groups, rows, dtype=dtype)
     perm = None
     if act_order or group_size == -1:
-        scale, zero = (t.T.contiguous() for t in group_params(W, bits, group_size, sym))
+        scale, zero = (t.T.contiguous() for t in group_params(W, bits, group_size, sym, mse))
     if act_order:
         perm = torch.argsort(H.diagonal(), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
@@ -128,7 +129,7 @@ def gptq(
         for i in range(i2 - i1):
             col, k = i1 + i, groups[i1 + i]
             if not act_order and group_size != -1 and col % g == 0:
-                scale[k], zero[k] = grid_params(W1[i : i + g].T, bits, sym)
+                scale[k], zero[k] = grid_params(W1[i : i + g].T, bits, sym, mse)
             if k != s_group:
                 s, z, s_group = scale[k], zero[k], k
             w_col = W1[i]
