@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from conftest import make_tiny
 from safetensors.torch import load_file
 
-from llmlite.models import load_model
 from llmlite.config import QuantizeConfig
+from llmlite.models import load_model
 from llmlite.quant.checkpoint import gptq_config, round_unquantized, save_gptq_checkpoint
 from llmlite.quant.driver import QuantSettings, quantize_model
 from llmlite.quant.linear import QuantLinear

@@ -51,7 +51,7 @@ def test_rtn_matches_float64_reference(bits, sym, shape, group_size):
 def test_rtn_mse_grid_matches_reference_and_lowers_error(bits, sym, group_size):
     w = random_weight(10, 200, seed=bits)
     got = rtn(w, bits, group_size, sym, mse=True)
-    codes, scales, zeros = ref.rtn(w.numpy(), bits, group_size, sym, mse=True)
+    codes, scales, _zeros = ref.rtn(w.numpy(), bits, group_size, sym, mse=True)
     assert np.array_equal(got.codes.numpy(), codes)
     assert np.array_equal(got.scale[:, got.g_idx.long()].double().numpy(), scales)
     plain = rtn(w, bits, group_size, sym)
