@@ -75,6 +75,7 @@ def quantize(
             act_order=cfg.act_order,
             damp=cfg.damp,
             mse=cfg.mse,
+            v2_alpha=cfg.v2_alpha if cfg.v2 else 0.0,
             quantize_head=cfg.quantize_head,
         )
         with measure() as core:

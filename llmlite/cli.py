@@ -48,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="search each group's clipping range (GPTQ reference's mse grid)",
     )
+    q.add_argument(
+        "--v2",
+        action=argparse.BooleanOptionalAction,
+        help="GPTAQ (GPTQModel's v2): fit each layer to the float model's outputs, not its own",
+    )
+    q.add_argument("--v2-alpha", type=float, help="strength of the --v2 correction, (0, 1] (default 0.25)")
     q.add_argument("--calibration", help="calibration text: file or corpus name (default wikitext2-valid)")
     q.add_argument("--samples", type=int, help="calibration windows (default 128)")
     q.add_argument("--seqlen", type=int, help="tokens per calibration window (default 512)")

@@ -36,6 +36,8 @@ class QuantizeConfig:
     seed: int = 0
     damp: float = 0.01
     mse: bool = False
+    v2: bool = False  # GPTAQ: aim each layer at the float model's outputs (GPTQModel's "v2")
+    v2_alpha: float = 0.25
     quantize_head: bool = False
     dtype: str = "float16"  # storage of the tensors that stay unquantized (embeddings, norms)
     output: str | None = None
@@ -55,6 +57,10 @@ class QuantizeConfig:
             raise LlmliteError("--samples and --seqlen must be at least 1")
         if self.dtype not in DTYPES:
             raise LlmliteError(f"--dtype {self.dtype} is not supported; use one of: {', '.join(DTYPES)}")
+        if not 0 < self.v2_alpha <= 1:
+            raise LlmliteError(f"--v2-alpha {self.v2_alpha} is out of range; use a value in (0, 1]")
+        if self.v2 and self.method != "gptq":
+            raise LlmliteError("--v2 corrects GPTQ's target and needs calibration; use it with --method gptq")
         if not 0 < self.damp <= 1:
             raise LlmliteError(f"--damp {self.damp} is out of range; use a value in (0, 1], e.g. 0.01")
         return self

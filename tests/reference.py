@@ -138,3 +138,15 @@ def autogptq_pack(intweight: np.ndarray, bits: int) -> np.ndarray:
             i += 10
             row += 1
     return qweight
+
+
+def gptaq_target(w, x, x_float, alpha, damp=0.01):
+    """GPTAQ's target without its closed form: the ridge regression ``min_Q ‖X̃Wᵀ − XQᵀ‖² + λ‖Q − W‖²``
+    solved by least squares on the stacked system, then moved ``alpha`` of the way from ``W``.
+    λ is GPTQ's damping of ``H = 2XᵀX/n`` in the units of ``XᵀX``."""
+    cols = x.shape[1]
+    lam = damp * np.mean(np.sum(x * x, axis=0))  # damp · mean diag(H), in XᵀX's units
+    a = np.vstack([x, np.sqrt(lam) * np.eye(cols)])
+    b = np.vstack([x_float @ w.T, np.sqrt(lam) * w.T])
+    ridge = np.linalg.lstsq(a, b, rcond=None)[0].T
+    return w + alpha * (ridge - w)

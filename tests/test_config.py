@@ -49,6 +49,8 @@ def test_recipe_then_explicit_options(tmp_path):
         ("- a list\n", "must be a mapping"),
         ("bits: [\n", "cannot read recipe"),
         ("group-size: -3\n", "group size -3"),
+        ("v2: true\nv2-alpha: 0\n", "--v2-alpha 0 is out of range"),
+        ("v2: true\nmethod: rtn\n", "use it with --method gptq"),
     ],
 )
 def test_bad_recipes(tmp_path, text, message):

@@ -19,13 +19,15 @@ def quantized_modules(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-def test_staged_path_equals_generic_hooks_path(tokenizer):
+@pytest.mark.parametrize("v2_alpha", [0.0, 0.5])
+def test_staged_path_equals_generic_hooks_path(tokenizer, v2_alpha):
     """The Llama fast path and the architecture-agnostic path (the layer's own forward, re-run per
-    group) must give bit-identical checkpoints: both are true-sequential and layer-sequential."""
+    group) must give bit-identical checkpoints: both are true-sequential and layer-sequential, and
+    with v2 both run the same float stream."""
     model = make_tiny(tokenizer)
     other = copy.deepcopy(model)
     calib = torch.randint(0, len(tokenizer), (6, 48))
-    settings = QuantSettings("gptq", 4, 32, sym=False, act_order=True)
+    settings = QuantSettings("gptq", 4, 32, sym=False, act_order=True, v2_alpha=v2_alpha)
     a = quantize_model(model, settings, calib, progress=False)
     b = quantize_model(other, settings, calib, progress=False, path="generic")
     assert (a.path, b.path) == ("llama-staged", "generic-hooks")
@@ -60,6 +62,23 @@ def test_gptq_layer_errors_below_rtn_and_logits_closer(tokenizer):
     with torch.no_grad():
         ref = base(calib).logits
         assert (g(calib).logits - ref).square().mean() < (r(calib).logits - ref).square().mean()
+
+
+def test_v2_changes_the_result_and_tracks_the_float_model(tokenizer):
+    """GPTAQ's float stream is real: v2 gives other weights than plain GPTQ, and at 3 bits its
+    logits on the calibration windows are closer to the float model's."""
+    calib = torch.randint(0, len(tokenizer), (8, 64))
+    base = make_tiny(tokenizer)
+    plain, v2 = copy.deepcopy(base), copy.deepcopy(base)
+    quantize_model(plain, QuantSettings("gptq", 3, 32, act_order=True), calib, progress=False)
+    quantize_model(v2, QuantSettings("gptq", 3, 32, act_order=True, v2_alpha=1.0), calib, progress=False)
+    first = "model.layers.0.self_attn.q_proj"  # same inputs in both streams: v2 changes nothing
+    assert torch.equal(quantized_modules(plain)[first].qweight, quantized_modules(v2)[first].qweight)
+    last = "model.layers.1.mlp.down_proj"
+    assert not torch.equal(quantized_modules(plain)[last].qweight, quantized_modules(v2)[last].qweight)
+    with torch.no_grad():
+        ref = base(calib).logits
+        assert (v2(calib).logits - ref).square().mean() < (plain(calib).logits - ref).square().mean()
 
 
 def test_rtn_needs_no_data_and_quantizes_every_layer_linear(tokenizer):

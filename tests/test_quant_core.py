@@ -7,7 +7,14 @@ import pytest
 import reference as ref
 import torch
 
-from llmlite.quant.gptq import accumulate_hessian, finish_hessian, gptq, inverse_cholesky
+from llmlite.quant.gptq import (
+    accumulate_drift,
+    accumulate_hessian,
+    drift_target,
+    finish_hessian,
+    gptq,
+    inverse_cholesky,
+)
 from llmlite.quant.grid import dequantize_codes, grid_params, quantize_codes
 from llmlite.quant.rtn import rtn
 
@@ -139,3 +146,54 @@ def test_gptq_reports_raised_damping():
     h[0, 0] = 20.0
     result = gptq(w, h, 4)
     assert result.damp > 0.01
+
+
+def hessian_and_drift(x, x_float):
+    cols = x.shape[1]
+    h = torch.zeros(cols, cols, dtype=x.dtype)
+    d = torch.zeros_like(h)
+    for part in (slice(0, x.shape[0] // 3), slice(x.shape[0] // 3, None)):  # two chunks
+        accumulate_hessian(h, x[part])
+        accumulate_drift(d, x[part], x_float[part])
+    return finish_hessian(h, x.shape[0]), d / x.shape[0]
+
+
+@pytest.mark.parametrize("alpha", [0.25, 1.0])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 33), (24, 200)])
+def test_drift_target_matches_ridge_regression_float64(alpha, shape):
+    rows, cols = shape
+    seed = int(torch.randint(0, 2**31, ()))
+    w = random_weight(rows, cols, seed)
+    x_float = correlated_inputs(4 * cols + 5, cols, seed + 1)
+    x = x_float + 0.1 * correlated_inputs(4 * cols + 5, cols, seed + 2)  # drifted inputs
+    h, d = hessian_and_drift(x, x_float)
+    got = drift_target(w, h, d, alpha).numpy()
+    want = ref.gptaq_target(w.numpy(), x.numpy(), x_float.numpy(), alpha)
+    np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10)
+
+
+def test_drift_target_without_drift_is_the_weight():
+    w = random_weight(8, 40, 3)
+    x = correlated_inputs(100, 40, 4)
+    h, d = hessian_and_drift(x, x)
+    assert torch.equal(d, torch.zeros_like(d))
+    assert torch.allclose(drift_target(w, h, d, 1.0), w, rtol=0, atol=1e-15)
+    assert torch.equal(drift_target(w, torch.zeros_like(h), d, 1.0), w)  # no signal at all
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_gptq_on_drift_target_fits_float_outputs_better(bits):
+    """Fed drifted inputs X, GPTQ aimed at the drift target reproduces the float outputs X̃Wᵀ more
+    closely than GPTQ aimed at W itself (float32, as the driver runs it)."""
+    w = random_weight(64, 192, seed=11).float()
+    x_float = correlated_inputs(2048, 192, seed=12)
+    x = (x_float + 0.3 * correlated_inputs(2048, 192, seed=13)).float()
+    x_float = x_float.float()
+    h, d = hessian_and_drift(x, x_float)
+    plain = gptq(w, h, bits, 64, True, True).weight.dequantize()
+    aimed = gptq(drift_target(w, h, d, 1.0), h, bits, 64, True, True).weight.dequantize()
+
+    def float_error(q):
+        return float(((x @ q.T - x_float @ w.T) ** 2).mean())
+
+    assert float_error(aimed) < float_error(plain)

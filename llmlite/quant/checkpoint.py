@@ -48,6 +48,8 @@ def gptq_config(options) -> dict:
             "method": o.method,
             "act_order": o.act_order,
             "mse": o.mse,
+            "v2": o.v2,
+            "v2_alpha": o.v2_alpha if o.v2 else None,
         },
     }
 

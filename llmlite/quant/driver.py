@@ -12,16 +12,21 @@ Two ways through a layer, with identical results:
   activations;
 * any other layer: the layer's own forward, stopped by a hook at each group's input, re-run once
   per group (slower, same memory).
+
+With ``v2_alpha > 0`` (GPTAQ, GPTQModel's "v2") a second stream of hidden states runs through a
+float copy of each layer, and every group aims at reproducing the *float* model's outputs rather
+than its own float weights on its drifted inputs (``gptq.drift_target``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import ctypes.util
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -29,7 +34,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from llmlite.errors import LlmliteError
-from llmlite.quant.gptq import accumulate_hessian, finish_hessian, gptq
+from llmlite.quant.gptq import accumulate_drift, accumulate_hessian, drift_target, finish_hessian, gptq
 from llmlite.quant.grid import QuantizedWeight
 from llmlite.quant.linear import QuantLinear
 from llmlite.quant.rtn import rtn
@@ -49,6 +54,7 @@ class QuantSettings:
     damp: float = 0.01
     mse: bool = False
     quantize_head: bool = False
+    v2_alpha: float = 0.0  # GPTAQ's correction towards the float model's outputs; 0: plain GPTQ
 
 
 @dataclass
@@ -145,17 +151,18 @@ def quantize_model(
     if calibration is None:
         raise ValueError("GPTQ needs calibration token windows")
     hidden, kwargs = _capture_layer_inputs(model, layers[0], calibration)
+    hidden_float = [h.clone() for h in hidden] if settings.v2_alpha > 0 else None
     staged = path is None and all(_is_llama_style(layer) for layer in layers)
     report.path = "llama-staged" if staged else "generic-hooks"
     bar = tqdm(layers, desc="gptq", unit="layer", disable=not progress)
     for i, layer in enumerate(bar):
         done: dict[str, QuantLinear] = {}
 
-        def quantize_group(names: list[str], h: Tensor, layer=layer, i=i, done=done) -> None:
-            done.update(_quantize_group(layer, names, h, settings, report, prefix=f"layers.{i}."))
+        def quantize_group(names: list[str], stats: tuple, layer=layer, i=i, done=done) -> None:
+            done.update(_quantize_group(layer, names, *stats, settings, report, prefix=f"layers.{i}."))
 
         count = len(linears(layer))
-        (_llama_layer if staged else _generic_layer)(layer, hidden, kwargs, quantize_group)
+        (_llama_layer if staged else _generic_layer)(layer, hidden, kwargs, quantize_group, hidden_float)
         _install(layer, done)
         _trim_heap()
         worst = max(r.output_error or 0.0 for r in report.modules[-count:])
@@ -166,7 +173,7 @@ def quantize_model(
             raise LlmliteError(
                 f"--quantize-head needs a final `norm` module in {type(model).__name__}; drop the option"
             )
-        h = _hessian(norm(c) for c in hidden)
+        h, _ = _stats(norm(c) for c in hidden)
         _quantize_head(model, head, settings, h, report)
     return report
 
@@ -199,20 +206,33 @@ def _capture_layer_inputs(model: nn.Module, first: nn.Module, calibration: Tenso
     return hidden, kwargs
 
 
-def _hessian(inputs: Iterator[Tensor]) -> Tensor:
-    h = None
+def _stats(inputs: Iterable[Tensor], float_inputs: Iterable[Tensor] | None = None):
+    """The Hessian of a group's ``inputs`` and, given the float model's inputs to the same group,
+    the drift between the two (``None`` without them)."""
+    h = d = None
     tokens = 0
-    for x in inputs:
+    paired = float_inputs is not None
+    pairs = zip(inputs, float_inputs, strict=True) if paired else ((x, None) for x in inputs)
+    for x, x_float in pairs:
         x = x.reshape(-1, x.shape[-1])
         if h is None:
             h = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+            d = None if x_float is None else torch.zeros_like(h)
         accumulate_hessian(h, x)
+        if d is not None:
+            accumulate_drift(d, x, x_float.reshape(x.shape))
         tokens += x.shape[0]
-    return finish_hessian(h, tokens)
+    return finish_hessian(h, tokens), None if d is None else d / max(tokens, 1)
 
 
 def _quantize_group(
-    parent: nn.Module, names: list[str], h: Tensor, settings: QuantSettings, report: QuantReport, prefix: str
+    parent: nn.Module,
+    names: list[str],
+    h: Tensor,
+    drift: Tensor | None,
+    settings: QuantSettings,
+    report: QuantReport,
+    prefix: str,
 ) -> dict[str, QuantLinear]:
     """GPTQ on linears that share an input (one Hessian): their weights are stacked by rows.
 
@@ -224,7 +244,8 @@ def _quantize_group(
     modules = [parent.get_submodule(n) for n in names]
     w = torch.cat([m.weight.detach().float() for m in modules])
     s = settings
-    result = gptq(w, h, s.bits, s.group_size, s.sym, s.act_order, s.damp, mse=s.mse)
+    target = w if drift is None else drift_target(w, h, drift, s.v2_alpha, s.damp)
+    result = gptq(target, h, s.bits, s.group_size, s.sym, s.act_order, s.damp, mse=s.mse)
     if result.damp != settings.damp:
         log.warning(
             "%s: Hessian not positive definite at damp %g; used %g",
@@ -279,7 +300,7 @@ def _quantize_head(model, head: nn.Linear, settings, h: Tensor | None, report) -
     if h is None:
         _rtn_swap(model, parent_name, head, settings, report, parent_name)
     else:
-        _install(model, _quantize_group(model, [parent_name], h, settings, report, prefix=""))
+        _install(model, _quantize_group(model, [parent_name], h, None, settings, report, prefix=""))
 
 
 # --- the two ways through a layer ---------------------------------------------------------------
@@ -299,33 +320,60 @@ def _is_llama_style(layer: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def _llama_layer(layer: nn.Module, hidden: list[Tensor], kwargs: list[dict], quantize: Callable) -> None:
+def _llama_layer(
+    layer: nn.Module,
+    hidden: list[Tensor],
+    kwargs: list[dict],
+    quantize: Callable,
+    hidden_float: list[Tensor] | None = None,
+) -> None:
     """``h ← h + o(attn(norm₁ h))``, then ``h ← h + down(act(gate(x)) · up(x))`` with ``x = norm₂ h``,
-    quantizing each group once its input is known for every chunk. Updates ``hidden`` in place."""
+    quantizing each group once its input is known for every chunk. Updates ``hidden`` (and
+    ``hidden_float``, run through a float copy of the layer) in place."""
+    fl = None if hidden_float is None else copy.deepcopy(layer)
     attn, mlp = layer.self_attn, layer.mlp
+
+    def pairs(fn: Callable, float_fn: Callable):
+        return (fn(h) for h in hidden), None if fl is None else [float_fn(g) for g in hidden_float]
 
     quantize(
         ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-        _hessian(layer.input_layernorm(h) for h in hidden),
+        _stats(*pairs(layer.input_layernorm, fl and fl.input_layernorm)),
     )
 
     attn_in = [
         _input_of(attn.o_proj, attn, layer.input_layernorm(h), kw)
         for h, kw in zip(hidden, kwargs, strict=True)
     ]
-    quantize(["self_attn.o_proj"], _hessian(attn_in))
+    attn_in_float = None
+    if fl is not None:
+        attn_in_float = [
+            _input_of(fl.self_attn.o_proj, fl.self_attn, fl.input_layernorm(g), kw)
+            for g, kw in zip(hidden_float, kwargs, strict=True)
+        ]
+        for g, a in zip(hidden_float, attn_in_float, strict=True):
+            g += fl.self_attn.o_proj(a)
+    quantize(["self_attn.o_proj"], _stats(attn_in, attn_in_float))
     for h, a in zip(hidden, attn_in, strict=True):
         h += attn.o_proj(a)
-    del attn_in
+    del attn_in, attn_in_float
     _trim_heap()
 
-    quantize(["mlp.gate_proj", "mlp.up_proj"], _hessian(layer.post_attention_layernorm(h) for h in hidden))
+    quantize(
+        ["mlp.gate_proj", "mlp.up_proj"],
+        _stats(*pairs(layer.post_attention_layernorm, fl and fl.post_attention_layernorm)),
+    )
 
-    mid = []
-    for h in hidden:
-        x = layer.post_attention_layernorm(h)
-        mid.append(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
-    quantize(["mlp.down_proj"], _hessian(mid))
+    def inner(mlp: nn.Module, x: Tensor) -> Tensor:
+        return mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+
+    mid = [inner(mlp, layer.post_attention_layernorm(h)) for h in hidden]
+    mid_float = None
+    if fl is not None:
+        mid_float = [inner(fl.mlp, fl.post_attention_layernorm(g)) for g in hidden_float]
+        for g, m in zip(hidden_float, mid_float, strict=True):
+            g += fl.mlp.down_proj(m)
+    quantize(["mlp.down_proj"], _stats(mid, mid_float))
     for h, m in zip(hidden, mid, strict=True):
         h += mlp.down_proj(m)
 
@@ -349,16 +397,27 @@ def _input_of(target: nn.Module, module: nn.Module, x: Tensor, kwargs: dict) -> 
 
 
 @torch.no_grad()
-def _generic_layer(layer: nn.Module, hidden: list[Tensor], kwargs: list[dict], quantize: Callable) -> None:
+def _generic_layer(
+    layer: nn.Module,
+    hidden: list[Tensor],
+    kwargs: list[dict],
+    quantize: Callable,
+    hidden_float: list[Tensor] | None = None,
+) -> None:
     """Any layer: groups are the linears that receive the same input tensor, in call order."""
+    fl = None if hidden_float is None else copy.deepcopy(layer)
     for names in _groups(layer, hidden[0], kwargs[0]):
         module = layer.get_submodule(names[0])
-        quantize(
-            names, _hessian(_input_of(module, layer, h, kw) for h, kw in zip(hidden, kwargs, strict=True))
-        )
-    for i, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
-        out = layer(h, **kw)
-        hidden[i] = out[0] if isinstance(out, tuple) else out
+        inputs = (_input_of(module, layer, h, kw) for h, kw in zip(hidden, kwargs, strict=True))
+        float_inputs = None
+        if fl is not None:
+            target = fl.get_submodule(names[0])
+            float_inputs = [_input_of(target, fl, g, kw) for g, kw in zip(hidden_float, kwargs, strict=True)]
+        quantize(names, _stats(inputs, float_inputs))
+    for stream, run in ((hidden, layer), (hidden_float, fl)):
+        for i, kw in enumerate(kwargs if stream is not None else ()):
+            out = run(stream[i], **kw)
+            stream[i] = out[0] if isinstance(out, tuple) else out
 
 
 def _groups(layer: nn.Module, h: Tensor, kw: dict) -> list[list[str]]:

@@ -47,6 +47,36 @@ def finish_hessian(h: Tensor, tokens: int) -> Tensor:
     return (upper + torch.triu(h, 1).T) / max(tokens, 1)
 
 
+def accumulate_drift(d: Tensor, x: Tensor, x_float: Tensor) -> None:
+    """Add ``2 (x_float − x)ᵀ x`` to ``d`` ``[in, in]``: how the inputs of the float model differ
+    from the inputs the quantized model feeds the same layer (divide by the tokens at the end)."""
+    x = x.to(d.dtype)
+    d.addmm_((x_float.to(d.dtype) - x).T, x, alpha=2.0)
+
+
+def drift_target(w: Tensor, h: Tensor, drift: Tensor, alpha: float, damp: float = 0.01) -> Tensor:
+    """The weight GPTQ should aim at so that the quantized layer, fed the quantized model's inputs
+    ``X``, reproduces the float layer fed the float model's inputs ``X̃`` (GPTAQ, Li et al. 2025).
+
+    ``min_Q ‖X̃Wᵀ − XQᵀ‖²`` is ``min_Q ‖X(W* − Q)ᵀ‖²`` with ``W* = W + W D H⁻¹``, ``D = 2 (X̃ − X)ᵀX``
+    and ``H = 2 XᵀX`` (both per token), so GPTQ on ``W*`` with ``H`` solves it. ``alpha`` in [0, 1]
+    shrinks the correction (0.25 is GPTQModel's v2 default); ``H`` is damped as in GPTQ.
+    """
+    dtype = torch.promote_types(w.dtype, torch.float32)
+    h = h.to(dtype)
+    mean_diag = h.diagonal().mean()
+    if alpha == 0 or mean_diag == 0:
+        return w.to(dtype).clone()
+    eye = torch.eye(h.shape[0], dtype=dtype, device=h.device)
+    chol, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
+    while info != 0 and damp < 10:  # as in inverse_cholesky: raise the damping until it factorises
+        damp *= 10
+        chol, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
+    w = w.to(dtype)
+    correction = torch.cholesky_solve((w @ drift.to(dtype)).T, chol).T  # (W D) H⁻¹, H symmetric
+    return w + alpha * correction
+
+
 def inverse_cholesky(h: Tensor, damp: float = 0.01, max_damp: float = 10.0) -> tuple[Tensor, float]:
     """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = damp · mean(diag H)``.
 
