@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
         help="quantize a model (RTN or GPTQ) and save a GPTQ-layout checkpoint",
         argument_default=argparse.SUPPRESS,
         description="Quantize the linear layers of every decoder layer; with no options: the bundled "
-        "smollm2-135m, GPTQ 4-bit, group 128, symmetric, 128 calibration windows of 512 tokens.",
+        "smollm2-135m, GPTQ 4-bit, group 128, symmetric, act-order, 128 calibration windows of 512 tokens.",
     )
     q.add_argument("--model", help="bundled name, local folder, .gguf file or hub id (default smollm2-135m)")
     q.add_argument("--method", choices=["rtn", "gptq"], help="default gptq")
@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--act-order",
         action=argparse.BooleanOptionalAction,
-        help="GPTQ columns by descending Hessian diagonal (static groups)",
+        help="GPTQ columns by descending Hessian diagonal, static groups (default on)",
     )
     q.add_argument(
         "--mse",

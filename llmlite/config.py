@@ -29,7 +29,7 @@ class QuantizeConfig:
     bits: int = 4
     group_size: int = 128  # -1: one group per output channel
     sym: bool = True
-    act_order: bool = False
+    act_order: bool = True  # static groups: no cost at inference; llm-compressor's default too
     calibration: str = DEFAULT_CALIBRATION
     samples: int = 128
     seqlen: int = 512

@@ -30,7 +30,7 @@ def test_quantize_save_reload_evaluate(tmp_path):
     )
     base = quantized["baseline"]
     assert quantized["windows"] == base["windows"] == 2 and quantized["tokens"] == 2 * 511
-    assert base["perplexity"] < quantized["perplexity"] < 1.3 * base["perplexity"]
+    assert base["perplexity"] < quantized["perplexity"] < 1.6 * base["perplexity"]  # 8×128 calibration
     assert quantized["params"] == base["params"]
     assert quantized["size_bytes"] < 0.4 * base["size_bytes"]
     in_memory = llmlite.evaluate(
