@@ -17,7 +17,7 @@ from llmlite.data import calibration_windows, eval_windows, load_text, tokenize
 from llmlite.errors import LlmliteError
 from llmlite.evaluation.metrics import RunStats, measure, memory_bytes, param_count, size_on_disk
 from llmlite.evaluation.perplexity import perplexity
-from llmlite.models import atomic_output, check_output, load_model, model_path
+from llmlite.models import atomic_output, check_output, load_model, model_path, own_weights
 from llmlite.quant.checkpoint import gptq_config, round_unquantized, save_gptq_checkpoint
 from llmlite.quant.driver import QuantReport, QuantSettings, quantize_model
 
@@ -63,6 +63,7 @@ def quantize(
         check_output(cfg.output, cfg.overwrite)  # fail before the long work, not after
     with measure() as stats:
         model, tokenizer = load_model(cfg.model)
+        own_weights(model)  # so that replaced float weights are really freed
         windows = None
         if cfg.method == "gptq":
             ids = tokenize(tokenizer, load_text(cfg.calibration))

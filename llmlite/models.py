@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 
 import torch
 from safetensors import SafetensorError
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from llmlite.errors import LlmliteError
@@ -105,6 +106,19 @@ def load_model(
     model.eval()
     model.llmlite_source = source
     return model, tokenizer
+
+
+@torch.no_grad()
+def own_weights(model: nn.Module) -> None:
+    """Copy every parameter and buffer out of the safetensors file mapping it may still live in.
+
+    transformers maps same-dtype weights straight from the file; once a method replaces them
+    (quantization), the file's pages would stay resident beside the new tensors until the last
+    original tensor is gone, doubling the model in the process's memory. Owned copies are freed as
+    they are replaced, and the mapping is released at once.
+    """
+    for tensor in [*model.parameters(), *model.buffers()]:
+        tensor.data = tensor.data.clone()
 
 
 def is_gptq_checkpoint(folder: Path) -> bool:

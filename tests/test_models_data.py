@@ -14,7 +14,7 @@ import torch
 from llmlite.data import calibration_windows, eval_windows, load_text, tokenize
 from llmlite.errors import LlmliteError
 from llmlite.evaluation.perplexity import perplexity
-from llmlite.models import BUNDLED, load_model
+from llmlite.models import BUNDLED, load_model, own_weights
 
 
 def test_bundled_model_is_smollm2(bundled_dir):
@@ -122,3 +122,12 @@ def test_perplexity_equals_transformers_loss(tiny_dir):
         losses = [float(model(w[None], labels=w[None]).loss) for w in windows]
     assert ours.perplexity == pytest.approx(math.exp(sum(losses) / 3), rel=1e-5)
     assert (ours.windows, ours.tokens, ours.ctx) == (3, 3 * 69, 70)
+
+
+def test_own_weights_copies_out_of_the_file_and_keeps_ties(tiny_dir):
+    model, _ = load_model(str(tiny_dir))
+    before = {n: (p.detach().clone(), p.data_ptr()) for n, p in model.named_parameters()}
+    own_weights(model)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n][0]) and p.data_ptr() != before[n][1], n
+    assert model.lm_head.weight is model.model.embed_tokens.weight
