@@ -341,15 +341,16 @@ def _llama_layer(
         _stats(*pairs(layer.input_layernorm, fl and fl.input_layernorm)),
     )
 
-    width = attn.o_proj.in_features
-    attn_in = _one_block(hidden, width)
-    for h, kw, out in zip(hidden, kwargs, attn_in, strict=True):
-        out.copy_(_input_of(attn.o_proj, attn, layer.input_layernorm(h), kw))
+    attn_in = [
+        _input_of(attn.o_proj, attn, layer.input_layernorm(h), kw)
+        for h, kw in zip(hidden, kwargs, strict=True)
+    ]
     attn_in_float = None
     if fl is not None:
-        attn_in_float = _one_block(hidden_float, width)
-        for g, kw, out in zip(hidden_float, kwargs, attn_in_float, strict=True):
-            out.copy_(_input_of(fl.self_attn.o_proj, fl.self_attn, fl.input_layernorm(g), kw))
+        attn_in_float = [
+            _input_of(fl.self_attn.o_proj, fl.self_attn, fl.input_layernorm(g), kw)
+            for g, kw in zip(hidden_float, kwargs, strict=True)
+        ]
         for g, a in zip(hidden_float, attn_in_float, strict=True):
             g += fl.self_attn.o_proj(a)
     quantize(["self_attn.o_proj"], _stats(attn_in, attn_in_float))
@@ -363,35 +364,19 @@ def _llama_layer(
         _stats(*pairs(layer.post_attention_layernorm, fl and fl.post_attention_layernorm)),
     )
 
-    def inner(layer: nn.Module, stream: list[Tensor]) -> list[Tensor]:
-        mlp = layer.mlp
-        mid = _one_block(stream, mlp.down_proj.in_features)
-        for h, out in zip(stream, mid, strict=True):
-            x = layer.post_attention_layernorm(h)
-            torch.mul(mlp.act_fn(mlp.gate_proj(x)), mlp.up_proj(x), out=out)
-        return mid
+    def inner(layer: nn.Module, h: Tensor) -> Tensor:
+        x = layer.post_attention_layernorm(h)
+        return layer.mlp.act_fn(layer.mlp.gate_proj(x)) * layer.mlp.up_proj(x)
 
-    mid = inner(layer, hidden)
+    mid = [inner(layer, h) for h in hidden]
     mid_float = None
     if fl is not None:
-        mid_float = inner(fl, hidden_float)
+        mid_float = [inner(fl, g) for g in hidden_float]
         for g, m in zip(hidden_float, mid_float, strict=True):
             g += fl.mlp.down_proj(m)
     quantize(["mlp.down_proj"], _stats(mid, mid_float))
     for h, m in zip(hidden, mid, strict=True):
         h += mlp.down_proj(m)
-
-
-def _one_block(chunks: list[Tensor], width: int) -> list[Tensor]:
-    """Empty ``[b, seqlen, width]`` tensors shaped like ``chunks``, carved from one allocation.
-
-    Activations that live through a whole stage are held in one block rather than one tensor per
-    chunk: interleaved with the per-chunk temporaries, separate tensors fragment the C heap, and
-    the process's peak memory grew by about half the model's size that way.
-    """
-    sizes = [c.shape[0] * c.shape[1] for c in chunks]
-    block = torch.empty(sum(sizes), width, dtype=chunks[0].dtype, device=chunks[0].device)
-    return [part.view(*c.shape[:2], width) for part, c in zip(block.split(sizes), chunks, strict=True)]
 
 
 def _input_of(target: nn.Module, module: nn.Module, x: Tensor, kwargs: dict) -> Tensor:
