@@ -334,7 +334,7 @@ def _llama_layer(
     attn, mlp = layer.self_attn, layer.mlp
 
     def pairs(fn: Callable, float_fn: Callable):
-        return (fn(h) for h in hidden), None if fl is None else [float_fn(g) for g in hidden_float]
+        return (fn(h) for h in hidden), None if fl is None else (float_fn(g) for g in hidden_float)
 
     quantize(
         ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
