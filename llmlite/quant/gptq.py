@@ -67,18 +67,14 @@ def drift_target(w: Tensor, h: Tensor, drift: Tensor, alpha: float, damp: float 
     mean_diag = h.diagonal().mean()
     if alpha == 0 or mean_diag == 0:
         return w.to(dtype).clone()
-    eye = torch.eye(h.shape[0], dtype=dtype, device=h.device)
-    chol, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
-    while info != 0 and damp < 10:  # as in inverse_cholesky: raise the damping until it factorises
-        damp *= 10
-        chol, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
+    chol, _ = damped_cholesky(h, damp)
     w = w.to(dtype)
     correction = torch.cholesky_solve((w @ drift.to(dtype)).T, chol).T  # (W D) H⁻¹, H symmetric
     return w + alpha * correction
 
 
-def inverse_cholesky(h: Tensor, damp: float = 0.01, max_damp: float = 10.0) -> tuple[Tensor, float]:
-    """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = damp · mean(diag H)``.
+def damped_cholesky(h: Tensor, damp: float = 0.01, max_damp: float = 10.0) -> tuple[Tensor, float]:
+    """Lower Cholesky factor of ``H + λI`` with ``λ = damp · mean(diag H)``.
 
     When ``H + λI`` is not positive definite, ``damp`` is multiplied by 10 and the factorisation
     retried, up to ``max_damp``; the damping that worked is returned so that callers can report it.
@@ -87,15 +83,24 @@ def inverse_cholesky(h: Tensor, damp: float = 0.01, max_damp: float = 10.0) -> t
     mean_diag = h.diagonal().mean()
     while damp <= max_damp:
         chol, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
-        if info == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
-            if info == 0 and bool(torch.isfinite(upper).all()):
-                return upper, damp
+        if info == 0 and bool(torch.isfinite(chol).all()):
+            return chol, damp
         damp *= 10
     raise LlmliteError(
         "GPTQ could not factorise a layer's Hessian even with heavy damping; "
         "use more or longer calibration samples (--samples/--seqlen) or --method rtn"
     )
+
+
+def inverse_cholesky(h: Tensor, damp: float = 0.01, max_damp: float = 10.0) -> tuple[Tensor, float]:
+    """Upper Cholesky factor of ``(H + λI)⁻¹`` (damping as in ``damped_cholesky``, retried the same
+    way when the inverse cannot be factorised)."""
+    while True:
+        chol, damp = damped_cholesky(h, damp, max_damp)
+        upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+        if info == 0 and bool(torch.isfinite(upper).all()):
+            return upper, damp
+        damp *= 10
 
 
 @torch.no_grad()
