@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-from llmlite.allocator import map_large_blocks
 from llmlite.config import EvalConfig, QuantizeConfig, build
 from llmlite.data import calibration_windows, eval_windows, load_text, tokenize
 from llmlite.errors import LlmliteError
@@ -58,12 +57,10 @@ def quantize(
 
     Options are ``QuantizeConfig``'s fields (``llmlite.quantize(bits=3, output="out")``), or a
     ready ``config``; ``recipe`` names a YAML file of options that ``options`` override.
-    Sets glibc's mmap threshold to 1 MiB for the process (``llmlite.allocator``).
     """
     cfg = config.validate() if config is not None else build(QuantizeConfig, recipe, **options)
     if cfg.output:
         check_output(cfg.output, cfg.overwrite)  # fail before the long work, not after
-    map_large_blocks()  # freed layer activations go back to the system: a stable, lower peak
     with measure() as stats:
         model, tokenizer = load_model(cfg.model)
         own_weights(model)  # so that replaced float weights are really freed
