@@ -14,9 +14,16 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from llmlite.errors import LlmliteError
 
@@ -146,7 +153,16 @@ def model_path(model: PreTrainedModel) -> Path | None:
 
 def _load_hf(folder: Path, dtype: torch.dtype):
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        state = _read_safetensors(folder)
+        if state is None:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        else:
+            config = AutoConfig.from_pretrained(folder)
+            model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+            model = model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
+            del state
+            if (folder / "generation_config.json").exists():
+                model.generation_config = GenerationConfig.from_pretrained(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except _READ_ERRORS as e:
         raise LlmliteError(
@@ -154,6 +170,24 @@ def _load_hf(folder: Path, dtype: torch.dtype):
             "or corrupt: re-download or re-export it"
         ) from None
     return model, tokenizer
+
+
+def _read_safetensors(folder: Path) -> dict[str, torch.Tensor] | None:
+    """Every tensor of a folder's safetensors files, read into memory of its own (``None`` when
+    the folder has none).
+
+    transformers maps the files instead; the mapped pages then count in the process's memory
+    beside any copy made later (by a method that replaces weights), doubling the model's share of
+    the peak. Reading with ``pread`` keeps one copy.
+    """
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    state = {}
+    for file in files:
+        with safe_open(file, framework="pt", backend="pread") as f:
+            state.update({name: f.get_tensor(name) for name in f.keys()})  # noqa: SIM118
+    return state
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

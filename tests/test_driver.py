@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 from conftest import make_tiny
 from torch import nn
 
-from llmlite.quant.driver import QuantSettings, _groups, decoder_layers, quantize_model
+from llmlite.quant.driver import QuantSettings, _fp16_scale, _groups, decoder_layers, quantize_model
 from llmlite.quant.gptq import accumulate_hessian, finish_hessian, gptq
 from llmlite.quant.linear import QuantLinear
 from llmlite.quant.rtn import rtn
@@ -27,7 +28,7 @@ def test_staged_path_equals_generic_hooks_path(tokenizer, v2_alpha):
     model = make_tiny(tokenizer)
     other = copy.deepcopy(model)
     calib = torch.randint(0, len(tokenizer), (6, 48))
-    settings = QuantSettings("gptq", 4, 32, sym=False, act_order=True, v2_alpha=v2_alpha)
+    settings = QuantSettings("gptq", 4, 32, sym=False, act_order=True, v2_alpha=v2_alpha, compact_mlp=False)
     a = quantize_model(model, settings, calib, progress=False)
     b = quantize_model(other, settings, calib, progress=False, path="generic")
     assert (a.path, b.path) == ("llama-staged", "generic-hooks")
@@ -36,6 +37,35 @@ def test_staged_path_equals_generic_hooks_path(tokenizer, v2_alpha):
     for name in qa:
         for buf in ("qweight", "qzeros", "scales", "g_idx"):
             assert torch.equal(getattr(qa[name], buf), getattr(qb[name], buf)), (name, buf)
+
+
+def test_compact_mlp_activations_stay_close_to_float32(tokenizer):
+    """float16 MLP activations (the default) change only the rounding of what later layers see:
+    the first layer's checkpoint is identical, and the quantized model is as close to the float
+    model as the float32 walk's (its logits' error at most 10% larger)."""
+    model = make_tiny(tokenizer)
+    exact, float_model = copy.deepcopy(model), copy.deepcopy(model)
+    calib = torch.randint(0, len(tokenizer), (6, 48))
+    quantize_model(model, QuantSettings("gptq", 4, 32), calib, progress=False)
+    quantize_model(exact, QuantSettings("gptq", 4, 32, compact_mlp=False), calib, progress=False)
+    qa, qb = quantized_modules(model), quantized_modules(exact)
+    first = [n for n in qa if n.startswith("model.layers.0.")]
+    assert len(first) == 7 and all(torch.equal(qa[n].qweight, qb[n].qweight) for n in first)
+    ids = calib[:3]
+    ref = float_model(ids).logits
+    err_compact = (model(ids).logits - ref).square().mean()
+    err_exact = (exact(ids).logits - ref).square().mean()
+    assert err_compact < 1.1 * err_exact, (float(err_compact), float(err_exact))
+
+
+@pytest.mark.parametrize("amax", [0.0, 1.0, 2.0**15, 2.0**15 + 1, 3e5, 1e30])
+def test_fp16_scale_keeps_values_in_range(amax):
+    x = torch.tensor([-amax, amax / 3, 0.0], dtype=torch.float32)
+    scale = _fp16_scale(x)
+    assert scale >= 1 and math.log2(scale) == int(math.log2(scale))
+    stored = (x / scale).half()
+    assert torch.isfinite(stored).all()
+    assert torch.allclose(stored.double() * scale, x.double(), rtol=2**-11, atol=0)
 
 
 def test_groups_follow_shared_inputs(tokenizer):
