@@ -113,7 +113,14 @@ def quantize_llmc(python: str, name, bits, group, sym, calib: Path, model_dir: P
         "--actorder",
     ]
     wall = run_measured([*cmd] + ([] if sym else ["--asym"]))
-    return {"process_s": wall, **measured(name)}
+    return {"process_s": wall, **measured(name), "versions": peer_versions(python)}
+
+
+def peer_versions(python: str) -> dict:
+    """Versions of the packages in the peer's venv that decide its speed and results."""
+    names = ["llmcompressor", "compressed-tensors", "transformers", "torch"]
+    code = f"import json, importlib.metadata as m; print(json.dumps({{n: m.version(n) for n in {names}}}))"
+    return json.loads(subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
 def score(row: dict, windows: torch.Tensor, base_dir: Path) -> float:
@@ -126,6 +133,15 @@ def score(row: dict, windows: torch.Tensor, base_dir: Path) -> float:
     else:
         model, _ = load_model(row["path"])
     return perplexity(model, windows, progress=False).perplexity
+
+
+def git_commit() -> str:
+    """The checked-out commit, with ``+`` when the working tree has changes."""
+    git = ["git", "-C", str(ROOT)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    status = [*git, "status", "--porcelain", "--untracked-files=no"]
+    dirty = subprocess.run(status, capture_output=True, text=True).stdout.strip()
+    return head.stdout.strip() + ("+" if dirty else "") if head.returncode == 0 else "unknown"
 
 
 def ensure_llmc(python: str | None) -> str:
@@ -175,6 +191,7 @@ def main() -> None:
             llmc_python = llmc_python or ensure_llmc(a.llmc_python)
             row = quantize_llmc(llmc_python, name, bits, group, sym, calib, base_dir)
         row.update(name=name, tool=tool, method=method, bits=bits, group=group, sym=sym, v2=v2)
+        row.update(date=time.strftime("%Y-%m-%d"), commit=git_commit())
         row["perplexity"] = score(row, windows, base_dir)
         cache[key] = row
         cache_file.write_text(json.dumps(cache, indent=2))
@@ -193,6 +210,7 @@ def main() -> None:
 def write_report(cache: dict, n_windows: int, n_tokens: int) -> None:
     fp = cache[f"fp32@{n_windows}"]
     rows = {name: cache.get(f"{name}@{n_windows}") for name, *_ in RUNS}
+    peer = next((r["versions"] for r in rows.values() if r and "versions" in r), "versions not recorded")
     lines = [
         "# Weight quantization: quality, speed and memory",
         "",
@@ -208,6 +226,7 @@ def write_report(cache: dict, n_windows: int, n_tokens: int) -> None:
         "- `lm_head` (tied to the embeddings), the embeddings and the norms stay unquantized in every row: "
         "float16 in llmlite's checkpoints (the default `--dtype`), float32 in llm-compressor's scoring.",
         f"- Machine: {json.dumps(environment())}",
+        f"- llm-compressor's venv: {json.dumps(peer)}",
         "",
         "## GPTQ against RTN (group 128)",
         "",
@@ -271,6 +290,11 @@ def write_report(cache: dict, n_windows: int, n_tokens: int) -> None:
                 f"{row['process_s']:.0f}",
             ]
             lines.append(f"| {' | '.join(cells)} | {row['peak_rss'] / 2**30:.2f} | {ratio} | {mem} |")
+    lines += ["", "## When each row was measured", "", "| row | date | commit |", "| --- | --- | --- |"]
+    for name, row in rows.items():
+        if row:
+            when = row.get("date", "2026-11-25 or earlier")
+            lines.append(f"| {name} | {when} | {row.get('commit', 'not recorded')} |")
     out = ROOT / "docs" / "benchmarks"
     out.mkdir(parents=True, exist_ok=True)
     (out / "quantize.md").write_text("\n".join(lines) + "\n")
