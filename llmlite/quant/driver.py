@@ -58,8 +58,8 @@ class QuantSettings:
     v2_alpha: float = 0.0  # GPTAQ's correction towards the float model's outputs; 0: plain GPTQ
     # Keep the MLP's inner activations (the largest calibration buffer) in float16 between the
     # down projection's Hessian, which sees them in float32, and its outputs, which see them
-    # rounded (relative 2⁻¹¹, far below the quantization error): the staged path's peak memory
-    # drops by a quarter. False: every activation in float32 (bit-identical to the hooks path).
+    # rounded (relative 2⁻¹¹, far below the quantization error): half the bytes of the largest
+    # buffer. False: every activation in float32 (bit-identical to the hooks path).
     compact_mlp: bool = True
 
 
@@ -405,9 +405,9 @@ def _llama_layer(
 
     def inner(layer: nn.Module, h: Tensor) -> Tensor:
         x = layer.post_attention_layernorm(h)
-        inner = layer.mlp.act_fn(layer.mlp.gate_proj(x))
-        inner *= layer.mlp.up_proj(x)  # in place: one buffer of the layer's widest size fewer
-        return inner
+        act = layer.mlp.act_fn(layer.mlp.gate_proj(x))
+        act *= layer.mlp.up_proj(x)  # in place: one buffer of the layer's widest size fewer
+        return act
 
     kept = _buffer(buffers, hidden, mlp.down_proj.in_features, mlp_dtype)  # the down projection's inputs
     scales = [1.0] * len(kept)
