@@ -6,7 +6,11 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 DEMO := runs/smollm2-gptq-w4g128
 
-.PHONY: setup demo test bench
+# The docs' comparison report: the bundled model against its GPTQ and RTN 4-bit versions
+REPORT_LIMIT ?= wikitext=16,calibration=16,piqa=500
+REPORTS := docs/reports
+
+.PHONY: setup demo test bench bench-eval report
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -27,3 +31,13 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/quantize.py
+
+bench-eval: setup
+	$(PY) benchmarks/evaluate.py --piqa-limit 500 --windows 4
+
+report: setup
+	$(VENV)/bin/llmlite quantize --output runs/gptq-w4g128 --overwrite --quiet
+	$(VENV)/bin/llmlite quantize --method rtn --output runs/rtn-w4g128 --overwrite --quiet
+	$(VENV)/bin/llmlite eval runs/gptq-w4g128 --tasks all --limit $(REPORT_LIMIT) --report $(REPORTS)/gptq-w4g128 --overwrite --quiet
+	$(VENV)/bin/llmlite eval runs/rtn-w4g128 --tasks all --limit $(REPORT_LIMIT) --report $(REPORTS)/rtn-w4g128 --overwrite --quiet
+	$(VENV)/bin/llmlite compare $(REPORTS)/gptq-w4g128 $(REPORTS)/rtn-w4g128 --output $(REPORTS)/compare --overwrite

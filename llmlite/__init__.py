@@ -5,6 +5,7 @@ Public API (imported lazily so that ``llmlite --help`` starts fast)::
     model, tokenizer = llmlite.load_model("smollm2-135m")
     result = llmlite.quantize(method="gptq", bits=4, group_size=128, output="out/w4g128")
     report = llmlite.evaluate(model="out/w4g128", max_windows=8)
+    out = llmlite.report(model="out/w4g128", tasks=["wikitext", "piqa"], limit=50, report="out/report")
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ _EXPORTS = {
     "evaluate": "llmlite.api",
     "QuantizeConfig": "llmlite.config",
     "EvalConfig": "llmlite.config",
+    "report": "llmlite.evaluation.report",
+    "ReportConfig": "llmlite.evaluation.report",
     "LlmliteError": "llmlite.errors",
     "QuantLinear": "llmlite.quant.linear",
 }

@@ -93,9 +93,27 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, help="windows per forward pass (default 1)")
     e.add_argument("--baseline", help="also evaluate this model (e.g. the unquantized one) and compare")
     e.add_argument("--json", help="write the results to this JSON file")
+    e.add_argument(
+        "--tasks",
+        help="report tasks, comma-separated: wikitext, piqa, calibration, efficiency (the default), "
+        "passkey, needle, ppl_by_position, all, or any lm-eval task",
+    )
+    e.add_argument(
+        "--limit",
+        help="documents per task (windows for wikitext and calibration): N, or N,TASK=M,... per task",
+    )
+    e.add_argument("--report", help="write report.json, report.md and plots to this folder")
+    e.add_argument("--no-cache", dest="cache", action="store_false", help="recompute cached task results")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --report folder")
     e.add_argument("--recipe", help="YAML file of these options (explicit options win)")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=_eval)
+
+    c = verbs.add_parser("compare", help="merge earlier reports into one table and Pareto plots")
+    c.add_argument("reports", nargs="+", help="report folders written by llmlite eval --report")
+    c.add_argument("--output", help="write compare.md, compare.json and plots to this folder")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
+    c.set_defaults(func=_compare)
     return root
 
 
@@ -125,10 +143,15 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+_REPORT_OPTIONS = ("tasks", "limit", "report", "cache", "overwrite")
+
+
 def _eval(args: argparse.Namespace) -> int:
     from llmlite.api import evaluate
 
     options, recipe, progress = _options(args)
+    if any(k in options for k in _REPORT_OPTIONS):
+        return _report(options, recipe, progress)
     result = evaluate(recipe=recipe, progress=progress, **options)
     rows = [result, result["baseline"]] if "baseline" in result else [result]
     for r in rows:
@@ -141,6 +164,38 @@ def _eval(args: argparse.Namespace) -> int:
     if "change" in result:
         change = ", ".join(f"{k} x{v:.3f}" for k, v in result["change"].items())
         print(f"change vs baseline: {change}")
+    return 0
+
+
+def _report(options: dict, recipe: str | None, progress: bool) -> int:
+    from llmlite.config import build
+    from llmlite.errors import LlmliteError
+    from llmlite.evaluation.render import markdown
+    from llmlite.evaluation.report import ReportConfig, report
+
+    for old in ("ppl", "max_windows", "batch_size", "json"):
+        if old in options:
+            flag = old.replace("_", "-")
+            raise LlmliteError(
+                f"--{flag} is not a report option; with --tasks/--report use --limit and --ctx"
+            )
+    out = report(build(ReportConfig, recipe, **options), progress=progress)
+    print(markdown(out), end="")
+    if out["settings"]["report"]:
+        print(f"report written to {out['settings']['report']}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from llmlite.evaluation.render import compare, compare_markdown, write_compare
+    from llmlite.models import atomic_output
+
+    out = compare(args.reports)
+    print(compare_markdown(out), end="")
+    if args.output:
+        with atomic_output(args.output, args.overwrite) as tmp:
+            write_compare(out, tmp)
+        print(f"comparison written to {args.output}")
     return 0
 
 

@@ -115,6 +115,14 @@ def load_model(
     return model, tokenizer
 
 
+def load_tokenizer(source: str = DEFAULT_MODEL):
+    """Only the tokenizer of anything ``load_model`` reads."""
+    where = resolve_model(source)
+    if isinstance(where, Path) and where.suffix == ".gguf":
+        return AutoTokenizer.from_pretrained(where.parent, gguf_file=where.name)
+    return AutoTokenizer.from_pretrained(where)
+
+
 @torch.no_grad()
 def own_weights(model: nn.Module) -> None:
     """Copy every parameter and buffer out of the safetensors file mapping it may still live in.

@@ -13,7 +13,7 @@ from gptqmodel.nn_modules.qlinear import BaseQuantLinear
 
 def main() -> None:
     checkpoint, tokens, out = sys.argv[1:4]
-    model = GPTQModel.load(checkpoint, device="cpu", backend=BACKEND.TORCH, dtype=torch.float32)
+    model = GPTQModel.load(checkpoint, device="cpu", backend=BACKEND.TORCH, dtype=torch.float16)
     ids = torch.load(tokens)
     hf = model.model
     with torch.no_grad():

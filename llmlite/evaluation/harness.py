@@ -18,8 +18,11 @@ import torch
 import transformers
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
+from tqdm.auto import tqdm
 
 import llmlite.evals
+from llmlite.errors import LlmliteError
+from llmlite.evaluation.scoring import Scored, rolling_windows, score
 from llmlite.models import load_model
 
 log = logging.getLogger(__name__)
@@ -29,7 +32,13 @@ TASKS_DIR = Path(llmlite.evals.__file__).parent  # the repository's evals/, ship
 
 @register_model("llmlite")
 class LlmliteLM(HFLM):
-    """lm-eval's causal-LM scoring (``loglikelihood``, rolling, ``generate_until``) on a llmlite model."""
+    """lm-eval's causal-LM scoring (``loglikelihood``, rolling, ``generate_until``) on a llmlite model.
+
+    Beyond ``HFLM``'s arguments: ``batch_tokens`` (tokens per batch of packed rows; 0 = lm-eval's
+    own loop), ``rolling`` (``lm-eval`` windows, as ``--model hf``, or ``papers``: the GPTQ/AWQ
+    non-overlapping windows of ``llmlite eval``), ``ppl_window`` (rolling window length; default
+    ``max_length``) and ``max_windows`` (score only the first N windows of each document).
+    """
 
     def __init__(
         self,
@@ -37,6 +46,10 @@ class LlmliteLM(HFLM):
         tokenizer: transformers.PreTrainedTokenizerBase | None = None,
         device: str | None = None,
         batch_size: int | str = 1,
+        batch_tokens: int = 512,
+        rolling: str = "lm-eval",
+        ppl_window: int | None = None,
+        max_windows: int | None = None,
         **kwargs,
     ) -> None:
         if isinstance(pretrained, str):
@@ -48,6 +61,62 @@ class LlmliteLM(HFLM):
         super().__init__(
             pretrained=pretrained, tokenizer=tokenizer, backend="causal", batch_size=batch_size, **kwargs
         )
+        self.batch_tokens = int(batch_tokens)
+        self.rolling = rolling
+        self.ppl_window = int(ppl_window) if ppl_window else None
+        self.max_windows = int(max_windows) if max_windows else None
+        self._encoded: dict[tuple, list[int]] = {}
+
+    def tok_encode(self, string: str, left_truncate_len=None, add_special_tokens=None) -> list[int]:
+        """lm-eval's encoding, remembered: multiple-choice contexts are encoded once, not per choice."""
+        key = (string, left_truncate_len, add_special_tokens)
+        if key not in self._encoded:
+            if len(self._encoded) > 100_000:
+                self._encoded.clear()
+            self._encoded[key] = super().tok_encode(string, left_truncate_len, add_special_tokens)
+        return self._encoded[key]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[Scored]:
+        """Log-likelihood of whole texts, windowed by ``rolling`` (``lm-eval`` or ``papers``); each
+        result also carries the number of tokens scored (``.tokens``), for token perplexity."""
+        owners, windows = [], []
+        for i, (text,) in enumerate(req.args for req in requests):
+            tokens = super().tok_encode(text)
+            window = self.ppl_window or self.max_length
+            mine = rolling_windows(tokens, window, self.rolling, self.prefix_token_id, self.max_windows)
+            if not mine:
+                raise LlmliteError(
+                    f"a text of {len(tokens)} tokens is shorter than one {window}-token window; "
+                    "give a longer text or a smaller window"
+                )
+            owners += [i] * len(mine)
+            windows += [(None, ctx, cont) for ctx, cont in mine]
+        answers = self._loglikelihood_tokens(windows, disable_tqdm)
+        totals = [0.0] * len(requests)
+        counts = [0] * len(requests)
+        for i, (_, _, cont), (logprob, _) in zip(owners, windows, answers, strict=True):
+            totals[i] += logprob
+            counts[i] += len(cont)
+        results = [Scored(t, n) for t, n in zip(totals, counts, strict=True)]
+        for req, result in zip(requests, results, strict=True):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, float(result))
+        return results
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+        """Shared contexts packed once, batches by length under ``batch_tokens`` (see ``scoring``).
+
+        ``batch_size`` does not apply here (the token budget does); ``batch_tokens=0`` restores
+        lm-eval's own loop."""
+        if self.batch_tokens <= 0:
+            return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+        bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="llmlite loglikelihood")
+        token_requests = [(ctx, cont) for _, ctx, cont in requests]
+        answers = score(self.model, token_requests, self.max_length, self.batch_tokens, progress=bar)
+        bar.close()
+        for (key, _, _), answer in zip(requests, answers, strict=True):
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, answer)
+        return answers
 
 
 def _usable(device: str | None) -> torch.device:

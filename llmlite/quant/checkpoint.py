@@ -45,6 +45,7 @@ def gptq_config(options) -> dict:
         "pack_dtype": "int32",
         "meta": {
             "quantizer": [f"llmlite:{__version__}"],
+            "source_model": _source_name(o.model),
             "method": o.method,
             "act_order": o.act_order,
             "mse": o.mse,
@@ -52,6 +53,12 @@ def gptq_config(options) -> dict:
             "v2_alpha": o.v2_alpha if o.v2 else None,
         },
     }
+
+
+def _source_name(model: str) -> str:
+    """The quantized model's origin as ``llmlite eval`` can find it again: local paths made absolute."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
 
 
 def round_unquantized(model: PreTrainedModel, dtype: torch.dtype) -> None:

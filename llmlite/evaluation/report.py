@@ -1,0 +1,224 @@
+"""``llmlite eval --report``: the chosen tasks on a model and its baseline, cached per (model, task,
+settings), written as ``report.json``, ``report.md`` and plots (see ``render``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from llmlite.errors import LlmliteError
+
+log = logging.getLogger(__name__)
+
+LM_EVAL_TASKS = {  # our names -> the lm-eval task configs under evals/
+    "wikitext": "llmlite_wikitext",
+    "piqa": "llmlite_piqa",
+    "passkey": "llmlite_passkey",
+    "needle": "llmlite_needle",
+    "ppl_by_position": "llmlite_ppl_by_position",
+}
+NATIVE_TASKS = ("calibration", "efficiency")
+DEFAULT_TASKS = ("wikitext", "piqa", "calibration", "efficiency")
+ALL_TASKS = (*LM_EVAL_TASKS, *NATIVE_TASKS)
+CACHE_VERSION = 1
+
+
+@dataclass
+class ReportConfig:
+    """Options of ``llmlite eval MODEL --report DIR`` / ``llmlite.report``."""
+
+    model: str = "smollm2-135m"
+    baseline: str | None = None  # default: the model a llmlite checkpoint was quantized from
+    tasks: list[str] | str = field(default_factory=lambda: list(DEFAULT_TASKS))
+    limit: int | str | None = None  # per task: "N", or "N,piqa=M,..." / "piqa=M" (documents; windows for
+    # wikitext and calibration)
+    ctx: int = 2048  # perplexity and calibration window
+    report: str | None = None
+    cache: bool = True
+    overwrite: bool = False
+
+    def validate(self) -> ReportConfig:
+        self._limits = parse_limit(self.limit)
+        if self.ctx < 2:
+            raise LlmliteError(f"--ctx {self.ctx} is too short; use 2 or more (2048 is the papers')")
+        self.tasks = resolve_tasks(self.tasks)
+        unknown = [t for t in self._limits if t is not None and t not in self.tasks]
+        if unknown:
+            raise LlmliteError(
+                f"--limit names {unknown[0]}, which is not among --tasks {','.join(self.tasks)}"
+            )
+        return self
+
+    def limit_for(self, task: str) -> int | None:
+        return self._limits.get(task, self._limits.get(None))
+
+
+def parse_limit(limit: int | str | None) -> dict[str | None, int]:
+    """``16`` → every task 16; ``"16,piqa=500"`` → 16, PIQA 500; ``"piqa=500"`` → only PIQA capped."""
+    if limit is None:
+        return {}
+    out: dict[str | None, int] = {}
+    for part in str(limit).split(","):
+        task, _, value = part.rpartition("=")
+        try:
+            n = int(value)
+        except ValueError:
+            raise LlmliteError(f"--limit {limit}: '{part}' is not N or TASK=N") from None
+        if n < 1:
+            raise LlmliteError(f"--limit must be at least 1, got {n}; leave it out to run everything")
+        out[task.strip() or None] = n
+    return out
+
+
+def resolve_tasks(names: list[str] | str) -> list[str]:
+    """Task names checked against ours and lm-eval's; ``all`` is every task of ours."""
+    if isinstance(names, str):
+        names = [n for n in names.split(",") if n.strip()]
+    out: list[str] = []
+    for name in (n.strip() for n in names):
+        expanded = list(ALL_TASKS) if name == "all" else [name]
+        out += [n for n in expanded if n not in out]
+    unknown = [n for n in out if n not in ALL_TASKS]
+    if unknown:
+        from lm_eval.tasks import TaskManager
+
+        from llmlite.evaluation.harness import TASKS_DIR
+
+        known = set(TaskManager(include_path=str(TASKS_DIR)).all_tasks)
+        missing = [n for n in unknown if n not in known]
+        if missing:
+            raise LlmliteError(
+                f"unknown task '{missing[0]}': use {', '.join(ALL_TASKS)}, all, or an lm-eval task name"
+            )
+    if not out:
+        raise LlmliteError("no tasks given: use --tasks wikitext,piqa,... or all")
+    return out
+
+
+def default_baseline(source: str) -> str | None:
+    """The model a llmlite GPTQ checkpoint was quantized from, when its config records it."""
+    from llmlite.models import resolve_model
+
+    try:
+        where = resolve_model(source)
+        config = json.loads((Path(where) / "config.json").read_text())
+    except (LlmliteError, OSError, ValueError):
+        return None
+    return (config.get("quantization_config") or {}).get("meta", {}).get("source_model")
+
+
+def fingerprint(source: str) -> str:
+    """What identifies a model's contents cheaply: its files' names, sizes and modification times."""
+    from llmlite.models import resolve_model
+
+    where = resolve_model(source)
+    if not isinstance(where, Path):
+        return f"hub:{where}"
+    files = [where] if where.is_file() else sorted(p for p in where.rglob("*") if p.is_file())
+    stats = [(str(p.relative_to(where.parent)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+
+
+def _cache_file(source: str, task: str, settings: dict) -> Path:
+    import lm_eval
+
+    from llmlite import __version__
+    from llmlite.models import cache_dir
+
+    key = json.dumps(
+        [CACHE_VERSION, __version__, lm_eval.__version__, fingerprint(source), task, settings], sort_keys=True
+    )
+    return cache_dir() / "eval" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+
+
+class _Loaded:
+    """A model loaded on first use, with its lm-eval wrapper."""
+
+    def __init__(self, source: str, ctx: int) -> None:
+        self.source, self.ctx = source, ctx
+        self._model = self._tokenizer = self._lm = None
+
+    @property
+    def model(self):
+        if self._model is None:
+            from llmlite.models import load_model
+
+            self._model, self._tokenizer = load_model(self.source)
+        return self._model
+
+    def check_ctx(self) -> None:
+        """Refuse a perplexity window longer than the model takes."""
+        maximum = getattr(self.model.config, "max_position_embeddings", None)
+        if maximum and self.ctx > maximum:
+            raise LlmliteError(f"--ctx {self.ctx} is above {self.source}'s maximum of {maximum}; lower it")
+
+    @property
+    def tokenizer(self):
+        return self.model and self._tokenizer
+
+    @property
+    def lm(self):
+        if self._lm is None:
+            from llmlite.evaluation.harness import LlmliteLM
+
+            self._lm = LlmliteLM(
+                self.model,
+                tokenizer=self.tokenizer,
+                rolling="papers",
+                ppl_window=self.ctx,
+            )
+        return self._lm
+
+
+def evaluate_model(source: str, cfg: ReportConfig, progress: bool = True) -> dict:
+    """Every task of ``cfg`` on one model: ``{"model", "fingerprint", "metrics": {task: {...}},
+    "details": {task: {...}}}``, each task from the cache when it was run before."""
+    from llmlite.evaluation import tasks as runners
+
+    loaded = _Loaded(source, cfg.ctx)
+    entry: dict = {"model": source, "fingerprint": fingerprint(source), "metrics": {}, "details": {}}
+    for task in cfg.tasks:
+        settings = {"limit": cfg.limit_for(task), "ctx": cfg.ctx}
+        cached = _cache_file(source, task, settings)
+        if cfg.cache and cached.exists():
+            result = json.loads(cached.read_text())
+            log.info("%s on %s: cached (%s)", task, source, cached.name)
+        else:
+            log.info("%s on %s: running", task, source)
+            result = runners.run(task, loaded, cfg, progress)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(".partial")
+            tmp.write_text(json.dumps(result))
+            tmp.replace(cached)
+        entry["metrics"][task] = result["metrics"]
+        entry["details"][task] = result.get("details", {})
+    return entry
+
+
+def report(config: ReportConfig | None = None, progress: bool = True, **options) -> dict:
+    """Run the tasks on the model and its baseline; write the report folder when ``report`` is set."""
+    from llmlite.api import environment
+    from llmlite.config import build
+    from llmlite.evaluation import render
+    from llmlite.models import atomic_output, check_output
+
+    cfg = config.validate() if config is not None else build(ReportConfig, None, **options)
+    if cfg.report:
+        check_output(cfg.report, cfg.overwrite)  # refuse before hours of work, not after
+    baseline = cfg.baseline or default_baseline(cfg.model)
+    models = [evaluate_model(cfg.model, cfg, progress)]
+    if baseline and baseline != cfg.model:
+        models.insert(0, evaluate_model(baseline, cfg, progress))
+    out = {
+        "settings": {**asdict(cfg), "baseline": baseline},
+        "environment": environment(),
+        "models": models,
+    }
+    out["table"] = render.table(models)
+    if cfg.report:
+        with atomic_output(cfg.report, cfg.overwrite) as tmp:
+            render.write(out, tmp)
+    return out
