@@ -24,6 +24,15 @@ from llmlite.api import environment, quantize  # noqa: E402
 from llmlite.data import load_text, tokenize  # noqa: E402
 from llmlite.quant.linear import QuantLinear  # noqa: E402
 
+NOTE = """
+Every checkpoint loads with weights equal to the last bit. The logits differ by GPTQModel's
+float16 compute against llmlite's float32. The 2-bit model (nearly broken at 16 × 256 calibration
+tokens) agrees on only a quarter of the top-1 tokens although its weights are equal; this was not
+traced further. GPTQModel refuses an asymmetric checkpoint in the v1 `gptq` format unless GPTQModel
+≥ 0.9 is listed as its quantizer (a provenance check in `gptqmodel/models/loader.py`, not a format
+error); the script then loads a copy that lists it, to compare the arithmetic all the same.
+"""
+
 CASES = [
     (4, 128, True, False),
     (8, 128, True, False),
@@ -120,6 +129,7 @@ def main() -> None:
         "| checkpoint | GPTQModel kernel | max weight difference | max logit difference | same top-1 token |",
         "| --- | --- | --- | --- | --- |",
         *[f"| {' | '.join(r)} |" for r in rows],
+        *NOTE.splitlines(),
     ]
     (ROOT / "docs" / "benchmarks" / "loaders.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
