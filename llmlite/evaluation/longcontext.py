@@ -49,6 +49,12 @@ def _hide(tokenizer, haystack: str, needle: str, prefix: str, suffix: str, lengt
     return prefix + cut + needle + rest + suffix
 
 
+def _cells(lengths: Sequence[int], depths: Sequence[float], samples: int, seed: int):
+    """(rng, length, depth) for each prompt to build, one rng drawing every random choice in order."""
+    rng = random.Random(seed)
+    return [(rng, n, d) for n in lengths for d in depths for _ in range(samples)]
+
+
 def passkey_docs(
     tokenizer,
     lengths: Sequence[int] = LENGTHS,
@@ -57,16 +63,13 @@ def passkey_docs(
     seed: int = 0,
 ) -> list[dict]:
     """Passkey prompts: ``prompt`` (ending where the key should follow), ``answer``, length, depth."""
-    rng = random.Random(seed)
     docs = []
-    for length in lengths:
-        for depth in depths:
-            for _ in range(samples):
-                key = str(rng.randint(10000, 99999))
-                needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
-                question = "\n\nWhat is the pass key? The pass key is"
-                prompt = _hide(tokenizer, FILLER * 4, needle, PASSKEY_INTRO, question, length, depth)
-                docs.append({"prompt": prompt, "answer": key, "length": length, "depth": depth})
+    question = "\n\nWhat is the pass key? The pass key is"
+    for rng, length, depth in _cells(lengths, depths, samples, seed):
+        key = str(rng.randint(10000, 99999))
+        needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
+        prompt = _hide(tokenizer, FILLER * 4, needle, PASSKEY_INTRO, question, length, depth)
+        docs.append({"prompt": prompt, "answer": key, "length": length, "depth": depth})
     return docs
 
 
@@ -79,20 +82,17 @@ def needle_docs(
     seed: int = 0,
 ) -> list[dict]:
     """Needle-in-a-haystack prompts in ``haystack`` text, each asking for one city's magic number."""
-    rng = random.Random(seed)
     docs = []
-    for length in lengths:
-        for depth in depths:
-            for _ in range(samples):
-                city, number = rng.choice(CITIES), str(rng.randint(1000000, 9999999))
-                start = rng.randrange(max(len(haystack) - 200_000, 1))
-                needle = f" One of the special magic numbers for {city} is: {number}. "
-                question = (
-                    f"\n\nWhat is the special magic number for {city} mentioned in the provided text? "
-                    f"The special magic number for {city} mentioned in the provided text is"
-                )
-                prompt = _hide(tokenizer, haystack[start:], needle, "", question, length, depth)
-                docs.append({"prompt": prompt, "answer": number, "length": length, "depth": depth})
+    for rng, length, depth in _cells(lengths, depths, samples, seed):
+        city, number = rng.choice(CITIES), str(rng.randint(1000000, 9999999))
+        start = rng.randrange(max(len(haystack) - 200_000, 1))
+        needle = f" One of the special magic numbers for {city} is: {number}. "
+        question = (
+            f"\n\nWhat is the special magic number for {city} mentioned in the provided text? "
+            f"The special magic number for {city} mentioned in the provided text is"
+        )
+        prompt = _hide(tokenizer, haystack[start:], needle, "", question, length, depth)
+        docs.append({"prompt": prompt, "answer": number, "length": length, "depth": depth})
     return docs
 
 
