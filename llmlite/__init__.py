@@ -5,6 +5,8 @@ Public API (imported lazily so that ``llmlite --help`` starts fast)::
     model, tokenizer = llmlite.load_model("smollm2-135m")
     result = llmlite.quantize(method="gptq", bits=4, group_size=128, output="out/w4g128")
     report = llmlite.evaluate(model="out/w4g128", max_windows=8)
+    result = llmlite.finetune(data="train.jsonl", method="qlora", output="out/adapter")
+    llmlite.merge("out/adapter", output="out/merged")
     out = llmlite.report(model="out/w4g128", tasks=["wikitext", "piqa"], limit=50, report="out/report")
 """
 
@@ -22,6 +24,9 @@ _EXPORTS = {
     "ReportConfig": "llmlite.evaluation.report",
     "LlmliteError": "llmlite.errors",
     "QuantLinear": "llmlite.quant.linear",
+    "finetune": "llmlite.training.train",
+    "FinetuneConfig": "llmlite.training.config",
+    "merge": "llmlite.training.merge",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -20,7 +20,7 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     from llmlite import __version__
 
-    root = _Parser(prog="llmlite", description="Quantize and evaluate LLMs.")
+    root = _Parser(prog="llmlite", description="Quantize, fine-tune and evaluate LLMs.")
     root.add_argument("--version", action="version", version=f"llmlite {__version__}")
     verbs = root.add_subparsers(dest="verb", required=True, parser_class=_Parser)
 
@@ -109,12 +109,106 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=_eval)
 
+    _finetune_parser(verbs)
+    m = verbs.add_parser(
+        "merge",
+        help="merge a LoRA/DoRA adapter into its base and save a full-precision model",
+        description="Fold the adapter into its base (dequantized first when the base is NF4 or GPTQ) "
+        "and write a float32 model that plain transformers loads.",
+    )
+    m.add_argument("adapter", help="adapter folder written by llmlite finetune (or peft)")
+    m.add_argument("--base", help="base model (default: the one the adapter was trained on)")
+    m.add_argument("--output", required=True, help="folder for the merged model")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    m.set_defaults(func=_merge)
+
     c = verbs.add_parser("compare", help="merge earlier reports into one table and Pareto plots")
     c.add_argument("reports", nargs="+", help="report folders written by llmlite eval --report")
     c.add_argument("--output", help="write compare.md, compare.json and plots to this folder")
     c.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     c.set_defaults(func=_compare)
     return root
+
+
+def _finetune_parser(verbs) -> None:
+    f = verbs.add_parser(
+        "finetune",
+        help="fine-tune with LoRA, DoRA, QLoRA (NF4 base) or fully; LoRA on GPTQ checkpoints too",
+        argument_default=argparse.SUPPRESS,
+        description="Train adapters (peft format) on text (packed) or instruction JSONL (loss on the "
+        "responses). Defaults: the bundled smollm2-135m, LoRA rank 16, alpha 32, every attention and "
+        "MLP projection, 512 tokens, batch 4, AdamW 2e-4, cosine schedule, 1 epoch, 5%% held out.",
+    )
+    f.add_argument("--model", help="bundled name, folder, hub id, .gguf or llmlite GPTQ checkpoint")
+    f.add_argument("--data", help="text (.txt/.jsonl/.parquet, corpus or hub dataset) or instruction JSONL")
+    f.add_argument("--format", choices=["auto", "text", "instruction"], help="default auto (by the rows)")
+    f.add_argument("--method", choices=["lora", "qlora", "dora", "full"], help="default lora")
+    f.add_argument("--rank", type=int, help="adapter rank (default 16)")
+    f.add_argument("--alpha", type=float, help="adapter alpha (default 32)")
+    f.add_argument("--dropout", type=float, help="adapter dropout (default 0)")
+    f.add_argument("--rslora", action=argparse.BooleanOptionalAction, help="scale by alpha/sqrt(rank)")
+    f.add_argument("--target-modules", help="comma-separated module names (default: all projections)")
+    f.add_argument("--seqlen", type=int, help="tokens per sequence (default 512)")
+    f.add_argument("--batch-size", type=int, help="sequences per micro-batch (default 4)")
+    f.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    f.add_argument("--lr", type=float, help="peak learning rate (default 2e-4)")
+    f.add_argument("--epochs", type=float, help="passes over the data (default 1)")
+    f.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
+    f.add_argument("--schedule", choices=["cosine", "linear", "constant"], help="default cosine")
+    f.add_argument("--warmup-ratio", type=float, help="fraction of steps warming up (default 0.03)")
+    f.add_argument("--weight-decay", type=float, help="default 0")
+    f.add_argument("--max-grad-norm", type=float, help="gradient clipping, 0 = off (default 1)")
+    f.add_argument(
+        "--optimizer",
+        choices=["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"],
+        help="default adamw; the others are bitsandbytes' (GPU)",
+    )
+    f.add_argument(
+        "--gradient-checkpointing", action=argparse.BooleanOptionalAction, help="recompute activations"
+    )
+    f.add_argument(
+        "--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="base dtype (default auto)"
+    )
+    f.add_argument("--eval-split", type=float, help="fraction held out for evaluation loss (default 0.05)")
+    f.add_argument("--eval-steps", type=int, help="evaluate every N steps (default: at each checkpoint)")
+    f.add_argument("--save-steps", type=int, help="checkpoint every N steps (default 100)")
+    f.add_argument("--keep-checkpoints", type=int, help="checkpoints kept (default 2)")
+    f.add_argument("--log-steps", type=int, help="log every N steps (default 10)")
+    f.add_argument("--seed", type=int, help="default 0")
+    f.add_argument("--resume", action="store_true", help="continue the interrupted run of this --output")
+    f.add_argument("--recipe", help="YAML file of these options (explicit options win)")
+    f.add_argument("--output", help="folder for the adapter (required)")
+    f.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    f.add_argument("--quiet", action="store_true", help="no progress bar")
+    f.set_defaults(func=_finetune)
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from llmlite.training.train import TrainingInterrupted, finetune
+
+    options, recipe, progress = _options(args)
+    try:
+        r = finetune(recipe=recipe, progress=progress, **options)
+    except TrainingInterrupted as e:
+        print(f"llmlite: {e}", file=sys.stderr)
+        return 130
+    losses = ""
+    if r.eval_loss_before is not None:
+        losses = f" | eval loss {r.eval_loss_before:.4f} -> {r.eval_loss_after:.4f}"
+    print(
+        f"{r.method} on {r.train_examples} {r.data_format} examples: {r.steps} steps, "
+        f"{r.train_tokens} tokens in {r.seconds:.1f} s ({r.tokens_per_second:.0f} tokens/s), "
+        f"peak memory {_gb(r.peak_memory_bytes)}{losses} -> {r.output}"
+    )
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from llmlite.training.merge import merge
+
+    out = merge(args.adapter, args.output, base=args.base, overwrite=args.overwrite)
+    print(f"merged {args.adapter} -> {out}")
+    return 0
 
 
 def _options(args: argparse.Namespace) -> tuple[dict, str | None, bool]:

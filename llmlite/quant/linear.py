@@ -28,7 +28,23 @@ def register_backend(name: str) -> Callable[[Backend], Backend]:
 @register_backend("torch")
 def _torch_backend(layer: QuantLinear, x: Tensor) -> Tensor:
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _DequantizedLinear.apply(x, layer, bias)
     return F.linear(x, layer.dequantize(x.dtype), bias)
+
+
+class _DequantizedLinear(torch.autograd.Function):
+    """``x Wᵀ + b`` whose backward dequantizes ``W`` again instead of keeping the float weight
+    alive from forward to backward (QLoRA's trick: training memory stays near the packed size)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: QuantLinear, bias: Tensor | None) -> Tensor:
+        ctx.layer = layer
+        return F.linear(x, layer.dequantize(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad @ ctx.layer.dequantize(grad.dtype), None, None
 
 
 class QuantLinear(nn.Module):
@@ -65,6 +81,14 @@ class QuantLinear(nn.Module):
         for name, tensor in to_gptq(weight, bias).items():
             getattr(layer, name).copy_(tensor)
         return layer
+
+    @property
+    def infeatures(self) -> int:  # AutoGPTQ's names, which peft reads
+        return self.in_features
+
+    @property
+    def outfeatures(self) -> int:
+        return self.out_features
 
     def quantized_weight(self) -> QuantizedWeight:
         tensors = {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales}

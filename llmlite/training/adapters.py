@@ -1,0 +1,219 @@
+"""Model plumbing for fine-tuning: load the base (float, bf16/fp16, NF4 through bitsandbytes, or a
+llmlite GPTQ checkpoint), find the projections to adapt, and wrap them with peft adapters."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmlite.errors import LlmliteError
+from llmlite.models import is_gptq_checkpoint, load_model, resolve_model
+from llmlite.quant.linear import QuantLinear
+
+log = logging.getLogger("llmlite")
+# bitsandbytes (imported by peft) logs a warning when the optional `kernels` package is missing;
+# its CPU code works without it.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+# Attention and MLP projections by family: Llama / Mistral / Qwen2 (and most of their kin), GPT-2,
+# Phi-3 style fused projections, GPT-NeoX / Falcon.
+PROJECTIONS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "c_attn",
+    "c_proj",
+    "c_fc",
+    "qkv_proj",
+    "gate_up_proj",
+    "query_key_value",
+    "dense",
+    "dense_h_to_4h",
+    "dense_4h_to_h",
+)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The base's compute dtype: ``auto`` is bfloat16 on a GPU that has it, else float32."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name == "float16" and device.type == "cpu":
+        raise LlmliteError("float16 training needs a GPU; on the CPU use --dtype bfloat16 or float32")
+    return getattr(torch, name)
+
+
+def load_base(source: str, method: str, dtype: torch.dtype, device: torch.device):
+    """The model to train on and its tokenizer; QLoRA quantizes the base to NF4 on load."""
+    if method != "qlora":
+        model, tokenizer = load_model(source, dtype=dtype)
+        if method == "full" and any(isinstance(m, QuantLinear) for m in model.modules()):
+            raise LlmliteError(
+                f"{source} is a quantized checkpoint and cannot be fully fine-tuned; use --method lora "
+                "(LoRA on its 4-bit weights) or the unquantized model"
+            )
+    else:
+        model, tokenizer = _load_nf4(source, dtype, device)
+    where = resolve_model(source)
+    model.name_or_path = model.config._name_or_path = str(where)  # peft's base_model_name_or_path
+    return model.to(device) if method != "qlora" else model, tokenizer
+
+
+def _load_nf4(source: str, dtype: torch.dtype, device: torch.device):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from llmlite.models import load_tokenizer
+
+    where = resolve_model(source)
+    if isinstance(where, Path) and (where.suffix == ".gguf" or is_gptq_checkpoint(where)):
+        kind = "a GGUF file" if where.suffix == ".gguf" else "already quantized (GPTQ)"
+        raise LlmliteError(
+            f"--method qlora quantizes a float model to NF4, but {source} is {kind}; pass a Hugging Face "
+            "folder or hub id (or use --method lora on a GPTQ checkpoint)"
+        )
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        where, quantization_config=config, dtype=dtype, device_map={"": device}
+    )
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            # On CPUs with AVX512-BF16, bitsandbytes switches a layer to a bfloat16 inference
+            # kernel at its first forward in eval mode without gradients, repacking the weight for
+            # good; later training forwards then run that kernel too, which has no backward. Keep
+            # every forward on the float path, the one training and merging assume.
+            module.support_avx512bf16_for_cpu = False
+    model.llmlite_source = source
+    return model, load_tokenizer(source)
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Leaf names of the linear-like modules of ``model`` (what ``--target-modules`` may name)."""
+    from transformers.pytorch_utils import Conv1D
+
+    kinds: tuple[type, ...] = (nn.Linear, Conv1D, QuantLinear)
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, kinds)}
+    return sorted(names)
+
+
+def target_modules(model: nn.Module, requested: list[str] | None) -> list[str]:
+    """The module names to adapt: ``requested``, or every known attention/MLP projection."""
+    available = linear_names(model)
+    if requested:
+        missing = [n for n in requested if n not in available]
+        if missing:
+            raise LlmliteError(
+                f"no module named {', '.join(missing)} in {type(model).__name__}; "
+                f"--target-modules may name: {', '.join(available)}"
+            )
+        return requested
+    found = [n for n in PROJECTIONS if n in available]
+    if not found:
+        raise LlmliteError(
+            f"cannot find attention/MLP projections in {type(model).__name__}; name them with "
+            f"--target-modules (linear modules here: {', '.join(available)})"
+        )
+    return found
+
+
+def add_adapters(
+    model: nn.Module,
+    method: str,
+    targets: list[str],
+    rank: int,
+    alpha: float,
+    dropout: float,
+    rslora: bool,
+    gradient_checkpointing: bool,
+) -> nn.Module:
+    """``model`` with LoRA / DoRA adapters on ``targets`` (a peft ``PeftModel``); ``full``: as is."""
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft.tuners.lora.gptq import GPTQLoraLinear
+    from transformers.pytorch_utils import Conv1D
+
+    quantized = any(isinstance(m, QuantLinear) for m in model.modules())
+    if quantized and method == "dora":
+        raise LlmliteError("DoRA on a GPTQ base is not supported by peft; use --method lora on it")
+    if method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    conv1d = any(isinstance(m, Conv1D) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in targets)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        use_rslora=rslora,
+        use_dora=method == "dora",
+        fan_in_fan_out=conv1d,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    if quantized:
+        config._register_custom_module({QuantLinear: GPTQLoraLinear})  # peft's LoRA for GPTQ layers
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        return get_peft_model(model, config)
+
+
+def dequantize_to_float(model: nn.Module) -> bool:
+    """Replace every quantized linear (bitsandbytes' 4-bit, llmlite's ``QuantLinear``) by an
+    ``nn.Linear`` holding its weight dequantized in float32. True when anything was quantized.
+
+    (transformers' ``model.dequantize()`` goes through bfloat16, which would round the weights.)
+    """
+    changed = False
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            weight = _float_weight(child)
+            if weight is None:
+                continue
+            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=child.bias is not None)
+            linear.weight.data = weight
+            if child.bias is not None:
+                linear.bias.data = child.bias.detach().float()
+            setattr(parent, name, linear)
+            changed = True
+    if changed:
+        hf_quantizer = getattr(model, "hf_quantizer", None)
+        if hf_quantizer is not None:
+            hf_quantizer.remove_quantization_config(model)
+        elif getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
+        model.to(torch.float32)
+    return changed
+
+
+def _float_weight(module: nn.Module) -> torch.Tensor | None:
+    if isinstance(module, QuantLinear):
+        return module.dequantize(torch.float32)
+    if type(module).__name__ != "Linear4bit":
+        return None
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse, dequantize_4bit
+
+    data, state = module.weight.data, module.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        data, state = _convert_weight_packed_for_cpu_inverse(data, state)
+    return dequantize_4bit(data, state).float()

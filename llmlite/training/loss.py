@@ -1,0 +1,85 @@
+"""Next-token cross-entropy straight from hidden states, never holding the full logits tensor.
+
+``linear_cross_entropy(h, W, targets)`` equals ``cross_entropy(h @ Wᵀ, targets, ignore_index=-100,
+reduction="sum") / normaliser`` but works through the rows in chunks: each chunk's logits are
+made, turned into the loss and into the gradient ``(softmax − onehot)`` in place, multiplied back
+into ``∂h`` (and ``∂W`` when the head trains), and freed. The backward pass only scales those saved
+gradients. A [tokens × vocab] float32 tensor (400 MB for 2,048 tokens of a 49k vocabulary) and the
+several passes over it that ``log_softmax`` and its backward make are never needed, and rows whose
+target is ignored (prompt tokens, padding) never reach the head at all.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+IGNORE = -100
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor, normaliser: float, chunk: int) -> Tensor:
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        total = torch.zeros((), dtype=torch.float64, device=h.device)
+        for start in range(0, h.shape[0], chunk):
+            hc, tc = h[start : start + chunk], targets[start : start + chunk]
+            logits = (hc @ weight.T).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            rows = torch.arange(len(tc), device=h.device)
+            total += (lse - logits[rows, tc]).sum(dtype=torch.float64)
+            if need_h or need_w:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                probs[rows, tc] -= 1
+                probs = probs.to(h.dtype)
+                if need_h:
+                    grad_h[start : start + chunk] = probs @ weight
+                if need_w:
+                    grad_w.addmm_(probs.T.float(), hc.float())
+        scale = 1.0 / normaliser
+        ctx.save_for_backward(*(g.mul_(scale) if g is not None else torch.empty(0) for g in (grad_h, grad_w)))
+        ctx.has, ctx.weight_dtype = (need_h, need_w), weight.dtype
+        return (total * scale).to(torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        need_h, need_w = ctx.has
+        return (
+            grad_h * grad_loss.to(grad_h.dtype) if need_h else None,
+            (grad_w * grad_loss).to(ctx.weight_dtype) if need_w else None,
+            None,
+            None,
+            None,
+        )
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    normaliser: float | None = None,
+    chunk: int = 1024,
+) -> Tensor:
+    """Summed cross-entropy of ``hidden @ weight.T`` against ``targets`` (``-100`` = ignored),
+    divided by ``normaliser`` (default: the number of targets that count).
+
+    ``hidden`` is ``[..., d]`` and ``targets`` has its leading shape. Returns a float32 scalar.
+    """
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1)
+    keep = targets != IGNORE
+    if normaliser is None:
+        normaliser = max(int(keep.sum()), 1)
+    if not bool(keep.all()):
+        hidden, targets = hidden[keep], targets[keep]
+    if hidden.shape[0] == 0:
+        return (hidden.sum() * 0 + weight.sum() * 0).float()  # keeps the graph for backward
+    return _LinearCrossEntropy.apply(hidden, weight, targets, float(normaliser), chunk)
+
+
+def shift_targets(labels: Tensor) -> Tensor:
+    """Position ``t`` predicts token ``t+1``: labels shifted left, the last position ignored."""
+    return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)

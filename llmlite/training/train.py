@@ -1,0 +1,442 @@
+"""``finetune``: the training loop (single process, or DDP/FSDP under ``accelerate launch``).
+
+Work happens in ``.NAME.partial/`` beside the output folder: checkpoints every ``save_steps``
+(written to a temporary folder, then renamed, so Ctrl-C never leaves a torn one) and the log.
+``--resume`` continues from the newest checkpoint there with the same data order, optimizer,
+schedule and random state, so it ends with the adapter an uninterrupted run would give. The output
+folder appears only when training has finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from llmlite.errors import LlmliteError
+from llmlite.models import atomic_output, check_output, load_tokenizer
+from llmlite.training.adapters import add_adapters, load_base, pick_dtype, target_modules
+from llmlite.training.config import FinetuneConfig
+from llmlite.training.data import Example, collate, epoch_order, load_examples, split
+from llmlite.training.loss import IGNORE, linear_cross_entropy, shift_targets
+
+log = logging.getLogger("llmlite")
+SUMMARY = "llmlite_finetune.json"
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says where the last checkpoint is."""
+
+
+@dataclass
+class FinetuneResult:
+    output: str
+    method: str
+    data_format: str
+    steps: int
+    train_examples: int
+    eval_examples: int
+    trainable_params: int
+    total_params: int
+    train_tokens: int
+    seconds: float
+    tokens_per_second: float
+    peak_memory_bytes: int
+    eval_loss_before: float | None = None
+    eval_loss_after: float | None = None
+    resumed_from: int | None = None
+    log: list[dict] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.pop("log")
+        return out
+
+
+class CausalLMLoss(nn.Module):
+    """Summed next-token loss of a causal LM divided by ``normaliser``. It runs the decoder and
+    takes the loss straight from the hidden states (``linear_cross_entropy``) when the head is a
+    plain bias-free linear layer, else it goes through the model's logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+        head = hf.get_output_embeddings()
+        capped = any(getattr(hf.config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
+        decoder = hf.get_decoder() if hasattr(hf, "get_decoder") else None
+        self.fused = type(head) is nn.Linear and head.bias is None and not capped and decoder is not None
+        self.decoder, self.head = (decoder, head) if self.fused else (None, None)
+
+    def forward(self, input_ids: Tensor, labels: Tensor, normaliser: float) -> Tensor:
+        targets = shift_targets(labels)
+        if self.fused:
+            hidden = self.decoder(input_ids=input_ids, use_cache=False).last_hidden_state
+            return linear_cross_entropy(hidden, self.head.weight, targets, normaliser)
+        logits = self.model(input_ids=input_ids, use_cache=False).logits
+        loss = F.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum"
+        )
+        return loss / normaliser
+
+
+def finetune(
+    config: FinetuneConfig | None = None,
+    *,
+    recipe: str | None = None,
+    progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
+    **options,
+) -> FinetuneResult:
+    """Fine-tune ``config.model`` on ``config.data`` and write the adapter (peft's format) or, for
+    ``method="full"``, the whole model to ``config.output``. ``on_step(step)`` runs after each
+    optimizer step (and its checkpoint)."""
+    from accelerate import Accelerator
+
+    from llmlite.config import build
+
+    config = config.validate() if config is not None else build(FinetuneConfig, recipe, **options)
+    output = Path(config.output)
+    work = output.with_name(f".{output.name}.partial")
+    _check_folders(output, work, config)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    device = accelerator.device
+    torch.manual_seed(config.seed)
+
+    tokenizer = load_tokenizer(config.model)
+    examples, fmt = load_examples(config.data, tokenizer, config.seqlen, config.format)
+    train, held_out = split(examples, config.eval_split, config.seed)
+    dtype = pick_dtype(config.dtype, device)
+    model, _ = load_base(config.model, config.method, dtype, device)
+    _check_seqlen(model, config.seqlen)
+    targets = None if config.method == "full" else target_modules(model, config.targets())
+    model = add_adapters(
+        model,
+        config.method,
+        targets or [],
+        config.rank,
+        config.alpha,
+        config.dropout,
+        config.rslora,
+        config.gradient_checkpointing,
+    )
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    loss_module = CausalLMLoss(model)
+    optimizer = _optimizer(config, list(trainable.values()), device)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    batches_per_epoch = math.ceil(len(train) / config.batch_size)
+    total = config.max_steps or max(
+        1, math.ceil(config.epochs * batches_per_epoch / (config.grad_accum * world))
+    )
+    scheduler = _scheduler(config, optimizer, total)
+    loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
+    pad_id = _pad_id(tokenizer)
+
+    step, history, resumed = 0, [], None
+    if config.resume:
+        step, history = _load_checkpoint(_latest(work), trainable, optimizer, scheduler, device)
+        resumed = step
+        log.info("resuming from step %d of %d (%s)", step, total, work)
+    work.mkdir(parents=True, exist_ok=True)
+
+    def batch_at(micro: int) -> list[Example]:
+        index = micro * world + rank
+        epoch, b = divmod(index, batches_per_epoch)
+        order = epoch_order(len(train), config.seed, epoch)
+        return [train[i] for i in order[b * config.batch_size : (b + 1) * config.batch_size]]
+
+    paused = 0.0  # seconds spent evaluating, left out of the throughput
+
+    def evaluate() -> float | None:
+        nonlocal paused
+        if not held_out:
+            return None
+        t = time.perf_counter()
+        loss = _eval_loss(loss_module, held_out, config.batch_size, pad_id, device)
+        paused += time.perf_counter() - t
+        return loss
+
+    main = accelerator.is_main_process
+    eval_every = config.eval_steps or config.save_steps
+    before = next((h["eval_loss"] for h in history if h.get("step") == 0 and "eval_loss" in h), None)
+    if step == 0 and held_out:
+        before = evaluate()
+        history.append({"step": 0, "eval_loss": before})
+    bar = _bar(total, step, progress and main)
+    tokens = window_tokens = 0
+    start = window_start = time.perf_counter() - paused
+    try:
+        while step < total:
+            micro = [
+                collate(batch_at(step * config.grad_accum + j), pad_id) for j in range(config.grad_accum)
+            ]
+            normaliser = sum(int((shift_targets(b["labels"]) != IGNORE).sum()) for b in micro)
+            step_loss = 0.0
+            for j, batch in enumerate(micro):
+                sync = nullcontext() if j == len(micro) - 1 else accelerator.no_sync(loss_module)
+                with sync:
+                    loss = loss_module(
+                        batch["input_ids"].to(device), batch["labels"].to(device), max(normaliser, 1)
+                    )
+                    accelerator.backward(loss)
+                step_loss += loss.item()
+                real = int(batch["lengths"].sum())
+                tokens += real
+                window_tokens += real
+            if config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(list(trainable.values()), config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            entry = None
+            if step % config.log_steps == 0 or step == total:
+                now = time.perf_counter() - paused
+                entry = {
+                    "step": step,
+                    "loss": step_loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens_per_second": window_tokens / max(now - window_start, 1e-9),
+                    "peak_memory_bytes": peak_memory(device),
+                }
+                window_tokens, window_start = 0, now
+            if held_out and (step % eval_every == 0 or step == total):
+                entry = {**(entry or {"step": step}), "eval_loss": evaluate()}
+                if bar is not None:
+                    bar.write(f"step {step}: eval loss {entry['eval_loss']:.4f}")
+            if entry:
+                history.append(entry)
+            if bar is not None:
+                bar.set_postfix(
+                    loss=f"{step_loss:.3f}",
+                    lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                    tok_s=f"{tokens / (time.perf_counter() - paused - start):.0f}",
+                )
+                bar.update(1)
+            if main and step % config.save_steps == 0 and step < total:
+                _save_checkpoint(
+                    work, step, trainable, optimizer, scheduler, history, config.keep_checkpoints
+                )
+            if on_step is not None:
+                on_step(step)
+    except KeyboardInterrupt:
+        last = _latest(work, required=False)
+        where = (
+            f"the last checkpoint is {last}; rerun the same command with --resume"
+            if last
+            else ("no checkpoint was written yet; rerun to start again")
+        )
+        raise TrainingInterrupted(f"training interrupted at step {step} of {total}: {where}") from None
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - paused - start
+    after = next(
+        (h["eval_loss"] for h in reversed(history) if h.get("step") == total and "eval_loss" in h), None
+    )
+    result = FinetuneResult(
+        output=str(output),
+        method=config.method,
+        data_format=fmt,
+        steps=total,
+        train_examples=len(train),
+        eval_examples=len(held_out),
+        trainable_params=sum(p.numel() for p in trainable.values()),
+        total_params=sum(p.numel() for p in model.parameters()),
+        train_tokens=tokens,
+        seconds=seconds,
+        tokens_per_second=tokens / max(seconds, 1e-9),
+        peak_memory_bytes=peak_memory(device),
+        eval_loss_before=before,
+        eval_loss_after=after,
+        resumed_from=resumed,
+        log=history,
+    )
+    accelerator.wait_for_everyone()
+    if main:
+        _write_output(output, work, config, accelerator.unwrap_model(loss_module).model, tokenizer, result)
+    return result
+
+
+def peak_memory(device: torch.device) -> int:
+    """The CUDA allocator's peak on a GPU, else the process's peak resident set (bytes)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    from llmlite.evaluation.metrics import _rss_peak_bytes
+
+    return _rss_peak_bytes()
+
+
+@torch.no_grad()
+def _eval_loss(
+    loss_module: nn.Module, examples: list[Example], batch_size: int, pad_id: int, device
+) -> float:
+    """Mean next-token loss over ``examples`` (per target token)."""
+    was_training = loss_module.training
+    loss_module.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i : i + batch_size], pad_id)
+        n = int((shift_targets(batch["labels"]) != IGNORE).sum())
+        total += float(loss_module(batch["input_ids"].to(device), batch["labels"].to(device), 1.0))
+        count += n
+    loss_module.train(was_training)
+    return total / max(count, 1)
+
+
+def _check_folders(output: Path, work: Path, config: FinetuneConfig) -> None:
+    if config.resume:
+        if output.exists():
+            raise LlmliteError(
+                f"{output} is already a finished run; nothing to resume (choose another --output)"
+            )
+        _latest(work)
+        return
+    check_output(output, config.overwrite)
+    if work.exists():
+        if not config.overwrite:
+            raise LlmliteError(
+                f"an interrupted run of {output} is in {work}; pass --resume to continue it or "
+                "--overwrite to start again"
+            )
+        shutil.rmtree(work)
+
+
+def _check_seqlen(model: nn.Module, seqlen: int) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(
+        model.config, "n_positions", None
+    )
+    if limit and seqlen > limit:
+        raise LlmliteError(
+            f"--seqlen {seqlen} is above the model's maximum of {limit} positions; lower --seqlen"
+        )
+
+
+def _pad_id(tokenizer) -> int:
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def _optimizer(config: FinetuneConfig, params: list[Tensor], device: torch.device) -> torch.optim.Optimizer:
+    if not params:
+        raise LlmliteError("nothing to train: no parameter requires a gradient; check --target-modules")
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if device.type != "cuda":
+        raise LlmliteError(
+            f"--optimizer {config.optimizer} (bitsandbytes) needs a CUDA GPU; on the CPU use adamw"
+        )
+    import bitsandbytes as bnb
+
+    cls = {
+        "adamw_8bit": bnb.optim.AdamW8bit,
+        "paged_adamw": bnb.optim.PagedAdamW32bit,
+        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+    }[config.optimizer]
+    return cls(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _scheduler(config: FinetuneConfig, optimizer, total: int):
+    from transformers import get_scheduler
+
+    name = "constant_with_warmup" if config.schedule == "constant" else config.schedule
+    warmup = round(config.warmup_ratio * total)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+
+
+def _bar(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="finetune", unit="step", dynamic_ncols=True)
+
+
+def _latest(work: Path, required: bool = True) -> Path | None:
+    found = sorted((work / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    if not found and required:
+        raise LlmliteError(f"no checkpoint to resume from in {work}; run without --resume to start")
+    return found[-1] if found else None
+
+
+def _save_checkpoint(
+    work: Path, step: int, trainable: dict[str, Tensor], optimizer, scheduler, history: list[dict], keep: int
+) -> None:
+    folder = work / "checkpoints"
+    tmp = folder / f".step-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({n: p.detach().cpu().contiguous() for n, p in trainable.items()}, tmp / "trainable.safetensors")
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    torch.save(state, tmp / "state.pt")
+    (tmp / "log.json").write_text(json.dumps(history))
+    tmp.rename(folder / f"step-{step}")
+    for old in sorted(folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(
+    folder: Path, trainable: dict[str, Tensor], optimizer, scheduler, device
+) -> tuple[int, list]:
+    try:
+        weights = load_file(folder / "trainable.safetensors")
+        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
+        history = json.loads((folder / "log.json").read_text())
+    except (OSError, RuntimeError, ValueError) as e:
+        raise LlmliteError(
+            f"cannot read checkpoint {folder} ({e}); delete it to resume from an earlier one"
+        ) from None
+    if set(weights) != set(trainable):
+        raise LlmliteError(
+            f"checkpoint {folder} was made with other settings (its trained tensors differ); "
+            "resume with the options of the interrupted run"
+        )
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            trainable[name].copy_(tensor.to(device))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return int(state["step"]), [h for h in history if h.get("step", 0) <= state["step"]]
+
+
+def _write_output(
+    output: Path, work: Path, config: FinetuneConfig, model: nn.Module, tokenizer, result: FinetuneResult
+) -> None:
+    from llmlite.api import environment
+
+    with atomic_output(output, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        summary = {
+            "base_model": config.model,
+            "settings": dataclasses.asdict(config),
+            "result": result.summary(),
+            "log": result.log,
+            "environment": environment(),
+        }
+        (tmp / SUMMARY).write_text(json.dumps(summary, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
