@@ -10,7 +10,7 @@ DEMO := runs/smollm2-gptq-w4g128
 REPORT_LIMIT ?= wikitext=16,calibration=16,piqa=500
 REPORTS := docs/reports
 
-.PHONY: setup demo test bench bench-eval report
+.PHONY: setup demo test bench bench-eval bench-finetune finetune-example report
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -27,13 +27,19 @@ demo: setup
 	$(VENV)/bin/llmlite eval $(DEMO) --baseline smollm2-135m --max-windows 8 --json $(DEMO).eval.json
 
 test: setup
-	$(PY) -m pytest -q
+	$(VENV)/bin/pytest -q
 
 bench: setup
 	$(PY) benchmarks/quantize.py
 
 bench-eval: setup
 	$(PY) benchmarks/evaluate.py --piqa-limit 500 --windows 4
+
+bench-finetune: setup
+	$(PY) benchmarks/finetune.py
+
+finetune-example: setup
+	$(PY) benchmarks/finetune_example.py
 
 report: setup
 	$(VENV)/bin/llmlite quantize --output runs/gptq-w4g128 --overwrite --quiet

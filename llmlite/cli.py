@@ -151,6 +151,11 @@ def _finetune_parser(verbs) -> None:
     f.add_argument("--seqlen", type=int, help="tokens per sequence (default 512)")
     f.add_argument("--batch-size", type=int, help="sequences per micro-batch (default 4)")
     f.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    f.add_argument(
+        "--group-by-length",
+        action=argparse.BooleanOptionalAction,
+        help="batch examples of similar length together (default on)",
+    )
     f.add_argument("--lr", type=float, help="peak learning rate (default 2e-4)")
     f.add_argument("--epochs", type=float, help="passes over the data (default 1)")
     f.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
@@ -162,6 +167,11 @@ def _finetune_parser(verbs) -> None:
         "--optimizer",
         choices=["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"],
         help="default adamw; the others are bitsandbytes' (GPU)",
+    )
+    f.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="torch.compile each decoder layer (default on; the first step is slower)",
     )
     f.add_argument(
         "--gradient-checkpointing", action=argparse.BooleanOptionalAction, help="recompute activations"

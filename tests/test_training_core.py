@@ -14,7 +14,15 @@ from llmlite.errors import LlmliteError
 from llmlite.quant.linear import QuantLinear
 from llmlite.quant.rtn import rtn
 from llmlite.training.adapters import add_adapters, target_modules
-from llmlite.training.data import collate, epoch_order, instruction_example, load_examples, pack_text, split
+from llmlite.training.data import (
+    collate,
+    epoch_batches,
+    epoch_order,
+    instruction_example,
+    load_examples,
+    pack_text,
+    split,
+)
 from llmlite.training.loss import IGNORE, linear_cross_entropy, shift_targets
 
 
@@ -217,3 +225,17 @@ def test_target_modules_llama_gpt2_and_errors(tiny_dir):
 
     with pytest.raises(LlmliteError, match=r"cannot find attention/MLP projections.*weird"):
         target_modules(NoProjections(), None)
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_epoch_batches_cover_every_example_once(group):
+    g = torch.Generator().manual_seed(5)
+    lengths = torch.randint(1, 300, (1003,), generator=g).tolist()
+    batches = epoch_batches(lengths, 4, seed=2, epoch=1, group=group)
+    assert sorted(i for b in batches for i in b) == list(range(1003))
+    assert all(len(b) == 4 for b in batches[:-1] if not group) and len(batches) == 251
+    assert batches == epoch_batches(lengths, 4, seed=2, epoch=1, group=group)
+    padding = sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in batches)
+    plain = epoch_batches(lengths, 4, seed=2, epoch=1, group=False)
+    plain_padding = sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in plain)
+    assert (padding < plain_padding / 5) if group else padding == plain_padding

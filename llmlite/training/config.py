@@ -32,6 +32,7 @@ class FinetuneConfig:
     seqlen: int = 512
     batch_size: int = 4
     grad_accum: int = 1
+    group_by_length: bool = True  # batch sequences of similar length together (less padding)
     lr: float = 2e-4
     epochs: float = 1.0
     max_steps: int | None = None  # overrides epochs
@@ -41,6 +42,7 @@ class FinetuneConfig:
     max_grad_norm: float = 1.0
     optimizer: str = "adamw"
     gradient_checkpointing: bool = False
+    compile: bool = True  # torch.compile each decoder layer (needs a C++ compiler on the CPU)
     dtype: str = "auto"  # auto: bfloat16 on a GPU that has it, else float32
     eval_split: float = 0.05
     eval_steps: int | None = None  # default: at every checkpoint

@@ -197,6 +197,25 @@ def collate(batch: list[Example], pad_id: int) -> dict[str, Tensor]:
     return {"input_ids": ids, "labels": labels, "lengths": lengths}
 
 
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, group: bool) -> list[list[int]]:
+    """The batches of one epoch, seeded by (seed, epoch). ``group``: within each run of 50 batches'
+    worth of shuffled examples, batch examples of similar length together (less padding), then
+    shuffle the batches (as transformers' ``group_by_length``)."""
+    order = epoch_order(len(lengths), seed, epoch)
+    if group:
+        mega = 50 * batch_size
+        order = [
+            i
+            for k in range(0, len(order), mega)
+            for i in sorted(order[k : k + mega], key=lambda i: -lengths[i])
+        ]
+    batches = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+    if group:
+        shuffle = epoch_order(len(batches), seed + 1, epoch)
+        batches = [batches[i] for i in shuffle]
+    return batches
+
+
 def epoch_order(count: int, seed: int, epoch: int) -> list[int]:
     """The example order of one epoch: a permutation seeded by (seed, epoch), so a resumed run
     sees the batches an uninterrupted one would."""

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from llmlite.errors import LlmliteError
 from llmlite.models import atomic_output, check_output, load_tokenizer
 from llmlite.training.adapters import add_adapters, load_base, pick_dtype, target_modules
 from llmlite.training.config import FinetuneConfig
-from llmlite.training.data import Example, collate, epoch_order, load_examples, split
+from llmlite.training.data import Example, collate, epoch_batches, load_examples, split
 from llmlite.training.loss import IGNORE, linear_cross_entropy, shift_targets
 
 log = logging.getLogger("llmlite")
@@ -103,15 +104,13 @@ def finetune(
     """Fine-tune ``config.model`` on ``config.data`` and write the adapter (peft's format) or, for
     ``method="full"``, the whole model to ``config.output``. ``on_step(step)`` runs after each
     optimizer step (and its checkpoint)."""
-    from accelerate import Accelerator
-
     from llmlite.config import build
 
     config = config.validate() if config is not None else build(FinetuneConfig, recipe, **options)
     output = Path(config.output)
     work = output.with_name(f".{output.name}.partial")
     _check_folders(output, work, config)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = _accelerator()
     device = accelerator.device
     torch.manual_seed(config.seed)
 
@@ -133,6 +132,8 @@ def finetune(
         config.gradient_checkpointing,
     )
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if config.compile:
+        compile_layers(model)
     loss_module = CausalLMLoss(model)
     optimizer = _optimizer(config, list(trainable.values()), device)
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -151,11 +152,17 @@ def finetune(
         log.info("resuming from step %d of %d (%s)", step, total, work)
     work.mkdir(parents=True, exist_ok=True)
 
+    lengths = [len(e.input_ids) for e in train]
+    epochs: dict[int, list[list[int]]] = {}
+
     def batch_at(micro: int) -> list[Example]:
-        index = micro * world + rank
-        epoch, b = divmod(index, batches_per_epoch)
-        order = epoch_order(len(train), config.seed, epoch)
-        return [train[i] for i in order[b * config.batch_size : (b + 1) * config.batch_size]]
+        epoch, b = divmod(micro * world + rank, batches_per_epoch)
+        if epoch not in epochs:
+            epochs.clear()
+            epochs[epoch] = epoch_batches(
+                lengths, config.batch_size, config.seed, epoch, config.group_by_length
+            )
+        return [train[i] for i in epochs[epoch][b]]
 
     paused = 0.0  # seconds spent evaluating, left out of the throughput
 
@@ -268,6 +275,67 @@ def finetune(
     if main:
         _write_output(output, work, config, accelerator.unwrap_model(loss_module).model, tokenizer, result)
     return result
+
+
+class _SingleProcess:
+    """The few ``accelerate.Accelerator`` methods the loop uses, for one process: no wrapping, no
+    hooks (accelerate's own single-process path costs ~250 MB of peak memory here)."""
+
+    num_processes, process_index, is_main_process = 1, 0, True
+
+    def __init__(self) -> None:
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def prepare(self, *objects):
+        return objects
+
+    def backward(self, loss: Tensor) -> None:
+        loss.backward()
+
+    def no_sync(self, module: nn.Module):
+        return nullcontext()
+
+    def clip_grad_norm_(self, params, max_norm: float):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def unwrap_model(self, module: nn.Module) -> nn.Module:
+        return module
+
+
+def _accelerator():
+    """accelerate's ``Accelerator`` under ``accelerate launch`` / ``torchrun`` (DDP, FSDP), else a
+    plain single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import Accelerator
+
+        return Accelerator()
+    return _SingleProcess()
+
+
+def compile_layers(model: nn.Module) -> bool:
+    """Compile each decoder layer with ``torch.compile`` (dynamic shapes: one graph for every
+    sequence length). Fuses the elementwise work around the matrix products (norms, rotary
+    embeddings, activations, adapter scaling) and keeps fewer activations for the backward pass.
+    Skipped, with a note, where no C++ compiler is found for the CPU."""
+    import shutil as _shutil
+
+    from llmlite.quant.driver import decoder_layers
+
+    device = next(model.parameters()).device
+    if device.type == "cpu" and not any(_shutil.which(c) for c in ("c++", "g++", "clang++")):
+        log.warning("no C++ compiler found: training without torch.compile (install g++ for ~1.2x speed)")
+        return False
+    import torch._inductor.config
+
+    # Dropout draws from torch's own generator, as in eager mode: a resumed run (compiled at a
+    # later step) then sees the random numbers an uninterrupted one would.
+    torch._inductor.config.fallback_random = True
+    for layer in decoder_layers(model):
+        layer.compile(dynamic=True)
+    return True
 
 
 def peak_memory(device: torch.device) -> int:
