@@ -83,3 +83,17 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_resume_finishes(tmp_path, tiny_dir
     result = run(*args, "--resume")
     assert result.returncode == 0, result.stderr
     assert (out / "adapter_model.safetensors").is_file() and not (tmp_path / ".run.partial").exists()
+
+
+def test_the_same_command_runs_as_two_ddp_processes(tmp_path, tiny_dir, data):
+    """torchrun on the CPU (gloo): two processes, different batches, one set of weights."""
+    torchrun = str(Path(LLMLITE).parent / "torchrun")
+    out = tmp_path / "ddp"
+    args = [torchrun, "--nproc_per_node", "2", "-m", "llmlite.cli", "finetune", "--model", str(tiny_dir),
+            "--data", str(data / "wiki.txt"), "--max-steps", "3", "--output", str(out), *FAST]  # fmt: skip
+    result = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "process 2 of 2" in result.stderr
+    summaries = [line for line in result.stdout.splitlines() if line.startswith("lora on")]
+    assert len(summaries) == 2 and summaries[0].split("eval loss")[1] == summaries[1].split("eval loss")[1]
+    assert (out / "adapter_model.safetensors").is_file()

@@ -112,6 +112,8 @@ def finetune(
     _check_folders(output, work, config)
     accelerator = _accelerator()
     device = accelerator.device
+    if accelerator.num_processes > 1:
+        log.info("process %d of %d on %s", accelerator.process_index + 1, accelerator.num_processes, device)
     torch.manual_seed(config.seed)
 
     tokenizer = load_tokenizer(config.model)
@@ -311,7 +313,7 @@ def _accelerator():
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import Accelerator
 
-        return Accelerator()
+        return Accelerator(cpu=not torch.cuda.is_available())
     return _SingleProcess()
 
 
