@@ -196,3 +196,31 @@ def test_compiled_training_matches_eager(tmp_path, tiny_dir, chat_file):
     for key in a:  # Adam normalises each update: a 1e-7 gradient difference can move a weight by lr/100
         torch.testing.assert_close(b[key], a[key], atol=1e-4, rtol=0)
     assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "lora_B" in k)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_gradient_checkpointing_and_bfloat16_give_the_same_losses(tmp_path, tiny_dir, text_file, compiled):
+    options = dict(model=str(tiny_dir), data=text_file, max_steps=2, progress=False, **SMALL)
+    options["compile"] = compiled
+    plain = finetune(output=str(tmp_path / "plain"), **options)
+    checkpointed = finetune(output=str(tmp_path / "ckpt"), gradient_checkpointing=True, **options)
+    for a, b in zip(plain.log, checkpointed.log, strict=True):
+        for key in ("loss", "eval_loss"):
+            if key in a:
+                assert abs(a[key] - b[key]) < 1e-5 * abs(a[key])
+    if not compiled:
+        bf16 = finetune(output=str(tmp_path / "bf16"), dtype="bfloat16", **options)
+        for a, b in zip(plain.log, bf16.log, strict=True):
+            if "loss" in a:
+                assert abs(a["loss"] - b["loss"]) < 0.05 * abs(a["loss"])  # bfloat16 base weights
+
+
+def test_recipes_are_valid_options():
+    from llmlite.config import build
+    from llmlite.training.config import FinetuneConfig
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("finetune-*.yaml"))
+    assert len(recipes) >= 5
+    for recipe in recipes:
+        config = build(FinetuneConfig, recipe, output="out")
+        assert config.data and config.method in ("lora", "qlora", "dora", "full")

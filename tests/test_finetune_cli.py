@@ -51,6 +51,7 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, tiny_dir, data):
         ),
         (["--data", str(data / "nope.jsonl"), *out], ["no such text file"]),
         (["--data", str(data / "wiki.txt"), *out, "--dtype", "float16"], ["float16 training needs a GPU"]),
+        ([*model, "--data", str(data / "wiki.txt"), *out, "--optimizer", "adamw_8bit"], ["needs a CUDA GPU"]),
         (["--data", str(data / "wiki.txt")], ["needs --output"]),
     ]
     for args, needles in cases:

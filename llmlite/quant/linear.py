@@ -31,10 +31,12 @@ def _torch_backend(layer: QuantLinear, x: Tensor) -> Tensor:
     return dequantized_linear(x, layer.dequantize, bias)
 
 
+@torch.compiler.disable
 def dequantized_linear(x: Tensor, weight: Callable[[torch.dtype], Tensor], bias: Tensor | None) -> Tensor:
     """``x Wᵀ + b`` with ``W = weight(dtype)`` made from packed storage. With gradients, the
     backward pass makes ``W`` again instead of keeping it (or ``x``, which no frozen weight needs)
-    alive from forward to backward: training memory stays near the packed size."""
+    alive from forward to backward: training memory stays near the packed size. Left out of
+    ``torch.compile``, whose partitioner would rather save the float ``W`` than remake it."""
     if torch.is_grad_enabled() and x.requires_grad:
         return _DequantizedLinear.apply(x, weight, bias)
     return F.linear(x, weight(x.dtype), bias)
