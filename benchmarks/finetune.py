@@ -212,6 +212,9 @@ def write(rows: list[dict], a) -> None:
             f"{speed:.2f}x | {t['peak_rss_bytes'] / 2**30:.2f} GiB | {m['peak_rss_bytes'] / 2**30:.2f} GiB | "
             f"{memory:.2f}x |"
         )
+    notes = Path(a.output).read_text().split("\n## Reading the table")[1:] if Path(a.output).exists() else []
+    if notes:  # keep the hand-written analysis below the generated table
+        lines += ["", "## Reading the table" + notes[0].rstrip("\n")]
     Path(a.output).write_text("\n".join(lines) + "\n")
     Path(a.output).with_suffix(".json").write_text(json.dumps({"settings": vars(a), "rows": rows}, indent=1))
     print("\n".join(lines))

@@ -28,29 +28,24 @@ def register_backend(name: str) -> Callable[[Backend], Backend]:
 @register_backend("torch")
 def _torch_backend(layer: QuantLinear, x: Tensor) -> Tensor:
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
-    return dequantized_linear(x, layer.dequantize, bias)
-
-
-@torch.compiler.disable
-def dequantized_linear(x: Tensor, weight: Callable[[torch.dtype], Tensor], bias: Tensor | None) -> Tensor:
-    """``x Wᵀ + b`` with ``W = weight(dtype)`` made from packed storage. With gradients, the
-    backward pass makes ``W`` again instead of keeping it (or ``x``, which no frozen weight needs)
-    alive from forward to backward: training memory stays near the packed size. Left out of
-    ``torch.compile``, whose partitioner would rather save the float ``W`` than remake it."""
     if torch.is_grad_enabled() and x.requires_grad:
-        return _DequantizedLinear.apply(x, weight, bias)
-    return F.linear(x, weight(x.dtype), bias)
+        return _DequantizedLinear.apply(x, layer, bias)
+    return F.linear(x, layer.dequantize(x.dtype), bias)
 
 
 class _DequantizedLinear(torch.autograd.Function):
+    """``x Wᵀ + b`` whose backward dequantizes ``W`` again instead of keeping the float weight
+    (or ``x``, which the frozen weight does not need) alive from forward to backward (QLoRA's
+    trick: training memory stays near the packed size)."""
+
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Callable[[torch.dtype], Tensor], bias: Tensor | None) -> Tensor:
-        ctx.weight = weight
-        return F.linear(x, weight(x.dtype), bias)
+    def forward(ctx, x: Tensor, layer: QuantLinear, bias: Tensor | None) -> Tensor:
+        ctx.layer = layer
+        return F.linear(x, layer.dequantize(x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return grad @ ctx.weight(grad.dtype), None, None
+        return grad @ ctx.layer.dequantize(grad.dtype), None, None
 
 
 class QuantLinear(nn.Module):

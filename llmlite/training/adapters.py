@@ -3,7 +3,6 @@ llmlite GPTQ checkpoint), find the projections to adapt, and wrap them with peft
 
 from __future__ import annotations
 
-import functools
 import logging
 import warnings
 from pathlib import Path
@@ -13,7 +12,7 @@ from torch import nn
 
 from llmlite.errors import LlmliteError
 from llmlite.models import is_gptq_checkpoint, load_model, resolve_model
-from llmlite.quant.linear import QuantLinear, dequantized_linear
+from llmlite.quant.linear import QuantLinear
 
 log = logging.getLogger("llmlite")
 # bitsandbytes (imported by peft) logs a warning when the optional `kernels` package is missing;
@@ -99,23 +98,8 @@ def _load_nf4(source: str, dtype: torch.dtype, device: torch.device):
             # good; later training forwards then run that kernel too, which has no backward. Keep
             # every forward on the float path, the one training and merging assume.
             module.support_avx512bf16_for_cpu = False
-            module.forward = functools.partial(_nf4_forward, module)
     model.llmlite_source = source
     return model, load_tokenizer(source)
-
-
-def _nf4_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """bitsandbytes' 4-bit forward on the float path, through ``dequantized_linear``: its own
-    autograd function keeps every layer's input for a backward that never uses it (the frozen
-    weight needs no gradient), about 10 MB per decoder layer at 1,024 tokens here."""
-    from bitsandbytes.functional import dequantize_4bit
-
-    def weight(dtype: torch.dtype) -> torch.Tensor:
-        return dequantize_4bit(module.weight.data, module.weight.quant_state).to(dtype)
-
-    dtype = module.compute_dtype or x.dtype
-    bias = None if module.bias is None else module.bias.to(dtype)
-    return dequantized_linear(x.to(dtype), weight, bias).to(x.dtype)
 
 
 def linear_names(model: nn.Module) -> list[str]:
