@@ -213,14 +213,3 @@ def test_gradient_checkpointing_and_bfloat16_give_the_same_losses(tmp_path, tiny
         for a, b in zip(plain.log, bf16.log, strict=True):
             if "loss" in a:
                 assert abs(a["loss"] - b["loss"]) < 0.05 * abs(a["loss"])  # bfloat16 base weights
-
-
-def test_recipes_are_valid_options():
-    from llmlite.config import build
-    from llmlite.training.config import FinetuneConfig
-
-    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("finetune-*.yaml"))
-    assert len(recipes) >= 5
-    for recipe in recipes:
-        config = build(FinetuneConfig, recipe, output="out")
-        assert config.data and config.method in ("lora", "qlora", "dora", "full")
