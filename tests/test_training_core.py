@@ -239,3 +239,14 @@ def test_epoch_batches_cover_every_example_once(group):
     plain = epoch_batches(lengths, 4, seed=2, epoch=1, group=False)
     plain_padding = sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in plain)
     assert (padding < plain_padding / 5) if group else padding == plain_padding
+
+
+def test_gradient_checkpointing_is_switched_on(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = add_adapters(
+        AutoModelForCausalLM.from_pretrained(tiny_dir), "lora", ["q_proj"], 4, 8, 0.0, False, True
+    )
+    base = model.get_base_model()
+    assert getattr(base, "is_activation_checkpointing", None) or base.is_gradient_checkpointing
+    assert base.config.use_cache is False

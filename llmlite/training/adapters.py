@@ -143,7 +143,11 @@ def add_adapters(
 ) -> nn.Module:
     """``model`` with LoRA / DoRA adapters on ``targets`` (a peft ``PeftModel``); ``full``: as is."""
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 (the old name warns)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.config.use_cache = False
     if method == "full":
         for p in model.parameters():
