@@ -172,6 +172,10 @@ def test_padding_after_a_row_does_not_change_its_loss(tiny_dir):
         logits = model(padded["input_ids"]).logits[0, :3].double()
         ref = F.cross_entropy(logits, torch.tensor([9, 13, 17]), reduction="sum")
     assert abs(a.item() - ref.item()) < 1e-4
+    loss.fused = False  # the path through the model's logits (heads with a bias or soft-capping)
+    with torch.no_grad():
+        b = loss(alone["input_ids"], alone["labels"], 1.0)
+    assert abs(b.item() - ref.item()) < 1e-4
 
 
 def test_quant_linear_backward_matches_dequantized_float64():

@@ -54,18 +54,18 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def load_base(source: str, method: str, dtype: torch.dtype, device: torch.device):
     """The model to train on and its tokenizer; QLoRA quantizes the base to NF4 on load."""
-    if method != "qlora":
+    if method == "qlora":
+        model, tokenizer = _load_nf4(source, dtype, device)  # placed on the device by transformers
+    else:
         model, tokenizer = load_model(source, dtype=dtype)
         if method == "full" and any(isinstance(m, QuantLinear) for m in model.modules()):
             raise LlmliteError(
                 f"{source} is a quantized checkpoint and cannot be fully fine-tuned; use --method lora "
                 "(LoRA on its 4-bit weights) or the unquantized model"
             )
-    else:
-        model, tokenizer = _load_nf4(source, dtype, device)
-    where = resolve_model(source)
-    model.name_or_path = model.config._name_or_path = str(where)  # peft's base_model_name_or_path
-    return model.to(device) if method != "qlora" else model, tokenizer
+        model.to(device)
+    model.name_or_path = model.config._name_or_path = str(resolve_model(source))  # peft's base path
+    return model, tokenizer
 
 
 def _load_nf4(source: str, dtype: torch.dtype, device: torch.device):

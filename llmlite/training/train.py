@@ -322,12 +322,10 @@ def compile_layers(model: nn.Module) -> bool:
     sequence length). Fuses the elementwise work around the matrix products (norms, rotary
     embeddings, activations, adapter scaling) and keeps fewer activations for the backward pass.
     Skipped, with a note, where no C++ compiler is found for the CPU."""
-    import shutil as _shutil
-
     from llmlite.quant.driver import decoder_layers
 
     device = next(model.parameters()).device
-    if device.type == "cpu" and not any(_shutil.which(c) for c in ("c++", "g++", "clang++")):
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
         log.warning("no C++ compiler found: training without torch.compile (install g++ for ~1.2x speed)")
         return False
     import torch._inductor.config
