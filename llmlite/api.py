@@ -12,11 +12,13 @@ from typing import Any
 
 import torch
 
-from llmlite.config import EvalConfig, QuantizeConfig, build
+from llmlite.config import EvalConfig, QuantizeConfig, build, kv_spec
 from llmlite.data import calibration_windows, eval_windows, load_text, tokenize
 from llmlite.errors import LlmliteError
 from llmlite.evaluation.metrics import RunStats, measure, memory_bytes, param_count, size_on_disk
 from llmlite.evaluation.perplexity import perplexity
+from llmlite.kvcache.cache import kv_cache_for
+from llmlite.kvcache.evaluate import cached_perplexity
 from llmlite.models import atomic_output, check_output, load_model, model_path, own_weights
 from llmlite.quant.checkpoint import gptq_config, round_unquantized, save_gptq_checkpoint
 from llmlite.quant.driver import QuantReport, QuantSettings, quantize_model
@@ -146,7 +148,16 @@ def _evaluate_one(cfg: EvalConfig, source: str, text: str, model, tokenizer, pro
                 f"--ctx {cfg.ctx} is above the model's maximum of {max_positions} tokens; lower it"
             )
         windows = eval_windows(tokenize(tokenizer, text), cfg.ctx, cfg.max_windows)
-        result = perplexity(model, windows, cfg.batch_size, progress=progress)
+        if cfg.kv_bits is None:
+            result = perplexity(model, windows, cfg.batch_size, progress=progress)
+        else:
+            spec = kv_spec(cfg)
+            result = cached_perplexity(
+                model, windows, lambda: kv_cache_for(model, spec), cfg.prefill, cfg.chunk, progress
+            )
+    kv = {}
+    if cfg.kv_bits is not None:
+        kv = {"kv_cache": {k: v for k, v in asdict(spec).items() if k != "storage_dtype"}}
     return {
         "model": source,
         "text": cfg.ppl,
@@ -159,6 +170,7 @@ def _evaluate_one(cfg: EvalConfig, source: str, text: str, model, tokenizer, pro
         "peak_rss_scope": stats.peak_rss_scope,
         "peak_gpu_bytes": stats.peak_gpu_bytes,
         "quantization": getattr(model, "llmlite_quantization", None),
+        **kv,
         "environment": environment(),
     }
 

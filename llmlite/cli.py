@@ -102,6 +102,15 @@ def _parser() -> argparse.ArgumentParser:
         "--limit",
         help="documents per task (windows for wikitext and calibration): N, or N,TASK=M,... per task",
     )
+    _kv_options(e)
+    e.add_argument(
+        "--prefill", type=int, help="with --kv-bits: tokens per window that fill the cache first (256)"
+    )
+    e.add_argument(
+        "--chunk",
+        type=int,
+        help="with --kv-bits: tokens scored per step against the cache (32; 1 = decoding)",
+    )
     e.add_argument("--report", help="write report.json, report.md and plots to this folder")
     e.add_argument("--no-cache", dest="cache", action="store_false", help="recompute cached task results")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --report folder")
@@ -110,6 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_eval)
 
     _finetune_parser(verbs)
+    _generate_parser(verbs)
+    _convert_gqa_parser(verbs)
     m = verbs.add_parser(
         "merge",
         help="merge a LoRA/DoRA adapter into its base and save a full-precision model",
@@ -193,6 +204,121 @@ def _finetune_parser(verbs) -> None:
     f.set_defaults(func=_finetune)
 
 
+def _convert_gqa_parser(verbs) -> None:
+    g = verbs.add_parser(
+        "convert-gqa",
+        help="convert attention to fewer key/value heads (GQA/MQA), or more; optional uptraining",
+        argument_default=argparse.SUPPRESS,
+        description="Merge the key/value heads of a Llama, Mistral or Qwen2 model into --kv-heads groups "
+        "(or repeat them, an exact change), optionally uptrain by distillation from the original, and "
+        "save a model plain transformers loads. Defaults: the bundled smollm2-135m, the aligned method "
+        "on 16 calibration windows of 512 tokens, no uptraining.",
+    )
+    g.add_argument("--model", help="bundled name, local folder, .gguf file or hub id (default smollm2-135m)")
+    g.add_argument("--kv-heads", type=int, help="key/value heads to keep (required)")
+    g.add_argument(
+        "--method",
+        choices=["mean", "weighted", "aligned"],
+        help="mean pooling; weighted by query energy and o_proj; aligned (default): merge aligned "
+        "heads, folding the alignment into q_proj/o_proj",
+    )
+    g.add_argument("--calibration", help="calibration text: file or corpus name (default wikitext2-valid)")
+    g.add_argument("--samples", type=int, help="calibration windows, weighted/aligned methods (default 16)")
+    g.add_argument("--seqlen", type=int, help="tokens per calibration and uptraining window (default 512)")
+    g.add_argument("--seed", type=int, help="sampling seed (default 0)")
+    g.add_argument("--uptrain-tokens", type=int, help="distillation tokens after converting (default 0: off)")
+    g.add_argument("--uptrain-lr", type=float, help="peak learning rate, cosine to 0 (default 1e-4)")
+    g.add_argument(
+        "--uptrain-params", choices=["attention", "all"], help="what uptraining trains (default attention)"
+    )
+    g.add_argument("--batch-size", type=int, help="uptraining windows per step (default 4)")
+    g.add_argument("--recipe", help="YAML file of these options (explicit options win)")
+    g.add_argument("--output", help="folder for the converted model (required)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.set_defaults(func=_convert_gqa)
+
+
+def _convert_gqa(args: argparse.Namespace) -> int:
+    from llmlite.config import build
+    from llmlite.errors import LlmliteError
+    from llmlite.gqa import GQAConfig, convert_gqa_model
+
+    options, recipe, progress = _options(args)
+    config = build(GQAConfig, recipe, **options)
+    if not config.output:
+        raise LlmliteError("convert-gqa needs --output DIR (the folder for the converted model)")
+    r = convert_gqa_model(config, progress=progress).record
+    kib = r["kv_cache_bytes_per_token_fp16_before"] / 1024, r["kv_cache_bytes_per_token_fp16_after"] / 1024
+    up = r["uptraining"]
+    kl = ""
+    if up:
+        kl = f", uptrained on {up['tokens']} tokens (KL {up['loss_first']:.4f} -> {up['loss_last']:.4f})"
+    print(
+        f"{config.method}: {r['layers']} layers, {r['kv_heads_before']} -> {r['kv_heads_after']} key/value "
+        f"heads (KV cache {kib[0]:.1f} -> {kib[1]:.1f} KiB/token in float16){kl} in {r['seconds']:.1f} s "
+        f"-> {config.output}"
+    )
+    return 0
+
+
+def _kv_options(parser: argparse.ArgumentParser) -> None:
+    from llmlite.kvcache.defaults import KV_DEFAULTS as d
+
+    parser.add_argument(
+        "--kv-bits", type=int, help="quantized KV cache: 2, 4 or 8 bits (16 = unquantized cache)"
+    )
+    parser.add_argument(
+        "--kv-group-size",
+        type=int,
+        help=f"tokens per key group, channels per value group ({d['group_size']})",
+    )
+    parser.add_argument(
+        "--kv-residual", type=int, help=f"recent tokens kept in full precision ({d['residual']})"
+    )
+    parser.add_argument("--kv-sinks", type=int, help=f"first tokens kept in full precision ({d['sinks']})")
+
+
+def _generate_parser(verbs) -> None:
+    g = verbs.add_parser(
+        "generate",
+        help="generate text, optionally with a quantized KV cache",
+        argument_default=argparse.SUPPRESS,
+        description="Continue PROMPT with the model (greedy unless --temperature). With --kv-bits the keys "
+        "and values are stored in llmlite's quantized cache (KIVI: keys per channel, values per token).",
+    )
+    g.add_argument("prompt", help="the text to continue")
+    g.add_argument(
+        "--model", help="bundled name, folder, .gguf file, hub id or checkpoint (default smollm2-135m)"
+    )
+    g.add_argument("--max-new-tokens", type=int, help="tokens to generate (default 64)")
+    _kv_options(g)
+    g.add_argument("--temperature", type=float, help="sampling temperature; 0 = greedy (default)")
+    g.add_argument("--top-p", type=float, help="nucleus sampling mass (default 1)")
+    g.add_argument("--seed", type=int, help="sampling seed (default 0)")
+    g.add_argument(
+        "--chat", action=argparse.BooleanOptionalAction, help="wrap the prompt in the chat template"
+    )
+    g.add_argument("--recipe", help="YAML file of these options (explicit options win)")
+    g.set_defaults(func=_generate)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from llmlite.kvcache.generate import generate
+
+    options, recipe, _ = _options(args)
+    r = generate(recipe=recipe, **options)
+    print(r.text)
+    cache = "default cache" if r.kv_bits is None else f"{r.kv_bits}-bit KV cache"
+    ratio = f", {r.float16_cache_bytes / r.cache_bytes:.2f}x smaller than float16" if r.cache_bytes else ""
+    print(
+        f"llmlite: {r.new_tokens} tokens after a {r.prompt_tokens}-token prompt in {r.seconds:.2f} s "
+        f"({r.tokens_per_second:.1f} tokens/s); {cache} holds {_mb(r.cache_bytes)}{ratio}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _finetune(args: argparse.Namespace) -> int:
     from llmlite.training.train import TrainingInterrupted, finetune
 
@@ -248,19 +374,33 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 _REPORT_OPTIONS = ("tasks", "limit", "report", "cache", "overwrite")
+_KV_OPTIONS = ("kv_group_size", "kv_residual", "kv_sinks", "prefill", "chunk")
 
 
 def _eval(args: argparse.Namespace) -> int:
     from llmlite.api import evaluate
+    from llmlite.errors import LlmliteError
 
     options, recipe, progress = _options(args)
     if any(k in options for k in _REPORT_OPTIONS):
         return _report(options, recipe, progress)
+    given = [k for k in _KV_OPTIONS if k in options]
+    if given and "kv_bits" not in options and recipe is None:
+        raise LlmliteError(
+            f"--{given[0].replace('_', '-')} is a KV-cache option; add --kv-bits N to use the cache"
+        )
     result = evaluate(recipe=recipe, progress=progress, **options)
     rows = [result, result["baseline"]] if "baseline" in result else [result]
     for r in rows:
+        kv = ""
+        if "kv_cache" in r:
+            kv = (
+                f" through the {r['kv_cache']['bits']}-bit KV cache (prefill {r['prefill']}, "
+                f"chunk {r['chunk']}; {r['cache_bytes_per_token']:.0f} bytes/token, "
+                f"{r['ratio_to_float16']:.2f}x smaller than float16)"
+            )
         print(
-            f"{r['model']}: perplexity {r['perplexity']:.4f} on {r['text']} "
+            f"{r['model']}: perplexity {r['perplexity']:.4f} on {r['text']}{kv} "
             f"({r['windows']} windows x {r['ctx']} tokens, {r['tokens']} tokens scored) | "
             f"params {r['params'] / 1e6:.1f}M | disk {_mb(r['size_bytes'])} | "
             f"{r['seconds']:.1f} s | peak RSS {_gb(r['peak_rss_bytes'])}"
@@ -277,6 +417,12 @@ def _report(options: dict, recipe: str | None, progress: bool) -> int:
     from llmlite.evaluation.render import markdown
     from llmlite.evaluation.report import ReportConfig, report
 
+    for kv in ("kv_bits", *_KV_OPTIONS):
+        if kv in options:
+            raise LlmliteError(
+                f"--{kv.replace('_', '-')} is not a report option; "
+                "run llmlite eval --kv-bits N without --tasks/--report"
+            )
     for old in ("ppl", "max_windows", "batch_size", "json"):
         if old in options:
             flag = old.replace("_", "-")

@@ -13,6 +13,7 @@ from typing import Any
 
 from llmlite.data import DEFAULT_CALIBRATION, DEFAULT_EVAL_TEXT
 from llmlite.errors import LlmliteError
+from llmlite.kvcache.defaults import KV_DEFAULTS
 from llmlite.models import DEFAULT_MODEL
 from llmlite.quant.grid import SUPPORTED_BITS
 
@@ -77,6 +78,12 @@ class EvalConfig:
     batch_size: int = 1
     baseline: str | None = None
     json: str | None = None
+    kv_bits: int | None = None  # score through a KV cache: 2, 4, 8, or 16 (unquantized, same path)
+    kv_group_size: int = KV_DEFAULTS["group_size"]
+    kv_residual: int = KV_DEFAULTS["residual"]
+    kv_sinks: int = KV_DEFAULTS["sinks"]
+    prefill: int = 256  # tokens of each window that fill the cache before scoring starts
+    chunk: int = 32  # tokens scored per forward pass against the cache (1 = token by token)
 
     def validate(self) -> EvalConfig:
         if self.ctx < 2:
@@ -85,7 +92,55 @@ class EvalConfig:
             raise LlmliteError(f"--max-windows must be at least 1, got {self.max_windows}")
         if self.batch_size < 1:
             raise LlmliteError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.kv_bits is not None:
+            kv_spec(self).validate()
+            if self.kv_residual > self.ctx:
+                raise LlmliteError(
+                    f"--kv-residual {self.kv_residual} is longer than the context (--ctx {self.ctx}), so "
+                    "nothing would be quantized; lower it"
+                )
+            if not 1 <= self.prefill < self.ctx:
+                raise LlmliteError(f"--prefill {self.prefill} must be at least 1 and below --ctx {self.ctx}")
+            if self.chunk < 1:
+                raise LlmliteError(f"--chunk {self.chunk} is invalid; use 1 (token by token) or more")
+            if self.batch_size != 1:
+                raise LlmliteError("--batch-size applies to plain perplexity; leave it out with --kv-bits")
         return self
+
+
+@dataclass
+class GenerateConfig:
+    """Options of ``llmlite generate`` / ``llmlite.generate``."""
+
+    prompt: str = ""
+    model: str = DEFAULT_MODEL
+    max_new_tokens: int = 64
+    kv_bits: int | None = None  # None: transformers' default (unquantized) cache
+    kv_group_size: int = KV_DEFAULTS["group_size"]
+    kv_residual: int = KV_DEFAULTS["residual"]
+    kv_sinks: int = KV_DEFAULTS["sinks"]
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+    chat: bool = False  # wrap the prompt in the model's chat template
+
+    def validate(self) -> GenerateConfig:
+        if not self.prompt:
+            raise LlmliteError("generate needs a PROMPT (the text to continue)")
+        if self.max_new_tokens < 1:
+            raise LlmliteError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise LlmliteError("--temperature must be 0 (greedy) or more and --top-p in (0, 1]")
+        if self.kv_bits is not None:
+            kv_spec(self).validate()
+        return self
+
+
+def kv_spec(config: EvalConfig | GenerateConfig):
+    """The KV-cache settings of an eval or generate config."""
+    from llmlite.kvcache.cache import KVSpec
+
+    return KVSpec(config.kv_bits, config.kv_group_size, config.kv_residual, config.kv_sinks)
 
 
 def read_recipe(path: str | Path) -> dict[str, Any]:

@@ -1,0 +1,295 @@
+"""A quantized key/value cache for ``transformers`` (KIVI's scheme), usable with ``model.generate``
+and with any forward pass that carries ``past_key_values``.
+
+Per layer the cache holds, in token order: up to ``sinks`` first tokens in full precision, the
+quantized middle, and the recent tokens in full precision. Keys are quantized per channel in
+blocks of ``group_size`` tokens (after RoPE is undone, when the cache knows the model's
+frequencies), values per token in groups of ``group_size`` channels, counted across the
+key/value heads of the token (so that a group can be larger than one head). A block
+leaves the full-precision window once ``residual`` newer tokens follow it: values one token at a
+time, keys a whole group of tokens at a time, so that at most ``residual + group_size - 1`` keys
+and ``residual`` values are in full precision. ``bits=16`` keeps everything in full precision
+(the float16 cache, through the same code).
+
+The tokens of the forward pass that is running always see their own keys and values exactly, as
+in real decoding; earlier tokens are read back from what the cache stores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from llmlite.errors import LlmliteError
+from llmlite.kvcache.defaults import KV_DEFAULTS
+from llmlite.kvcache.quant import SUPPORTED_BITS, QuantizedTensor, TorchBackend, concat, select
+
+CACHE_BITS = (*SUPPORTED_BITS, 16)
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    """How a cache stores keys and values."""
+
+    bits: int = 4
+    group_size: int = KV_DEFAULTS["group_size"]
+    residual: int = KV_DEFAULTS["residual"]
+    sinks: int = KV_DEFAULTS["sinks"]
+    storage_dtype: torch.dtype = torch.float16  # full-precision tokens, scales and minima
+
+    def validate(self) -> KVSpec:
+        if self.bits not in CACHE_BITS:
+            raise LlmliteError(
+                f"--kv-bits {self.bits} is not supported; use 2, 4 or 8 (or 16 for the unquantized cache)"
+            )
+        if self.group_size < 1:
+            raise LlmliteError(
+                f"--kv-group-size {self.group_size} is invalid; use a positive size such as 64"
+            )
+        if self.residual < 0:
+            raise LlmliteError(f"--kv-residual {self.residual} is invalid; use 0 or more recent tokens")
+        if self.sinks < 0:
+            raise LlmliteError(f"--kv-sinks {self.sinks} is invalid; use 0 or more initial tokens")
+        return self
+
+
+def _cat(parts: list[Tensor]) -> Tensor:
+    """Join along the token axis into a tensor that owns exactly its storage (never a view of a
+    larger one, which would keep that alive and make the accounting wrong)."""
+    parts = [p for p in parts if p is not None and p.shape[-2] > 0] or parts[:1]
+    if len(parts) > 1:
+        return torch.cat(parts, dim=-2)
+    t = parts[0]
+    exact = t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    return t if exact else t.clone(memory_format=torch.contiguous_format)
+
+
+class QuantizedKVLayer(CacheLayerMixin):
+    """One decoder layer's share of a ``QuantizedKVCache``."""
+
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, spec: KVSpec, backend=None, inv_freq: Tensor | None = None):
+        super().__init__()
+        self.spec = spec
+        self.backend = backend or TorchBackend()
+        self.inv_freq = inv_freq
+        self.length = 0
+        self.sink_keys = self.sink_values = None  # [b, h, <=sinks, d], storage dtype
+        self.recent_keys = self.recent_values = None  # [b, h, n, d], storage dtype
+        self.quant_keys: QuantizedTensor | None = None
+        self.quant_values: QuantizedTensor | None = None
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        empty = key_states[..., :0, :].to(self.spec.storage_dtype)
+        self.sink_keys = self.sink_values = self.recent_keys = self.recent_values = empty
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        """Store the new states; return all keys and values so far ``[b, h, tokens, d]``."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        self.length += n
+        store = self.spec.storage_dtype
+        k, v = key_states.to(store), value_states.to(store)
+        room = max(0, self.spec.sinks - self.sink_keys.shape[-2])
+        if room:
+            self.sink_keys = _cat([self.sink_keys, k[..., :room, :]])
+            self.sink_values = _cat([self.sink_values, v[..., :room, :]])
+            k, v = k[..., room:, :], v[..., room:, :]
+        self.recent_keys = _cat([self.recent_keys, k])
+        self.recent_values = _cat([self.recent_values, v])
+        if self.spec.bits != 16:
+            self._flush()
+        keys, values = self._read()
+        # the running tokens see their own states exactly
+        keys = torch.cat([keys[..., : keys.shape[-2] - n, :], key_states], dim=-2)
+        values = torch.cat([values[..., : values.shape[-2] - n, :], value_states], dim=-2)
+        return keys, values
+
+    def _flush(self) -> None:
+        spec = self.spec
+        old_keys = (self.recent_keys.shape[-2] - spec.residual) // spec.group_size * spec.group_size
+        if old_keys > 0:
+            start = self.sink_keys.shape[-2] + self._quantized_keys()
+            block = self._rotate(self.recent_keys[..., :old_keys, :].float(), start, inverse=True)
+            block = self.backend.quantize(block, spec.bits, spec.group_size, -2, spec.storage_dtype)
+            self.quant_keys = block if self.quant_keys is None else concat([self.quant_keys, block])
+            self.recent_keys = self.recent_keys[..., old_keys:, :].clone()  # frees the flushed part
+        old_values = self.recent_values.shape[-2] - spec.residual
+        if old_values > 0:
+            b, h, _, d = self.recent_values.shape
+            block = self.recent_values[..., :old_values, :].transpose(1, 2).reshape(b, 1, old_values, h * d)
+            block = self.backend.quantize(block, spec.bits, spec.group_size, -1, spec.storage_dtype)
+            self.quant_values = block if self.quant_values is None else concat([self.quant_values, block])
+            self.recent_values = self.recent_values[..., old_values:, :].clone()
+
+    def _quantized_keys(self) -> int:
+        return 0 if self.quant_keys is None else self.quant_keys.tokens
+
+    def _rotate(self, keys: Tensor, start: int, inverse: bool = False) -> Tensor:
+        """Keys at cache positions ``start...`` rotated back to before RoPE (``inverse``) or forward
+        again. Keys are quantized before RoPE (KVQuant): a channel's values then vary with the
+        content, not with the position, and a per-channel grid fits them far better. The rotation
+        is the model's frequencies, fixed when the cache is made, so undoing and redoing it is
+        exact whatever positions the model used."""
+        if self.inv_freq is None:
+            return keys
+        positions = torch.arange(start, start + keys.shape[-2], device=keys.device, dtype=torch.float64)
+        angles = positions[:, None] * self.inv_freq.to(keys.device, torch.float64)[None]
+        cos, sin = angles.cos().repeat(1, 2).to(keys.dtype), angles.sin().repeat(1, 2).to(keys.dtype)
+        if inverse:
+            sin = -sin
+        half = keys.shape[-1] // 2
+        rotated = torch.cat([-keys[..., half:], keys[..., :half]], dim=-1)
+        return keys * cos + rotated * sin
+
+    def _read(self) -> tuple[Tensor, Tensor]:
+        deq = self.backend.dequantize
+        qk = None
+        if self.quant_keys is not None:
+            qk = self._rotate(deq(self.quant_keys, torch.float32), self.sink_keys.shape[-2]).to(self.dtype)
+        qv = None
+        if self.quant_values is not None:
+            b, h, _, d = self.recent_values.shape
+            qv = deq(self.quant_values, self.dtype)
+            qv = qv.view(b, qv.shape[-2], h, d).transpose(1, 2)
+        keys = _cat([self.sink_keys.to(self.dtype), qk, self.recent_keys.to(self.dtype)])
+        values = _cat([self.sink_values.to(self.dtype), qv, self.recent_values.to(self.dtype)])
+        return keys, values
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor the layer holds."""
+        out = [
+            t
+            for t in (self.sink_keys, self.sink_values, self.recent_keys, self.recent_values)
+            if t is not None
+        ]
+        for q in (self.quant_keys, self.quant_values):
+            if q is not None:
+                out.extend(q.tensors())
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes of storage the layer holds (each storage counted once, slack included)."""
+        seen: dict[int, int] = {}
+        for t in self.tensors():
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        return sum(seen.values())
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def _apply(self, fn) -> None:
+        for name in ("sink_keys", "sink_values", "recent_keys", "recent_values"):
+            if getattr(self, name) is not None:
+                setattr(self, name, fn(getattr(self, name)))
+        for name in ("quant_keys", "quant_values"):
+            if getattr(self, name) is not None:
+                setattr(self, name, select(getattr(self, name), fn))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        if self.is_initialized:
+            self._apply(lambda t: t[indices, ...])
+
+    def offload(self) -> None:
+        self._apply(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        self._apply(lambda t: t.to(self.device, non_blocking=True))
+
+    def reset(self) -> None:
+        self.__init__(self.spec, self.backend, self.inv_freq)
+
+
+class QuantizedKVCache(Cache):
+    """A KIVI-style quantized KV cache: ``model.generate(ids, past_key_values=QuantizedKVCache(...))``.
+
+    ``bits`` 2, 4 or 8 (16: unquantized, stored in ``storage_dtype``); ``group_size`` tokens per key
+    group and channels per value group; ``residual`` recent tokens and ``sinks`` first tokens kept
+    in full precision. Layers are created on first use, one per decoder layer.
+    """
+
+    def __init__(
+        self,
+        bits: int = 4,
+        group_size: int = KV_DEFAULTS["group_size"],
+        residual: int = KV_DEFAULTS["residual"],
+        sinks: int = KV_DEFAULTS["sinks"],
+        storage_dtype: torch.dtype = torch.float16,
+        backend=None,
+        inv_freq: Tensor | None = None,
+    ):
+        spec = KVSpec(bits, group_size, residual, sinks, storage_dtype).validate()
+        self.spec = spec
+        self.backend = backend or TorchBackend()
+        self.inv_freq = inv_freq
+        super().__init__(layer_class_to_replicate=self._new_layer)
+
+    def _new_layer(self) -> QuantizedKVLayer:
+        return QuantizedKVLayer(self.spec, self.backend, self.inv_freq)
+
+    def memory(self) -> dict:
+        """Exact bytes held, per layer and per token, and the ratio to a float16 cache of the
+        same tokens (2 bytes per cached key and value element)."""
+        per_layer = [layer.nbytes() for layer in self.layers]
+        tokens = self.get_seq_length()
+        fp16 = 0
+        for layer in self.layers:
+            if layer.is_initialized:
+                b, h, _, d = layer.sink_keys.shape
+                fp16 += 2 * b * h * layer.length * d * 2
+        total = sum(per_layer)
+        return {
+            "bytes": total,
+            "bytes_per_layer": per_layer,
+            "tokens": tokens,
+            "bytes_per_token": total / tokens if tokens else 0.0,
+            "float16_bytes": fp16,
+            "ratio_to_float16": fp16 / total if total else None,
+        }
+
+
+def kv_cache_for(model, spec: KVSpec) -> Cache:
+    """A fresh cache for ``model``: ours with the model's RoPE frequencies (keys are quantized
+    before RoPE) and its storage dtype (bfloat16 for a bfloat16 model, float16 otherwise)."""
+    config = model.config.get_text_config(decoder=True)
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if layer_types != {"full_attention"}:
+        raise LlmliteError(
+            "the quantized KV cache needs full attention in every layer; "
+            f"this model has {sorted(layer_types)}"
+        )
+    dtype = next(model.parameters()).dtype
+    storage = torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
+    rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
+    inv_freq = getattr(rotary, "inv_freq", None)
+    return QuantizedKVCache(
+        spec.bits,
+        spec.group_size,
+        spec.residual,
+        spec.sinks,
+        storage,
+        inv_freq=None if inv_freq is None else inv_freq.detach().float().clone(),
+    )

@@ -1,0 +1,89 @@
+"""``llmlite generate``: text generation with the quantized KV cache (or transformers' default)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from llmlite.config import GenerateConfig, build, kv_spec
+from llmlite.errors import LlmliteError
+from llmlite.kvcache.cache import kv_cache_for
+from llmlite.kvcache.evaluate import cache_memory, float16_cache_bytes
+from llmlite.models import load_model
+
+
+@dataclass
+class Generation:
+    text: str  # the new text only
+    prompt_tokens: int
+    new_tokens: int
+    seconds: float
+    tokens_per_second: float  # new tokens over the whole call (prefill included)
+    cache_bytes: int
+    float16_cache_bytes: int
+    kv_bits: int | None
+
+
+def generate(
+    config: GenerateConfig | None = None, *, recipe: str | None = None, model=None, tokenizer=None, **options
+) -> Generation:
+    """Continue ``prompt`` with ``model`` (a name or path, or a model object with its ``tokenizer``),
+    reading keys and values from a quantized cache when ``kv_bits`` is set."""
+    if model is not None and not isinstance(model, str):
+        options.setdefault("model", getattr(model, "llmlite_source", "in-memory"))
+    elif model is not None:
+        options["model"], model = model, None
+    cfg = config.validate() if config is not None else build(GenerateConfig, recipe, **options)
+    if model is None:
+        model, tokenizer = load_model(cfg.model)
+    text = cfg.prompt
+    if cfg.chat:
+        if not tokenizer.chat_template:
+            raise LlmliteError(f"{cfg.model} has no chat template; leave out --chat")
+        messages = [{"role": "user", "content": cfg.prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    device = next(model.parameters()).device
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=not cfg.chat).input_ids.to(device)
+    context = ids.shape[1] + cfg.max_new_tokens
+    if cfg.kv_bits is not None and cfg.kv_residual > context:
+        raise LlmliteError(
+            f"--kv-residual {cfg.kv_residual} is longer than the context ({context} tokens: prompt plus "
+            "--max-new-tokens), so nothing would be quantized; lower it"
+        )
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and context > limit:
+        raise LlmliteError(
+            f"prompt plus --max-new-tokens is {context} tokens, above the model's {limit}; shorten"
+        )
+    cache = DynamicCache(config=model.config) if cfg.kv_bits is None else kv_cache_for(model, kv_spec(cfg))
+    sampling = {"do_sample": False}
+    if cfg.temperature > 0:
+        sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}
+    torch.manual_seed(cfg.seed)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            cache=cache,
+            max_new_tokens=cfg.max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id
+            if tokenizer.pad_token_id is not None
+            else tokenizer.eos_token_id,
+            **sampling,
+        )
+    seconds = time.perf_counter() - start
+    new = out[0, ids.shape[1] :]
+    return Generation(
+        text=tokenizer.decode(new, skip_special_tokens=True),
+        prompt_tokens=ids.shape[1],
+        new_tokens=len(new),
+        seconds=seconds,
+        tokens_per_second=len(new) / seconds,
+        cache_bytes=cache_memory(cache)["bytes"],
+        float16_cache_bytes=float16_cache_bytes(model.config, cache.get_seq_length()),
+        kv_bits=cfg.kv_bits,
+    )

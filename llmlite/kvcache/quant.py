@@ -1,0 +1,165 @@
+"""The pure core of KV-cache quantization: asymmetric group quantization along either axis of a
+``[..., tokens, channels]`` tensor, and packing of the integer codes several to a byte.
+
+Keys are quantized per channel (``axis=-2``: each group is ``group_size`` consecutive tokens of
+one channel), values per token (``axis=-1``: each group is ``group_size`` consecutive channels of
+one token), as in KIVI (Liu et al. 2024). A last group shorter than ``group_size`` is its own
+group. Codes are packed along the channel axis whatever the group axis, so that quantized blocks
+are appended along the token axis without repacking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+SUPPORTED_BITS = (2, 4, 8)
+
+
+@dataclass
+class QuantizedTensor:
+    """Packed codes of a ``[..., tokens, channels]`` tensor with one scale and minimum per group."""
+
+    codes: Tensor  # uint8 [..., tokens, ceil(channels * bits / 8)]
+    scale: Tensor  # [..., ceil(tokens / g), channels] for axis -2; [..., tokens, ceil(channels / g)] for -1
+    minimum: Tensor  # same shape as scale
+    bits: int
+    channels: int
+    group_size: int
+    axis: int  # -2 (keys) or -1 (values)
+
+    @property
+    def tokens(self) -> int:
+        return self.codes.shape[-2]
+
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.codes, self.scale, self.minimum
+
+
+def pack(codes: Tensor, bits: int) -> Tensor:
+    """Pack integer codes in ``[0, 2**bits)`` along the last axis, ``8 // bits`` to a byte, the
+    first code in the lowest bits; the axis is zero-padded to a whole number of bytes."""
+    per_byte = 8 // bits
+    codes = codes.to(torch.uint8)
+    pad = -codes.shape[-1] % per_byte
+    if pad:
+        codes = torch.nn.functional.pad(codes, (0, pad))
+    if per_byte == 1:
+        return codes.contiguous()
+    codes = codes.view(*codes.shape[:-1], -1, per_byte)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
+    return (codes << shifts).sum(-1, dtype=torch.uint8)
+
+
+def unpack(packed: Tensor, bits: int, channels: int) -> Tensor:
+    """The inverse of ``pack``: uint8 codes ``[..., channels]``."""
+    per_byte = 8 // bits
+    if per_byte == 1:
+        return packed[..., :channels]
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    codes = (packed[..., None] >> shifts) & ((1 << bits) - 1)
+    return codes.flatten(-2)[..., :channels]
+
+
+def _grouped(x: Tensor, group_size: int) -> Tensor:
+    """The last axis cut into groups ``[..., n_groups, group_size]``; a short last group is padded
+    by repeating its last element, which leaves its minimum and maximum unchanged."""
+    pad = -x.shape[-1] % group_size
+    if pad:
+        x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], dim=-1)
+    return x.view(*x.shape[:-1], -1, group_size)
+
+
+def _expand(stat: Tensor, group_size: int, length: int) -> Tensor:
+    """Per-group statistics ``[..., n_groups]`` repeated to every element ``[..., length]``."""
+    return stat.repeat_interleave(group_size, dim=-1)[..., :length]
+
+
+def quantize(
+    x: Tensor, bits: int, group_size: int, axis: int, stats_dtype: torch.dtype | None = None
+) -> QuantizedTensor:
+    """Asymmetric round-to-nearest quantization of ``x`` ``[..., tokens, channels]`` in groups of
+    ``group_size`` along ``axis`` (-2: tokens, -1: channels).
+
+    Per group: ``scale = (max - min) / (2**bits - 1)``, ``code = round((x - min) / scale)``. Scale
+    and minimum are stored in ``stats_dtype`` (default ``x.dtype``) and the codes are computed from
+    the stored values, so that ``dequantize`` reproduces exactly what was rounded.
+    """
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    if group_size < 1 or axis not in (-1, -2):
+        raise ValueError(f"group_size must be >= 1 and axis -1 or -2, got {group_size}, {axis}")
+    stats_dtype = stats_dtype or x.dtype
+    work = torch.promote_types(x.dtype, torch.float32)
+    xt = x.to(work).transpose(-1, -2) if axis == -2 else x.to(work)  # group axis last
+    length = xt.shape[-1]
+    low, high = _grouped(xt, group_size).aminmax(dim=-1)
+    qmax = (1 << bits) - 1
+    scale = ((high - low) / qmax).to(stats_dtype)
+    minimum = low.to(stats_dtype)
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale).to(work)
+    s, m = _expand(safe, group_size, length), _expand(minimum.to(work), group_size, length)
+    codes = ((xt - m) / s).round_().clamp_(0, qmax)
+    if axis == -2:
+        codes, scale, minimum = codes.transpose(-1, -2), scale.transpose(-1, -2), minimum.transpose(-1, -2)
+    return QuantizedTensor(
+        codes=pack(codes, bits),
+        scale=scale.contiguous(),
+        minimum=minimum.contiguous(),
+        bits=bits,
+        channels=x.shape[-1],
+        group_size=group_size,
+        axis=axis,
+    )
+
+
+def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``code * scale + minimum`` in ``dtype``: a ``[..., tokens, channels]`` tensor."""
+    codes = unpack(q.codes, q.bits, q.channels).to(dtype)
+    scale, minimum = q.scale.to(dtype), q.minimum.to(dtype)
+    if q.axis == -2:
+        n = codes.shape[-2]
+        scale = scale.repeat_interleave(q.group_size, dim=-2)[..., :n, :]
+        minimum = minimum.repeat_interleave(q.group_size, dim=-2)[..., :n, :]
+    else:
+        scale = _expand(scale, q.group_size, q.channels)
+        minimum = _expand(minimum, q.group_size, q.channels)
+    return torch.addcmul(minimum, codes, scale)
+
+
+def concat(parts: list[QuantizedTensor]) -> QuantizedTensor:
+    """Quantized blocks joined along the token axis (key blocks must hold whole groups)."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    return QuantizedTensor(
+        codes=torch.cat([p.codes for p in parts], dim=-2),
+        scale=torch.cat([p.scale for p in parts], dim=-2),
+        minimum=torch.cat([p.minimum for p in parts], dim=-2),
+        bits=first.bits,
+        channels=first.channels,
+        group_size=first.group_size,
+        axis=first.axis,
+    )
+
+
+def select(q: QuantizedTensor, fn) -> QuantizedTensor:
+    """``q`` with ``fn`` applied to each of its tensors (e.g. a batch ``index_select``)."""
+    return QuantizedTensor(fn(q.codes), fn(q.scale), fn(q.minimum), q.bits, q.channels, q.group_size, q.axis)
+
+
+class TorchBackend:
+    """The pure-PyTorch implementation of the cache's two operations. A faster backend (a Triton
+    kernel that dequantizes inside attention) replaces this object and keeps its signatures."""
+
+    name = "torch"
+
+    def quantize(
+        self, x: Tensor, bits: int, group_size: int, axis: int, stats_dtype: torch.dtype
+    ) -> QuantizedTensor:
+        return quantize(x, bits, group_size, axis, stats_dtype)
+
+    def dequantize(self, q: QuantizedTensor, dtype: torch.dtype) -> Tensor:
+        return dequantize(q, dtype)
