@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from llmlite.config import EvalConfig, QuantizeConfig, build
+from llmlite.config import EvalConfig, GenerateConfig, QuantizeConfig, build
 from llmlite.errors import LlmliteError
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
@@ -32,6 +32,10 @@ def test_bundled_recipes_are_valid(recipe):
 
     if recipe.name.startswith("finetune"):
         assert build(FinetuneConfig, recipe, output="out")
+        return
+    if recipe.name.startswith("kv"):  # KV-cache options, shared by eval and generate
+        assert build(EvalConfig, recipe).kv_bits
+        assert build(GenerateConfig, recipe, prompt="Hello").kv_bits
         return
     cls = EvalConfig if recipe.name.startswith("eval") else QuantizeConfig
     assert build(cls, recipe)
