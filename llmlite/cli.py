@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--tasks",
         help="report tasks, comma-separated: wikitext, piqa, calibration, efficiency (the default), "
-        "passkey, needle, ppl_by_position, all, or any lm-eval task",
+        "kv_cache, passkey, needle, ppl_by_position, all, or any lm-eval task",
     )
     e.add_argument(
         "--limit",

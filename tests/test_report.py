@@ -133,3 +133,26 @@ def test_lm_eval_cli_reads_our_tasks_with_metadata(tmp_path, tiny_dir):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "token_perplexity" in out.stdout and "bits_per_byte" in out.stdout
+
+
+def test_report_kv_cache_task(tmp_path, tiny_dir, eval_cache):
+    report = tmp_path / "kv"
+    result = run(
+        "eval",
+        str(tiny_dir),
+        "--tasks",
+        "kv_cache",
+        "--limit",
+        "1",
+        "--ctx",
+        "128",
+        "--quiet",
+        "--report",
+        str(report),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((report / "report.json").read_text())["models"][0]["metrics"]["kv_cache"]
+    assert metrics["ratio_to_float16_kv16"] == 1.0
+    assert metrics["ratio_to_float16_kv2"] > metrics["ratio_to_float16_kv4"] > 1
+    assert all(metrics[f"ppl_kv{b}"] > 1 for b in (16, 4, 2))
+    assert "| kv_cache | ppl_kv4 |" in (report / "report.md").read_text()

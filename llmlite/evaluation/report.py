@@ -20,7 +20,7 @@ LM_EVAL_TASKS = {  # our names -> the lm-eval task configs under evals/
     "needle": "llmlite_needle",
     "ppl_by_position": "llmlite_ppl_by_position",
 }
-NATIVE_TASKS = ("calibration", "efficiency")
+NATIVE_TASKS = ("calibration", "efficiency", "kv_cache")
 DEFAULT_TASKS = ("wikitext", "piqa", "calibration", "efficiency")
 ALL_TASKS = (*LM_EVAL_TASKS, *NATIVE_TASKS)
 CACHE_VERSION = 1

@@ -18,6 +18,8 @@ def run(task: str, loaded, cfg: ReportConfig, progress: bool) -> dict:
         return calibration(loaded, cfg, progress)
     if task == "efficiency":
         return efficiency(loaded, cfg)
+    if task == "kv_cache":
+        return kv_cache(loaded, cfg, progress)
     return lm_eval_task(task, loaded, cfg)
 
 
@@ -140,3 +142,34 @@ def efficiency(loaded, cfg: ReportConfig) -> dict:
         metrics["peak_gpu_bytes"] = timing["peak_gpu_bytes"]
     metrics["joules_per_token_b1"] = b1["joules_per_token"]  # None: not available on this machine
     return {"metrics": metrics, "details": {"latency": timing, "macs": macs}}
+
+
+KV_BITS = (16, 4, 2)
+
+
+def kv_cache(loaded, cfg: ReportConfig, progress: bool) -> dict:
+    """Perplexity read back through llmlite's KV cache at 16 (unquantized), 4 and 2 bits (default
+    group, residual and sinks; prefill 256 or half the window, chunks of 32) on WikiText-2 raw
+    test windows, with the cache's bytes per token and its ratio to a float16 cache."""
+    from llmlite.data import eval_windows, load_text, tokenize
+    from llmlite.kvcache.cache import KVSpec, kv_cache_for
+    from llmlite.kvcache.evaluate import cached_perplexity
+
+    loaded.check_ctx()
+    windows = eval_windows(
+        tokenize(loaded.tokenizer, load_text("wikitext2")), cfg.ctx, cfg.limit_for("kv_cache")
+    )
+    prefill = min(256, cfg.ctx // 2)
+    metrics: dict = {}
+    for bits in KV_BITS:
+        spec = KVSpec(bits)
+        r = cached_perplexity(
+            loaded.model, windows, lambda s=spec: kv_cache_for(loaded.model, s), prefill, 32, progress
+        )
+        metrics[f"ppl_kv{bits}"] = r.perplexity
+        metrics[f"bytes_per_token_kv{bits}"] = r.cache_bytes_per_token
+        metrics[f"ratio_to_float16_kv{bits}"] = r.ratio_to_float16
+    return {
+        "metrics": metrics,
+        "details": {"spec": {"prefill": prefill, "chunk": 32, "windows": len(windows)}},
+    }
