@@ -10,7 +10,7 @@ DEMO := runs/smollm2-gptq-w4g128
 REPORT_LIMIT ?= wikitext=16,calibration=16,piqa=500
 REPORTS := docs/reports
 
-.PHONY: setup demo test bench bench-eval bench-finetune finetune-example report
+.PHONY: setup demo test bench bench-eval bench-finetune finetune-example bench-kvcache bench-gqa report
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -40,6 +40,12 @@ bench-finetune: setup
 
 finetune-example: setup
 	$(PY) benchmarks/finetune_example.py
+
+bench-kvcache: setup
+	OMP_NUM_THREADS=1 $(PY) benchmarks/kvcache.py --windows 3
+
+bench-gqa: setup
+	$(PY) benchmarks/gqa.py
 
 report: setup
 	$(VENV)/bin/llmlite quantize --output runs/gptq-w4g128 --overwrite --quiet

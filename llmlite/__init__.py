@@ -7,6 +7,7 @@ Public API (imported lazily so that ``llmlite --help`` starts fast)::
     report = llmlite.evaluate(model="out/w4g128", max_windows=8)
     result = llmlite.finetune(data="train.jsonl", method="qlora", output="out/adapter")
     llmlite.merge("out/adapter", output="out/merged")
+    print(llmlite.generate(prompt="The capital of France is", kv_bits=4).text)
     out = llmlite.report(model="out/w4g128", tasks=["wikitext", "piqa"], limit=50, report="out/report")
 """
 
@@ -27,6 +28,9 @@ _EXPORTS = {
     "finetune": "llmlite.training.train",
     "FinetuneConfig": "llmlite.training.config",
     "merge": "llmlite.training.merge",
+    "generate": "llmlite.kvcache.generate",
+    "QuantizedKVCache": "llmlite.kvcache.cache",
+    "convert_gqa_model": "llmlite.gqa",
 }
 __all__ = sorted(_EXPORTS)
 

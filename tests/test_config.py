@@ -33,6 +33,11 @@ def test_bundled_recipes_are_valid(recipe):
     if recipe.name.startswith("finetune"):
         assert build(FinetuneConfig, recipe, output="out")
         return
+    if recipe.name.startswith("gqa"):
+        from llmlite.gqa import GQAConfig
+
+        assert build(GQAConfig, recipe, output="out").kv_heads
+        return
     if recipe.name.startswith("kv"):  # KV-cache options, shared by eval and generate
         assert build(EvalConfig, recipe).kv_bits
         assert build(GenerateConfig, recipe, prompt="Hello").kv_bits

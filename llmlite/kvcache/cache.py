@@ -86,7 +86,8 @@ class QuantizedKVLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        empty = key_states[..., :0, :].to(self.spec.storage_dtype)
+        b, h, _, d = key_states.shape
+        empty = key_states.new_empty((b, h, 0, d), dtype=self.spec.storage_dtype)  # owns no storage
         self.sink_keys = self.sink_values = self.recent_keys = self.recent_values = empty
         self.is_initialized = True
 

@@ -1,0 +1,167 @@
+"""``convert_gqa_model``: load, convert, optionally uptrain, and save (the API behind
+``llmlite convert-gqa``), with its options dataclass ``GQAConfig``."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from torch import Tensor, nn
+
+from llmlite.data import DEFAULT_CALIBRATION, calibration_windows, load_text, tokenize
+from llmlite.errors import LlmliteError
+from llmlite.gqa.convert import METHODS, attention_layers, check_target, convert_gqa
+from llmlite.gqa.uptrain import UPTRAIN_PARAMS, trainable_parameters, uptrain
+from llmlite.models import DEFAULT_MODEL, atomic_output, check_output, load_model
+
+RECORD = "llmlite_gqa.json"
+
+
+@dataclass
+class GQAConfig:
+    """Options of ``llmlite convert-gqa`` / ``llmlite.convert_gqa_model``."""
+
+    model: str = DEFAULT_MODEL
+    kv_heads: int | None = None  # required
+    method: str = "aligned"
+    calibration: str = DEFAULT_CALIBRATION  # for the weighted/aligned methods and uptraining
+    samples: int = 16  # calibration windows of the weighted/aligned methods
+    seqlen: int = 512  # tokens per window, calibration and uptraining
+    seed: int = 0
+    uptrain_tokens: int = 0  # 0: no uptraining
+    uptrain_lr: float = 1e-4
+    uptrain_params: str = "attention"
+    batch_size: int = 4  # uptraining windows per step
+    output: str | None = None
+    overwrite: bool = False
+
+    def validate(self) -> GQAConfig:
+        if self.kv_heads is None:
+            raise LlmliteError("convert-gqa needs --kv-heads G, the number of key/value heads to keep")
+        if isinstance(self.kv_heads, bool) or not isinstance(self.kv_heads, int) or self.kv_heads < 1:
+            raise LlmliteError(f"--kv-heads must be a whole number of at least 1, got {self.kv_heads!r}")
+        if self.method not in METHODS:
+            raise LlmliteError(f"unknown method '{self.method}'; use one of: {', '.join(METHODS)}")
+        if self.uptrain_params not in UPTRAIN_PARAMS:
+            raise LlmliteError(
+                f"unknown --uptrain-params '{self.uptrain_params}'; use one of: {', '.join(UPTRAIN_PARAMS)}"
+            )
+        for name in ("samples", "seqlen", "batch_size"):
+            if getattr(self, name) < 1:
+                raise LlmliteError(
+                    f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
+                )
+        if self.uptrain_tokens < 0:
+            raise LlmliteError(f"--uptrain-tokens must be 0 (off) or more, got {self.uptrain_tokens}")
+        if not 0 < self.uptrain_lr < 1:
+            raise LlmliteError(
+                f"--uptrain-lr {self.uptrain_lr} is out of range; use a value in (0, 1), e.g. 1e-4"
+            )
+        return self
+
+
+@dataclass
+class GQAResult:
+    model: nn.Module
+    tokenizer: object
+    config: GQAConfig
+    record: dict = field(default_factory=dict)  # what llmlite_gqa.json holds
+    output: Path | None = None
+
+
+def kv_cache_bytes_per_token(config, bytes_per_value: int = 2) -> int:
+    """Bytes of keys and values cached per token: 2 × layers × kv_heads × head_dim × value size."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return 2 * config.num_hidden_layers * kv * head_dim * bytes_per_value
+
+
+def convert_gqa_model(
+    config: GQAConfig | None = None, *, recipe: str | None = None, progress: bool = True, **options
+) -> GQAResult:
+    """Load a model, convert its attention to ``kv_heads`` key/value heads, optionally uptrain it by
+    distillation from the original, and (with ``output``) save it with its tokenizer.
+
+    Options are ``GQAConfig``'s fields (``convert_gqa_model(kv_heads=1, output="out")``) or a ready
+    ``config``; ``recipe`` names a YAML file of options that ``options`` override.
+    """
+    from llmlite.api import environment
+    from llmlite.config import build
+
+    cfg = config.validate() if config is not None else build(GQAConfig, recipe, **options)
+    if cfg.output:
+        check_output(cfg.output, cfg.overwrite)  # fail before the long work, not after
+    start = time.perf_counter()
+    model, tokenizer = load_model(cfg.model)
+    heads, before = check_target(model.config, cfg.kv_heads)
+    attention_layers(model)  # a quantized model fails here, before calibration
+    record = {
+        "settings": asdict(cfg),
+        "source": cfg.model,
+        "architecture": model.config.model_type,
+        "layers": model.config.num_hidden_layers,
+        "heads": heads,
+        "kv_heads_before": before,
+        "kv_heads_after": cfg.kv_heads,
+        "kv_cache_bytes_per_token_fp16_before": kv_cache_bytes_per_token(model.config),
+        "calibration": None,
+        "uptraining": None,
+    }
+    ids, windows = None, None
+    if cfg.method != "mean" and cfg.kv_heads < before:
+        ids = tokenize(tokenizer, load_text(cfg.calibration))
+        windows = calibration_windows(ids, cfg.samples, cfg.seqlen, cfg.seed)
+        record["calibration"] = {"text": cfg.calibration, "windows": cfg.samples, "seqlen": cfg.seqlen}
+    teacher = copy.deepcopy(model) if cfg.uptrain_tokens else None
+    convert_gqa(model, cfg.kv_heads, cfg.method, windows, progress)
+    record["convert_seconds"] = round(time.perf_counter() - start, 2)
+    record["kv_cache_bytes_per_token_fp16_after"] = kv_cache_bytes_per_token(model.config)
+    if teacher is not None:
+        ids = tokenize(tokenizer, load_text(cfg.calibration)) if ids is None else ids
+        train = calibration_windows(ids, math.ceil(cfg.uptrain_tokens / cfg.seqlen), cfg.seqlen, cfg.seed + 1)
+        begin = time.perf_counter()
+        losses = uptrain(
+            model, teacher, train, cfg.uptrain_lr, cfg.batch_size, cfg.uptrain_params, cfg.seed, progress
+        )
+        del teacher
+        record["uptraining"] = _uptrain_record(model, cfg, train, losses, time.perf_counter() - begin)
+    record["seconds"] = round(time.perf_counter() - start, 2)
+    record["environment"] = environment()
+    output = None
+    if cfg.output:
+        with atomic_output(cfg.output, cfg.overwrite) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        output = Path(cfg.output)
+        model.llmlite_source = str(output)
+    return GQAResult(model, tokenizer, cfg, record, output)
+
+
+def _uptrain_record(
+    model: nn.Module, cfg: GQAConfig, train: Tensor, losses: list[float], seconds: float
+) -> dict:
+    tenth = max(1, len(losses) // 10)
+    return {
+        "text": cfg.calibration,
+        "tokens": train.numel(),
+        "windows": len(train),
+        "seqlen": cfg.seqlen,
+        "batch_size": cfg.batch_size,
+        "steps": len(losses),
+        "lr": cfg.uptrain_lr,
+        "optimizer": "AdamW, no weight decay, cosine to 0, no warm-up, gradient norm 1",
+        "loss": "KL(teacher || student) of the next-token distributions, temperature 1",
+        "params": cfg.uptrain_params,
+        "trainable_params": sum(p.numel() for p in trainable_parameters(model, cfg.uptrain_params)),
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "loss_first_tenth": sum(losses[:tenth]) / tenth,
+        "loss_last_tenth": sum(losses[-tenth:]) / tenth,
+        "losses": [round(x, 5) for x in losses],
+        "seconds": round(seconds, 2),
+    }
