@@ -84,7 +84,8 @@ def test_rope_is_undone_and_redone_exactly():
     keys = torch.randn(1, 2, 40, 64, dtype=torch.float64)
     there = layer._rotate(keys, 7, inverse=True)
     assert not torch.allclose(there, keys)
-    torch.testing.assert_close(layer._rotate(there, 7), keys, rtol=0, atol=1e-12)
+    # the angles are float32, the same both ways: cos² + sin² is 1 to float32 rounding
+    torch.testing.assert_close(layer._rotate(there, 7), keys, rtol=0, atol=1e-6)
 
 
 def _updates(cache, lengths, heads=2, dim=16, dtype=torch.float32):
@@ -119,7 +120,7 @@ def test_layout_residual_sinks_and_exact_bytes():
 def test_read_back_is_the_stored_data():
     cache = QuantizedKVCache(bits=8, group_size=4, residual=2, sinks=1, storage_dtype=torch.float32)
     states = _updates(cache, [9, 1, 3])
-    keys, values = cache.layers[0]._read()
+    keys, values = cache.layers[0]._read(states[..., :0, :], states[..., :0, :])
     assert torch.equal(keys[..., :1, :], states[..., :1, :])  # the sink, exact
     assert torch.equal(keys[..., -2:, :], states[..., -2:, :])  # the residual, exact
     step = (states.max() - states.min()) / 255

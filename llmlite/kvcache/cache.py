@@ -67,6 +67,18 @@ def _cat(parts: list[Tensor]) -> Tensor:
     return t if exact else t.clone(memory_format=torch.contiguous_format)
 
 
+def _join(parts: list[Tensor | None], new: Tensor, dtype: torch.dtype) -> Tensor:
+    """``parts`` (in token order) without their last ``len(new)`` tokens, then ``new``, in one copy."""
+    drop = new.shape[-2]
+    kept: list[Tensor] = []
+    for part in reversed([p for p in parts if p is not None and p.shape[-2] > 0]):
+        cut = min(drop, part.shape[-2])
+        drop -= cut
+        if part.shape[-2] > cut:
+            kept.append(part[..., : part.shape[-2] - cut, :].to(dtype))
+    return torch.cat([*reversed(kept), new], dim=-2) if kept else new
+
+
 class QuantizedKVLayer(CacheLayerMixin):
     """One decoder layer's share of a ``QuantizedKVCache``."""
 
@@ -108,11 +120,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.recent_values = _cat([self.recent_values, v])
         if self.spec.bits != 16:
             self._flush()
-        keys, values = self._read()
-        # the running tokens see their own states exactly
-        keys = torch.cat([keys[..., : keys.shape[-2] - n, :], key_states], dim=-2)
-        values = torch.cat([values[..., : values.shape[-2] - n, :], value_states], dim=-2)
-        return keys, values
+        return self._read(key_states, value_states)
 
     def _flush(self) -> None:
         spec = self.spec
@@ -142,8 +150,8 @@ class QuantizedKVLayer(CacheLayerMixin):
         exact whatever positions the model used."""
         if self.inv_freq is None:
             return keys
-        positions = torch.arange(start, start + keys.shape[-2], device=keys.device, dtype=torch.float64)
-        angles = positions[:, None] * self.inv_freq.to(keys.device, torch.float64)[None]
+        positions = torch.arange(start, start + keys.shape[-2], device=keys.device, dtype=torch.float32)
+        angles = torch.outer(positions, self.inv_freq.to(keys.device, torch.float32))
         cos, sin = angles.cos().repeat(1, 2).to(keys.dtype), angles.sin().repeat(1, 2).to(keys.dtype)
         if inverse:
             sin = -sin
@@ -151,18 +159,19 @@ class QuantizedKVLayer(CacheLayerMixin):
         rotated = torch.cat([-keys[..., half:], keys[..., :half]], dim=-1)
         return keys * cos + rotated * sin
 
-    def _read(self) -> tuple[Tensor, Tensor]:
+    def _read(self, new_keys: Tensor, new_values: Tensor) -> tuple[Tensor, Tensor]:
+        """Everything stored, in the compute dtype, with the last tokens replaced by ``new_*``:
+        the running tokens see their own states exactly."""
         deq = self.backend.dequantize
-        qk = None
+        qk = qv = None
         if self.quant_keys is not None:
             qk = self._rotate(deq(self.quant_keys, torch.float32), self.sink_keys.shape[-2]).to(self.dtype)
-        qv = None
         if self.quant_values is not None:
             b, h, _, d = self.recent_values.shape
             qv = deq(self.quant_values, self.dtype)
             qv = qv.view(b, qv.shape[-2], h, d).transpose(1, 2)
-        keys = _cat([self.sink_keys.to(self.dtype), qk, self.recent_keys.to(self.dtype)])
-        values = _cat([self.sink_values.to(self.dtype), qv, self.recent_values.to(self.dtype)])
+        keys = _join([self.sink_keys, qk, self.recent_keys], new_keys, self.dtype)
+        values = _join([self.sink_values, qv, self.recent_values], new_values, self.dtype)
         return keys, values
 
     def tensors(self) -> list[Tensor]:

@@ -53,14 +53,15 @@ def pack(codes: Tensor, bits: int) -> Tensor:
     return (codes << shifts).sum(-1, dtype=torch.uint8)
 
 
-def unpack(packed: Tensor, bits: int, channels: int) -> Tensor:
-    """The inverse of ``pack``: uint8 codes ``[..., channels]``."""
+def unpack(packed: Tensor, bits: int, channels: int, dtype: torch.dtype = torch.uint8) -> Tensor:
+    """The inverse of ``pack``: codes ``[..., channels]`` in ``dtype``."""
     per_byte = 8 // bits
     if per_byte == 1:
-        return packed[..., :channels]
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-    codes = (packed[..., None] >> shifts) & ((1 << bits) - 1)
-    return codes.flatten(-2)[..., :channels]
+        return packed[..., :channels].to(dtype)
+    mask = (1 << bits) - 1
+    # one shift and mask per position in the byte (on CPU ~3x faster than a broadcast shift)
+    parts = [packed & mask] + [(packed >> (bits * i)) & mask for i in range(1, per_byte)]
+    return torch.stack(parts, dim=-1).flatten(-2)[..., :channels].to(dtype)
 
 
 def _grouped(x: Tensor, group_size: int) -> Tensor:
@@ -117,15 +118,20 @@ def quantize(
 
 def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """``code * scale + minimum`` in ``dtype``: a ``[..., tokens, channels]`` tensor."""
-    codes = unpack(q.codes, q.bits, q.channels).to(dtype)
+    codes = unpack(q.codes, q.bits, q.channels, dtype)
     scale, minimum = q.scale.to(dtype), q.minimum.to(dtype)
+    g, (*lead, n, c) = q.group_size, codes.shape
+    if q.axis == -2 and n % g == 0:  # whole groups (the cache's keys): broadcast, no expansion
+        grouped = codes.view(*lead, n // g, g, c)
+        return torch.addcmul(minimum[..., None, :], grouped, scale[..., None, :]).view(*lead, n, c)
+    if q.axis == -1 and c % g == 0:
+        grouped = codes.view(*lead, n, c // g, g)
+        return torch.addcmul(minimum[..., None], grouped, scale[..., None]).view(*lead, n, c)
     if q.axis == -2:
-        n = codes.shape[-2]
-        scale = scale.repeat_interleave(q.group_size, dim=-2)[..., :n, :]
-        minimum = minimum.repeat_interleave(q.group_size, dim=-2)[..., :n, :]
+        scale = scale.repeat_interleave(g, dim=-2)[..., :n, :]
+        minimum = minimum.repeat_interleave(g, dim=-2)[..., :n, :]
     else:
-        scale = _expand(scale, q.group_size, q.channels)
-        minimum = _expand(minimum, q.group_size, q.channels)
+        scale, minimum = _expand(scale, g, c), _expand(minimum, g, c)
     return torch.addcmul(minimum, codes, scale)
 
 
