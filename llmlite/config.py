@@ -117,7 +117,7 @@ class GenerateConfig:
     max_new_tokens: int = 64
     kv_bits: int | None = None  # None: transformers' default (unquantized) cache
     kv_group_size: int = KV_DEFAULTS["group_size"]
-    kv_residual: int = KV_DEFAULTS["residual"]
+    kv_residual: int | None = None  # None: the default window, never an error on short contexts
     kv_sinks: int = KV_DEFAULTS["sinks"]
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
@@ -131,6 +131,10 @@ class GenerateConfig:
             raise LlmliteError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise LlmliteError("--temperature must be 0 (greedy) or more and --top-p in (0, 1]")
+        if self.kv_residual is not None and (
+            isinstance(self.kv_residual, bool) or not isinstance(self.kv_residual, int)
+        ):
+            raise LlmliteError(f"option kv-residual must be a whole number, got {self.kv_residual!r}")
         if self.kv_bits is not None:
             kv_spec(self).validate()
         return self
@@ -140,7 +144,8 @@ def kv_spec(config: EvalConfig | GenerateConfig):
     """The KV-cache settings of an eval or generate config."""
     from llmlite.kvcache.cache import KVSpec
 
-    return KVSpec(config.kv_bits, config.kv_group_size, config.kv_residual, config.kv_sinks)
+    residual = KV_DEFAULTS["residual"] if config.kv_residual is None else config.kv_residual
+    return KVSpec(config.kv_bits, config.kv_group_size, residual, config.kv_sinks)
 
 
 def read_recipe(path: str | Path) -> dict[str, Any]:

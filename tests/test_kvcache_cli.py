@@ -100,4 +100,6 @@ def test_generate_api_and_recipe(tiny_dir):
         max_new_tokens=40,
     )
     assert r.kv_bits == 2 and r.new_tokens == 40
+    short = llmlite.generate(prompt="Hi", model=str(tiny_dir), kv_bits=4, max_new_tokens=3)
+    assert short.new_tokens == 3  # the default window may be longer than a short context
     assert r.float16_cache_bytes / r.cache_bytes > 1.5

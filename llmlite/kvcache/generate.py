@@ -48,7 +48,7 @@ def generate(
     device = next(model.parameters()).device
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=not cfg.chat).input_ids.to(device)
     context = ids.shape[1] + cfg.max_new_tokens
-    if cfg.kv_bits is not None and cfg.kv_residual > context:
+    if cfg.kv_bits is not None and cfg.kv_residual is not None and cfg.kv_residual > context:
         raise LlmliteError(
             f"--kv-residual {cfg.kv_residual} is longer than the context ({context} tokens: prompt plus "
             "--max-new-tokens), so nothing would be quantized; lower it"
