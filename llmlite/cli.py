@@ -351,7 +351,12 @@ def _options(args: argparse.Namespace) -> tuple[dict, str | None, bool]:
     options = dict(vars(args))
     for key in ("verb", "func"):
         options.pop(key, None)
-    return options, options.pop("recipe", None), not options.pop("quiet", False)
+    quiet = options.pop("quiet", False)
+    if quiet:  # transformers' own bars too ("Loading weights")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    return options, options.pop("recipe", None), not quiet
 
 
 def _quantize(args: argparse.Namespace) -> int:
