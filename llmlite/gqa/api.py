@@ -16,6 +16,7 @@ from llmlite.data import DEFAULT_CALIBRATION, calibration_windows, load_text, to
 from llmlite.errors import LlmliteError
 from llmlite.gqa.convert import METHODS, attention_layers, check_target, convert_gqa
 from llmlite.gqa.uptrain import UPTRAIN_PARAMS, trainable_parameters, uptrain
+from llmlite.kvcache.evaluate import float16_cache_bytes
 from llmlite.models import DEFAULT_MODEL, atomic_output, check_output, load_model
 
 RECORD = "llmlite_gqa.json"
@@ -73,11 +74,9 @@ class GQAResult:
     output: Path | None = None
 
 
-def kv_cache_bytes_per_token(config, bytes_per_value: int = 2) -> int:
-    """Bytes of keys and values cached per token: 2 × layers × kv_heads × head_dim × value size."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return 2 * config.num_hidden_layers * kv * head_dim * bytes_per_value
+def kv_cache_bytes_per_token(config) -> int:
+    """Bytes of keys and values cached per token in float16: 2 × layers × kv_heads × head_dim × 2."""
+    return float16_cache_bytes(config, tokens=1)
 
 
 def convert_gqa_model(

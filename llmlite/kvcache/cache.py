@@ -1,5 +1,5 @@
 """A quantized key/value cache for ``transformers`` (KIVI's scheme), usable with ``model.generate``
-and with any forward pass that carries ``past_key_values``.
+and with any forward pass that carries a cache (``cache=``, formerly ``past_key_values=``).
 
 Per layer the cache holds, in token order: up to ``sinks`` first tokens in full precision, the
 quantized middle, and the recent tokens in full precision. Keys are quantized per channel in
@@ -234,7 +234,7 @@ class QuantizedKVLayer(CacheLayerMixin):
 
 
 class QuantizedKVCache(Cache):
-    """A KIVI-style quantized KV cache: ``model.generate(ids, past_key_values=QuantizedKVCache(...))``.
+    """A KIVI-style quantized KV cache: ``model.generate(ids, cache=QuantizedKVCache(...))``.
 
     ``bits`` 2, 4 or 8 (16: unquantized, stored in ``storage_dtype``); ``group_size`` tokens per key
     group and channels per value group; ``residual`` recent tokens and ``sinks`` first tokens kept
