@@ -153,7 +153,7 @@ def _evaluate_one(cfg: EvalConfig, source: str, text: str, model, tokenizer, pro
         else:
             spec = kv_spec(cfg)
             result = cached_perplexity(
-                model, windows, lambda: kv_cache_for(model, spec), cfg.prefill, cfg.chunk, progress
+                model, windows, lambda: kv_cache_for(model, spec, tokenizer), cfg.prefill, cfg.chunk, progress
             )
     kv = {}
     if cfg.kv_bits is not None:

@@ -277,6 +277,16 @@ def _kv_options(parser: argparse.ArgumentParser) -> None:
         "--kv-residual", type=int, help=f"recent tokens kept in full precision ({d['residual']})"
     )
     parser.add_argument("--kv-sinks", type=int, help=f"first tokens kept in full precision ({d['sinks']})")
+    parser.add_argument(
+        "--kv-scheme",
+        help="kivi (keys per channel in token groups), salient (keys per token, the most important "
+        "channels at twice the bits; values rotated) or auto: salient at 2 bits, kivi otherwise (auto)",
+    )
+    parser.add_argument(
+        "--kv-salient",
+        type=float,
+        help=f"salient scheme: fraction of key channels at twice the bits ({d['salient']})",
+    )
 
 
 def _generate_parser(verbs) -> None:
@@ -285,7 +295,7 @@ def _generate_parser(verbs) -> None:
         help="generate text, optionally with a quantized KV cache",
         argument_default=argparse.SUPPRESS,
         description="Continue PROMPT with the model (greedy unless --temperature). With --kv-bits the keys "
-        "and values are stored in llmlite's quantized cache (KIVI: keys per channel, values per token).",
+        "and values are stored in llmlite's quantized cache (--kv-scheme kivi or salient).",
     )
     g.add_argument("prompt", help="the text to continue")
     g.add_argument(
@@ -379,7 +389,7 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 _REPORT_OPTIONS = ("tasks", "limit", "report", "cache", "overwrite")
-_KV_OPTIONS = ("kv_group_size", "kv_residual", "kv_sinks", "prefill", "chunk")
+_KV_OPTIONS = ("kv_group_size", "kv_residual", "kv_sinks", "kv_scheme", "kv_salient", "prefill", "chunk")
 
 
 def _eval(args: argparse.Namespace) -> int:

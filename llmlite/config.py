@@ -82,6 +82,8 @@ class EvalConfig:
     kv_group_size: int = KV_DEFAULTS["group_size"]
     kv_residual: int = KV_DEFAULTS["residual"]
     kv_sinks: int = KV_DEFAULTS["sinks"]
+    kv_scheme: str = KV_DEFAULTS["scheme"]  # kivi, salient, or auto (salient at 2 bits)
+    kv_salient: float = KV_DEFAULTS["salient"]  # salient scheme: fraction of key channels at 2x bits
     prefill: int = 256  # tokens of each window that fill the cache before scoring starts
     chunk: int = 32  # tokens scored per forward pass against the cache (1 = token by token)
 
@@ -119,6 +121,8 @@ class GenerateConfig:
     kv_group_size: int = KV_DEFAULTS["group_size"]
     kv_residual: int | None = None  # None: the default window, never an error on short contexts
     kv_sinks: int = KV_DEFAULTS["sinks"]
+    kv_scheme: str = KV_DEFAULTS["scheme"]
+    kv_salient: float = KV_DEFAULTS["salient"]
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     seed: int = 0
@@ -141,11 +145,18 @@ class GenerateConfig:
 
 
 def kv_spec(config: EvalConfig | GenerateConfig):
-    """The KV-cache settings of an eval or generate config."""
+    """The KV-cache settings of an eval or generate config, checked (``auto`` resolved)."""
     from llmlite.kvcache.cache import KVSpec
 
     residual = KV_DEFAULTS["residual"] if config.kv_residual is None else config.kv_residual
-    return KVSpec(config.kv_bits, config.kv_group_size, residual, config.kv_sinks)
+    return KVSpec(
+        config.kv_bits,
+        config.kv_group_size,
+        residual,
+        config.kv_sinks,
+        scheme=config.kv_scheme,
+        salient=config.kv_salient,
+    ).validate()
 
 
 def read_recipe(path: str | Path) -> dict[str, Any]:

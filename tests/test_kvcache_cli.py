@@ -32,6 +32,9 @@ def text_file(tmp_path_factory):
         (["eval", "--kv-bits", "4", "--ctx", "256", "--prefill", "256"], ["--prefill 256"]),
         (["eval", "--kv-bits", "4", "--chunk", "0"], ["--chunk 0"]),
         (["eval", "--kv-residual", "8"], ["add --kv-bits"]),
+        (["generate", "Hi", "--kv-bits", "2", "--kv-scheme", "zip"], ["--kv-scheme zip", "kivi, salient"]),
+        (["eval", "--kv-bits", "2", "--kv-salient", "1.5"], ["--kv-salient 1.5", "[0, 1)"]),
+        (["eval", "--kv-scheme", "kivi"], ["add --kv-bits"]),
         (["eval", "--tasks", "piqa", "--kv-bits", "4"], ["not a report option"]),
     ],
 )
@@ -63,7 +66,8 @@ def test_eval_through_the_cache(tiny_dir, text_file, tmp_path):
     assert "2-bit KV cache" in result.stdout
     assert "Loading weights" not in result.stderr  # --quiet silences transformers' bars too
     data = json.loads(out.read_text())
-    assert data["kv_cache"] == {"bits": 2, "group_size": 16, "residual": 8, "sinks": 4}
+    expected = {"bits": 2, "group_size": 16, "residual": 8, "sinks": 4, "scheme": "salient", "salient": 0.2}
+    assert data["kv_cache"] == expected  # auto: the salient scheme at 2 bits
     assert data["tokens"] == 2 * (128 - 32) and data["ratio_to_float16"] > 2
     assert data["cache_bytes_per_token"] == data["cache_bytes"] / 128
     full = run("eval", *common, "--kv-bits", "16", "--prefill", "32", "--json", str(out), "--quiet")

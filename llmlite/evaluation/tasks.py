@@ -164,7 +164,12 @@ def kv_cache(loaded, cfg: ReportConfig, progress: bool) -> dict:
     for bits in KV_BITS:
         spec = KVSpec(bits)
         r = cached_perplexity(
-            loaded.model, windows, lambda s=spec: kv_cache_for(loaded.model, s), prefill, 32, progress
+            loaded.model,
+            windows,
+            lambda s=spec: kv_cache_for(loaded.model, s, loaded.tokenizer),
+            prefill,
+            32,
+            progress,
         )
         metrics[f"ppl_kv{bits}"] = r.perplexity
         metrics[f"bytes_per_token_kv{bits}"] = r.cache_bytes_per_token

@@ -11,13 +11,18 @@ time, keys a whole group of tokens at a time, so that at most ``residual + group
 and ``residual`` values are in full precision. ``bits=16`` keeps everything in full precision
 (the float16 cache, through the same code).
 
+The ``salient`` scheme (``llmlite.kvcache.salient``) stores keys per token instead: normalised
+per channel, the most important channels at twice the bits; values are rotated within each head
+before quantization. It is the default at 2 bits.
+
 The tokens of the forward pass that is running always see their own keys and values exactly, as
 in real decoding; earlier tokens are read back from what the cache stores.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import Tensor
@@ -26,8 +31,20 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from llmlite.errors import LlmliteError
 from llmlite.kvcache.defaults import KV_DEFAULTS
 from llmlite.kvcache.quant import SUPPORTED_BITS, QuantizedTensor, TorchBackend, concat, select
+from llmlite.kvcache.salient import (
+    FIT_TOKENS,
+    ChannelStats,
+    SalientKeys,
+    concat_keys,
+    decode_keys,
+    encode_keys,
+    fit_channels,
+    hadamard,
+    select_keys,
+)
 
 CACHE_BITS = (*SUPPORTED_BITS, 16)
+SCHEMES = ("auto", "kivi", "salient")
 
 
 @dataclass(frozen=True)
@@ -39,8 +56,11 @@ class KVSpec:
     residual: int = KV_DEFAULTS["residual"]
     sinks: int = KV_DEFAULTS["sinks"]
     storage_dtype: torch.dtype = torch.float16  # full-precision tokens, scales and minima
+    scheme: str = "auto"  # kivi, salient, or auto: salient at 2 bits, kivi otherwise
+    salient: float = KV_DEFAULTS["salient"]  # salient scheme: fraction of key channels at 2x bits
 
     def validate(self) -> KVSpec:
+        """This spec checked, with ``auto`` resolved."""
         if self.bits not in CACHE_BITS:
             raise LlmliteError(
                 f"--kv-bits {self.bits} is not supported; use 2, 4 or 8 (or 16 for the unquantized cache)"
@@ -53,6 +73,14 @@ class KVSpec:
             raise LlmliteError(f"--kv-residual {self.residual} is invalid; use 0 or more recent tokens")
         if self.sinks < 0:
             raise LlmliteError(f"--kv-sinks {self.sinks} is invalid; use 0 or more initial tokens")
+        if self.scheme not in SCHEMES:
+            raise LlmliteError(f"--kv-scheme {self.scheme} is unknown; use one of: {', '.join(SCHEMES)}")
+        if not 0 <= self.salient < 1:
+            raise LlmliteError(
+                f"--kv-salient {self.salient} is out of range; use a fraction of key channels in [0, 1)"
+            )
+        if self.scheme == "auto":
+            return replace(self, scheme="salient" if self.bits == 2 else "kivi")
         return self
 
 
@@ -85,20 +113,27 @@ class QuantizedKVLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, spec: KVSpec, backend=None, inv_freq: Tensor | None = None):
+    def __init__(
+        self, spec: KVSpec, backend=None, inv_freq: Tensor | None = None, query_weight: Tensor | None = None
+    ):
         super().__init__()
         self.spec = spec
         self.backend = backend or TorchBackend()
         self.inv_freq = inv_freq
+        self.query_weight = query_weight  # salient scheme: [heads, dim] weight of each key channel
+        self.key_stats: ChannelStats | None = None  # salient scheme: fitted on the first keys
+        self.rotation: Tensor | None = None  # salient scheme: Hadamard matrix applied to values
         self.length = 0
         self.sink_keys = self.sink_values = None  # [b, h, <=sinks, d], storage dtype
         self.recent_keys = self.recent_values = None  # [b, h, n, d], storage dtype
-        self.quant_keys: QuantizedTensor | None = None
+        self.quant_keys: QuantizedTensor | SalientKeys | None = None
         self.quant_values: QuantizedTensor | None = None
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         b, h, _, d = key_states.shape
+        if self.spec.scheme == "salient" and d & (d - 1) == 0:
+            self.rotation = hadamard(d).to(self.device)
         empty = key_states.new_empty((b, h, 0, d), dtype=self.spec.storage_dtype)  # owns no storage
         self.sink_keys = self.sink_values = self.recent_keys = self.recent_values = empty
         self.is_initialized = True
@@ -124,20 +159,46 @@ class QuantizedKVLayer(CacheLayerMixin):
 
     def _flush(self) -> None:
         spec = self.spec
-        old_keys = (self.recent_keys.shape[-2] - spec.residual) // spec.group_size * spec.group_size
-        if old_keys > 0:
-            start = self.sink_keys.shape[-2] + self._quantized_keys()
-            block = self._rotate(self.recent_keys[..., :old_keys, :].float(), start, inverse=True)
-            block = self.backend.quantize(block, spec.bits, spec.group_size, -2, spec.storage_dtype)
-            self.quant_keys = block if self.quant_keys is None else concat([self.quant_keys, block])
-            self.recent_keys = self.recent_keys[..., old_keys:, :].clone()  # frees the flushed part
+        if spec.scheme == "salient":
+            self._flush_salient_keys()
+        else:
+            old_keys = (self.recent_keys.shape[-2] - spec.residual) // spec.group_size * spec.group_size
+            if old_keys > 0:
+                block = self._old_keys(old_keys)
+                block = self.backend.quantize(block, spec.bits, spec.group_size, -2, spec.storage_dtype)
+                self.quant_keys = block if self.quant_keys is None else concat([self.quant_keys, block])
         old_values = self.recent_values.shape[-2] - spec.residual
         if old_values > 0:
             b, h, _, d = self.recent_values.shape
-            block = self.recent_values[..., :old_values, :].transpose(1, 2).reshape(b, 1, old_values, h * d)
+            block = self.recent_values[..., :old_values, :]
+            if self.rotation is not None:
+                block = block.float() @ self.rotation
+            block = block.transpose(1, 2).reshape(b, 1, old_values, h * d)
             block = self.backend.quantize(block, spec.bits, spec.group_size, -1, spec.storage_dtype)
             self.quant_values = block if self.quant_values is None else concat([self.quant_values, block])
             self.recent_values = self.recent_values[..., old_values:, :].clone()
+
+    def _old_keys(self, count: int) -> Tensor:
+        """The first ``count`` recent keys, rotated back to before RoPE, dropped from the window."""
+        start = self.sink_keys.shape[-2] + self._quantized_keys()
+        block = self._rotate(self.recent_keys[..., :count, :].float(), start, inverse=True)
+        self.recent_keys = self.recent_keys[..., count:, :].clone()  # frees the flushed part
+        return block
+
+    def _flush_salient_keys(self) -> None:
+        """Keys one token at a time, once the channel statistics are fitted on the first
+        ``FIT_TOKENS`` keys after the sinks (until then they wait in full precision)."""
+        spec, waiting = self.spec, self.recent_keys.shape[-2]
+        if self.key_stats is None:
+            if waiting < FIT_TOKENS or waiting <= spec.residual:
+                return
+            start = self.sink_keys.shape[-2]
+            keys = self._rotate(self.recent_keys.float(), start, inverse=True)
+            self.key_stats = fit_channels(keys, spec.salient, self.query_weight, spec.storage_dtype)
+        old = waiting - spec.residual
+        if old > 0:
+            block = encode_keys(self._old_keys(old), self.key_stats, spec.bits, spec.storage_dtype)
+            self.quant_keys = block if self.quant_keys is None else concat_keys([self.quant_keys, block])
 
     def _quantized_keys(self) -> int:
         return 0 if self.quant_keys is None else self.quant_keys.tokens
@@ -164,12 +225,19 @@ class QuantizedKVLayer(CacheLayerMixin):
         the running tokens see their own states exactly."""
         deq = self.backend.dequantize
         qk = qv = None
+        b, h, _, d = self.recent_values.shape
         if self.quant_keys is not None:
-            qk = self._rotate(deq(self.quant_keys, torch.float32), self.sink_keys.shape[-2]).to(self.dtype)
+            if isinstance(self.quant_keys, SalientKeys):
+                qk = decode_keys(self.quant_keys, self.key_stats, h)
+            else:
+                qk = deq(self.quant_keys, torch.float32)
+            qk = self._rotate(qk, self.sink_keys.shape[-2]).to(self.dtype)
         if self.quant_values is not None:
-            b, h, _, d = self.recent_values.shape
-            qv = deq(self.quant_values, self.dtype)
-            qv = qv.view(b, qv.shape[-2], h, d).transpose(1, 2)
+            qv = deq(self.quant_values, torch.float32 if self.rotation is not None else self.dtype)
+            qv = qv.view(b, qv.shape[-2], h, d)
+            if self.rotation is not None:
+                qv = (qv @ self.rotation).to(self.dtype)
+            qv = qv.transpose(1, 2)
         keys = _join([self.sink_keys, qk, self.recent_keys], new_keys, self.dtype)
         values = _join([self.sink_values, qv, self.recent_values], new_values, self.dtype)
         return keys, values
@@ -181,7 +249,7 @@ class QuantizedKVLayer(CacheLayerMixin):
             for t in (self.sink_keys, self.sink_values, self.recent_keys, self.recent_values)
             if t is not None
         ]
-        for q in (self.quant_keys, self.quant_values):
+        for q in (self.quant_keys, self.quant_values, self.key_stats):
             if q is not None:
                 out.extend(q.tensors())
         return out
@@ -207,9 +275,12 @@ class QuantizedKVLayer(CacheLayerMixin):
         for name in ("sink_keys", "sink_values", "recent_keys", "recent_values"):
             if getattr(self, name) is not None:
                 setattr(self, name, fn(getattr(self, name)))
-        for name in ("quant_keys", "quant_values"):
-            if getattr(self, name) is not None:
-                setattr(self, name, select(getattr(self, name), fn))
+        if isinstance(self.quant_keys, SalientKeys):
+            self.quant_keys = select_keys(self.quant_keys, fn)
+        elif self.quant_keys is not None:
+            self.quant_keys = select(self.quant_keys, fn)
+        if self.quant_values is not None:
+            self.quant_values = select(self.quant_values, fn)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
@@ -230,15 +301,18 @@ class QuantizedKVLayer(CacheLayerMixin):
         self._apply(lambda t: t.to(self.device, non_blocking=True))
 
     def reset(self) -> None:
-        self.__init__(self.spec, self.backend, self.inv_freq)
+        self.__init__(self.spec, self.backend, self.inv_freq, self.query_weight)
 
 
 class QuantizedKVCache(Cache):
-    """A KIVI-style quantized KV cache: ``model.generate(ids, cache=QuantizedKVCache(...))``.
+    """A quantized KV cache: ``model.generate(ids, cache=QuantizedKVCache(...))``.
 
     ``bits`` 2, 4 or 8 (16: unquantized, stored in ``storage_dtype``); ``group_size`` tokens per key
-    group and channels per value group; ``residual`` recent tokens and ``sinks`` first tokens kept
-    in full precision. Layers are created on first use, one per decoder layer.
+    group (KIVI) and channels per value group; ``residual`` recent tokens and ``sinks`` first tokens
+    kept in full precision; ``scheme`` ``kivi``, ``salient`` or ``auto`` (salient at 2 bits);
+    ``salient`` the fraction of key channels at twice the bits, chosen by ``query_weights`` (one
+    ``[kv_heads, head_dim]`` tensor per layer, see ``query_energy``) times the keys' variance.
+    Layers are created on first use, one per decoder layer.
     """
 
     def __init__(
@@ -250,15 +324,21 @@ class QuantizedKVCache(Cache):
         storage_dtype: torch.dtype = torch.float16,
         backend=None,
         inv_freq: Tensor | None = None,
+        scheme: str = KV_DEFAULTS["scheme"],
+        salient: float = KV_DEFAULTS["salient"],
+        query_weights: list[Tensor] | None = None,
     ):
-        spec = KVSpec(bits, group_size, residual, sinks, storage_dtype).validate()
+        spec = KVSpec(bits, group_size, residual, sinks, storage_dtype, scheme, salient).validate()
         self.spec = spec
         self.backend = backend or TorchBackend()
         self.inv_freq = inv_freq
+        self.query_weights = query_weights
         super().__init__(layer_class_to_replicate=self._new_layer)
 
     def _new_layer(self) -> QuantizedKVLayer:
-        return QuantizedKVLayer(self.spec, self.backend, self.inv_freq)
+        index = len(self.layers)  # transformers appends layers in order of their index
+        weight = self.query_weights[index] if self.query_weights and index < len(self.query_weights) else None
+        return QuantizedKVLayer(self.spec, self.backend, self.inv_freq, weight)
 
     def memory(self) -> dict:
         """Exact bytes held, per layer and per token, and the ratio to a float16 cache of the
@@ -281,9 +361,62 @@ class QuantizedKVCache(Cache):
         }
 
 
-def kv_cache_for(model, spec: KVSpec) -> Cache:
+def _decoder_layers(model) -> list | None:
+    inner = getattr(model, "model", model)
+    inner = getattr(inner, "language_model", inner)
+    layers = getattr(inner, "layers", None)
+    if layers is None or not all(hasattr(getattr(layer, "self_attn", None), "q_proj") for layer in layers):
+        return None
+    return list(layers)
+
+
+_QUERY_ENERGY: WeakKeyDictionary = WeakKeyDictionary()
+
+
+@torch.no_grad()
+def query_energy(model, tokenizer, tokens: int = 512) -> list[Tensor] | None:
+    """Per layer, the mean square of the queries that read each key channel ``[kv_heads,
+    head_dim]`` (averaged over the query heads of a group and over each RoPE pair, which the
+    rotation mixes), measured once per model on the bundled calibration text (WikiText-2
+    validation). ``None`` for a model whose attention has no ``q_proj``."""
+    if model in _QUERY_ENERGY:
+        return _QUERY_ENERGY[model]
+    layers = _decoder_layers(model)
+    if layers is None:
+        return None
+    from llmlite.data import DEFAULT_CALIBRATION, load_text, tokenize
+
+    config = model.config.get_text_config(decoder=True)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    ids = tokenize(tokenizer, load_text(DEFAULT_CALIBRATION))[:tokens]
+    sums: dict[int, Tensor] = {}
+
+    def hook(index):
+        return lambda module, args, out: sums.__setitem__(index, out.detach().float().pow(2).mean((0, 1)))
+
+    hooks = [layer.self_attn.q_proj.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    try:
+        model(ids[None].to(next(model.parameters()).device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    rope = getattr(getattr(model, "model", model), "rotary_emb", None) is not None
+    energies = []
+    for i in range(len(layers)):
+        e = sums[i].view(kv_heads, heads // kv_heads, -1).mean(1)
+        if rope:  # rotate_half pairs channel c with c + dim/2
+            e = (e + e.roll(e.shape[-1] // 2, -1)) / 2
+        energies.append(e.cpu())
+    _QUERY_ENERGY[model] = energies
+    return energies
+
+
+def kv_cache_for(model, spec: KVSpec, tokenizer=None) -> Cache:
     """A fresh cache for ``model``: ours with the model's RoPE frequencies (keys are quantized
-    before RoPE) and its storage dtype (bfloat16 for a bfloat16 model, float16 otherwise)."""
+    before RoPE) and its storage dtype (bfloat16 for a bfloat16 model, float16 otherwise). With
+    the ``salient`` scheme and a ``tokenizer``, key channels are weighted by ``query_energy``
+    (without one, by the keys' variance alone)."""
     config = model.config.get_text_config(decoder=True)
     layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
     if layer_types != {"full_attention"}:
@@ -291,10 +424,14 @@ def kv_cache_for(model, spec: KVSpec) -> Cache:
             "the quantized KV cache needs full attention in every layer; "
             f"this model has {sorted(layer_types)}"
         )
+    spec = spec.validate()
     dtype = next(model.parameters()).dtype
     storage = torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
     rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
     inv_freq = getattr(rotary, "inv_freq", None)
+    weights = None
+    if spec.scheme == "salient" and spec.bits != 16 and tokenizer is not None:
+        weights = query_energy(model, tokenizer)
     return QuantizedKVCache(
         spec.bits,
         spec.group_size,
@@ -302,4 +439,7 @@ def kv_cache_for(model, spec: KVSpec) -> Cache:
         spec.sinks,
         storage,
         inv_freq=None if inv_freq is None else inv_freq.detach().float().clone(),
+        scheme=spec.scheme,
+        salient=spec.salient,
+        query_weights=weights,
     )

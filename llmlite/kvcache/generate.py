@@ -58,7 +58,11 @@ def generate(
         raise LlmliteError(
             f"prompt plus --max-new-tokens is {context} tokens, above the model's {limit}; shorten"
         )
-    cache = DynamicCache(config=model.config) if cfg.kv_bits is None else kv_cache_for(model, kv_spec(cfg))
+    cache = (
+        DynamicCache(config=model.config)
+        if cfg.kv_bits is None
+        else kv_cache_for(model, kv_spec(cfg), tokenizer)
+    )
     sampling = {"do_sample": False}
     if cfg.temperature > 0:
         sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}

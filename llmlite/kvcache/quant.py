@@ -24,7 +24,7 @@ class QuantizedTensor:
 
     codes: Tensor  # uint8 [..., tokens, ceil(channels * bits / 8)]
     scale: Tensor  # [..., ceil(tokens / g), channels] for axis -2; [..., tokens, ceil(channels / g)] for -1
-    minimum: Tensor  # same shape as scale
+    minimum: Tensor | None  # same shape as scale; None: symmetric, levels (code - 2**(bits-1) + 1/2) * scale
     bits: int
     channels: int
     group_size: int
@@ -34,8 +34,8 @@ class QuantizedTensor:
     def tokens(self) -> int:
         return self.codes.shape[-2]
 
-    def tensors(self) -> tuple[Tensor, Tensor, Tensor]:
-        return self.codes, self.scale, self.minimum
+    def tensors(self) -> tuple[Tensor, ...]:
+        return tuple(t for t in (self.codes, self.scale, self.minimum) if t is not None)
 
 
 def pack(codes: Tensor, bits: int) -> Tensor:
@@ -119,7 +119,8 @@ def quantize(
 def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """``code * scale + minimum`` in ``dtype``: a ``[..., tokens, channels]`` tensor."""
     codes = unpack(q.codes, q.bits, q.channels, dtype)
-    scale, minimum = q.scale.to(dtype), q.minimum.to(dtype)
+    scale = q.scale.to(dtype)
+    minimum = (0.5 - (1 << (q.bits - 1))) * scale if q.minimum is None else q.minimum.to(dtype)
     g, (*lead, n, c) = q.group_size, codes.shape
     if q.axis == -2 and n % g == 0:  # whole groups (the cache's keys): broadcast, no expansion
         grouped = codes.view(*lead, n // g, g, c)
@@ -143,7 +144,7 @@ def concat(parts: list[QuantizedTensor]) -> QuantizedTensor:
     return QuantizedTensor(
         codes=torch.cat([p.codes for p in parts], dim=-2),
         scale=torch.cat([p.scale for p in parts], dim=-2),
-        minimum=torch.cat([p.minimum for p in parts], dim=-2),
+        minimum=None if first.minimum is None else torch.cat([p.minimum for p in parts], dim=-2),
         bits=first.bits,
         channels=first.channels,
         group_size=first.group_size,
@@ -153,7 +154,8 @@ def concat(parts: list[QuantizedTensor]) -> QuantizedTensor:
 
 def select(q: QuantizedTensor, fn) -> QuantizedTensor:
     """``q`` with ``fn`` applied to each of its tensors (e.g. a batch ``index_select``)."""
-    return QuantizedTensor(fn(q.codes), fn(q.scale), fn(q.minimum), q.bits, q.channels, q.group_size, q.axis)
+    minimum = None if q.minimum is None else fn(q.minimum)
+    return QuantizedTensor(fn(q.codes), fn(q.scale), minimum, q.bits, q.channels, q.group_size, q.axis)
 
 
 class TorchBackend:
