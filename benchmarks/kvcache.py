@@ -29,21 +29,26 @@ BENCH = ROOT / ".bench"
 PEERS = BENCH / "kv-peers"
 PEER_PACKAGES = ["optimum-quanto==0.2.7", "hqq==0.2.8.post1", "termcolor"]
 
-# name, cache, bits, group, residual, sinks
+# name, cache (ours: its scheme), bits, group, residual, sinks
 OURS = [
     ("llmlite 16-bit (float16 cache)", "ours", 16, 64, 0, 0),
-    ("llmlite 8-bit g64 r0", "ours", 8, 64, 0, 0),
-    ("llmlite 4-bit g64 r32 s4 (default)", "ours", 4, 64, 32, 4),
-    ("llmlite 4-bit g64 r0 (kv-4bit recipe)", "ours", 4, 64, 0, 0),
-    ("llmlite 2-bit g64 r32 s4 (default)", "ours", 2, 64, 32, 4),
-    ("llmlite 2-bit g64 r0", "ours", 2, 64, 0, 0),
-    ("llmlite 2-bit g32 r128 s4 (kv-2bit recipe)", "ours", 2, 32, 128, 4),
+    ("llmlite 8-bit g64 r0", "kivi", 8, 64, 0, 0),
+    ("llmlite 4-bit g64 r32 s4 (default)", "kivi", 4, 64, 32, 4),
+    ("llmlite 4-bit g64 r0 (kv-4bit recipe)", "kivi", 4, 64, 0, 0),
+    ("llmlite 4-bit salient g128 r0 s4", "salient", 4, 128, 0, 4),
+    ("llmlite 2-bit salient g64 r32 s4 (default)", "salient", 2, 64, 32, 4),
+    ("llmlite 2-bit salient g128 r0 s4 (kv-2bit recipe)", "salient", 2, 128, 0, 4),
+    ("llmlite 2-bit kivi g64 r32 s4", "kivi", 2, 64, 32, 4),
+    ("llmlite 2-bit kivi g64 r0", "kivi", 2, 64, 0, 0),
+    ("llmlite 2-bit kivi g32 r128 s4", "kivi", 2, 32, 128, 4),
 ]
 SPEED_RUNS = {  # rows whose decode speed is measured too, after transformers' default cache
     "llmlite 16-bit (float16 cache)",
     "llmlite 4-bit g64 r32 s4 (default)",
     "llmlite 4-bit g64 r0 (kv-4bit recipe)",
-    "llmlite 2-bit g64 r32 s4 (default)",
+    "llmlite 2-bit salient g64 r32 s4 (default)",
+    "llmlite 2-bit salient g128 r0 s4 (kv-2bit recipe)",
+    "llmlite 2-bit kivi g64 r32 s4",
     "transformers HQQ 4-bit g64 r32",
 }
 SLOW_LONG = (
@@ -66,13 +71,14 @@ def ensure_peers(target: Path) -> None:
     sys.path.insert(0, str(target))
 
 
-def make_cache(model, kind: str, bits: int, group: int, residual: int, sinks: int):
+def make_cache(model, tokenizer, kind: str, bits: int, group: int, residual: int, sinks: int):
     from transformers import QuantizedCache
 
     from llmlite.kvcache.cache import KVSpec, kv_cache_for
 
-    if kind == "ours":
-        return kv_cache_for(model, KVSpec(bits, group, residual, sinks))
+    if kind in ("ours", "kivi", "salient"):
+        scheme = "auto" if kind == "ours" else kind
+        return kv_cache_for(model, KVSpec(bits, group, residual, sinks, scheme=scheme), tokenizer)
     if kind == "dynamic":
         from transformers import DynamicCache
 
@@ -94,7 +100,7 @@ def decode_speed(model, tokenizer, prompt_ids, kind, bits, group, residual, sink
     """Median decode tokens/s: (time for prompt + N tokens − time for prompt + 1 token) / (N − 1)."""
 
     def timed(n: int) -> float:
-        cache = make_cache(model, kind, bits, group, residual, sinks)
+        cache = make_cache(model, tokenizer, kind, bits, group, residual, sinks)
         start = time.perf_counter()
         with torch.no_grad():
             model.generate(
@@ -131,7 +137,12 @@ def markdown(results: dict, env: dict, settings: dict) -> str:
         "- Bytes: every tensor the cache holds after the window's last token (storages counted once), "
         "against a float16 cache of the same tokens (2 bytes per key and value element). "
         "transformers' caches keep their full-precision residual in the model's dtype (float32 here).",
-        "- `g` = group size (tokens per key group, channels per value group), `r` = recent tokens kept in "
+        "- Schemes (docs/kvcache.md): KIVI (the default at 4 and 8 bits) quantizes keys per channel in "
+        "groups of `g` tokens and values per token in groups of `g` channels; salient (the default at 2 "
+        "bits) quantizes keys per token after a per-channel normalisation, with the 20% of key channels "
+        "that matter most (query energy × variance) at twice the bits, and values per token in groups "
+        "of `g` channels after a Hadamard rotation within each head.",
+        "- `g` = group size, `r` = recent tokens kept in "
         "full precision, `s` = first tokens kept in full precision (sinks). transformers' caches: its "
         "documented axes (quanto 0, HQQ 1), the same group and residual. " + SLOW_LONG,
         "",
@@ -221,7 +232,7 @@ def main() -> None:
             r = cached_perplexity(
                 model,
                 windows,
-                lambda spec=(kind, bits, group, residual, sinks): make_cache(model, *spec),
+                lambda spec=(kind, bits, group, residual, sinks): make_cache(model, tokenizer, *spec),
                 prefill,
                 chunk,
                 True,

@@ -271,7 +271,7 @@ def _kv_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kv-group-size",
         type=int,
-        help=f"tokens per key group, channels per value group ({d['group_size']})",
+        help=f"channels per value group; KIVI: also tokens per key group ({d['group_size']})",
     )
     parser.add_argument(
         "--kv-residual", type=int, help=f"recent tokens kept in full precision ({d['residual']})"

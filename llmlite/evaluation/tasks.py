@@ -149,8 +149,9 @@ KV_BITS = (16, 4, 2)
 
 def kv_cache(loaded, cfg: ReportConfig, progress: bool) -> dict:
     """Perplexity read back through llmlite's KV cache at 16 (unquantized), 4 and 2 bits (default
-    group, residual and sinks; prefill 256 or half the window, chunks of 32) on WikiText-2 raw
-    test windows, with the cache's bytes per token and its ratio to a float16 cache."""
+    settings: KIVI at 4 bits, the salient scheme at 2; prefill 256 or half the window, chunks of
+    32) on WikiText-2 raw test windows, with the cache's bytes per token and its ratio to a
+    float16 cache."""
     from llmlite.data import eval_windows, load_text, tokenize
     from llmlite.kvcache.cache import KVSpec, kv_cache_for
     from llmlite.kvcache.evaluate import cached_perplexity

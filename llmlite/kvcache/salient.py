@@ -58,15 +58,25 @@ def quantize_symmetric(x: Tensor, bits: int, stats_dtype: torch.dtype | None = N
 @dataclass
 class ChannelStats:
     """What a layer fits once for its keys: per-channel mean and standard deviation (``[heads, dim]``,
-    storage dtype) and the flat ``heads * dim`` indices of the salient and of the plain channels."""
+    storage dtype) and the order of the flat ``heads * dim`` channels, plain ones first (ascending),
+    then the salient ones (ascending), with its inverse permutation."""
 
     mean: Tensor
     std: Tensor
-    salient: Tensor  # int32 indices, ascending
-    plain: Tensor  # int32 indices, ascending
+    order: Tensor  # int32 [heads * dim]
+    inverse: Tensor  # int32 [heads * dim]: order[inverse] = arange
+    n_plain: int
+
+    @property
+    def plain(self) -> Tensor:
+        return self.order[: self.n_plain]
+
+    @property
+    def salient(self) -> Tensor:
+        return self.order[self.n_plain :]
 
     def tensors(self) -> tuple[Tensor, ...]:
-        return self.mean, self.std, self.salient, self.plain
+        return self.mean, self.std, self.order, self.inverse
 
 
 def fit_channels(
@@ -84,9 +94,11 @@ def fit_channels(
     count = round(fraction * importance.numel())
     chosen = torch.zeros(importance.numel(), dtype=torch.bool, device=keys.device)
     chosen[importance.flatten().topk(count).indices] = True
-    salient = chosen.nonzero().flatten().to(torch.int32)
-    plain = (~chosen).nonzero().flatten().to(torch.int32)
-    return ChannelStats(mean, std, salient, plain)
+    order = torch.cat([(~chosen).nonzero().flatten(), chosen.nonzero().flatten()])
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    n_plain = importance.numel() - count
+    return ChannelStats(mean, std, order.to(torch.int32), inverse.to(torch.int32), n_plain)
 
 
 @dataclass
@@ -114,12 +126,12 @@ def encode_keys(keys: Tensor, stats: ChannelStats, bits: int, stats_dtype: torch
     b, h, n, d = keys.shape
     work = torch.promote_types(keys.dtype, torch.float32)
     z = (keys.to(work) - stats.mean.to(work)[None, :, None]) / stats.std.to(work)[None, :, None]
-    flat = z.transpose(1, 2).reshape(b, 1, n, h * d)
-    plain = quantize_symmetric(flat.index_select(-1, stats.plain), bits, stats_dtype)
+    ordered = z.transpose(1, 2).reshape(b, 1, n, h * d).index_select(-1, stats.order)
+    plain = quantize_symmetric(ordered[..., : stats.n_plain], bits, stats_dtype)
     salient = None
-    if stats.salient.numel():
-        chosen = flat.index_select(-1, stats.salient)
-        salient = quantize(chosen, salient_bits(bits), stats.salient.numel(), -1, stats_dtype)
+    if stats.n_plain < h * d:
+        chosen = ordered[..., stats.n_plain :]
+        salient = quantize(chosen, salient_bits(bits), chosen.shape[-1], -1, stats_dtype)
     return SalientKeys(plain, salient)
 
 
@@ -128,15 +140,11 @@ def decode_keys(
 ) -> Tensor:
     """The inverse of ``encode_keys``: keys ``[batch, heads, tokens, dim]`` in ``dtype``."""
     work = torch.promote_types(dtype, torch.float32)
-    plain = dequantize(q.plain, work)
-    b, _, n, _ = plain.shape
-    d = (stats.plain.numel() + stats.salient.numel()) // heads
-    flat = plain.new_empty(b, 1, n, heads * d)
-    flat[..., stats.plain.long()] = plain
-    if q.salient is not None:
-        flat[..., stats.salient.long()] = dequantize(q.salient, work)
-    z = flat.view(b, n, heads, d).transpose(1, 2)
-    return (z * stats.std.to(work)[None, :, None] + stats.mean.to(work)[None, :, None]).to(dtype)
+    parts = [dequantize(q.plain, work)] + ([dequantize(q.salient, work)] if q.salient is not None else [])
+    flat = torch.cat(parts, -1).index_select(-1, stats.inverse)  # one gather back to channel order
+    b, _, n, hd = flat.shape
+    flat = torch.addcmul(stats.mean.to(work).flatten(), flat, stats.std.to(work).flatten())
+    return flat.view(b, n, heads, hd // heads).transpose(1, 2).to(dtype)
 
 
 def concat_keys(parts: list[SalientKeys]) -> SalientKeys:
