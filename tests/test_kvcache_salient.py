@@ -192,7 +192,8 @@ def test_query_energy_against_the_queries_themselves(bundled):
 
     model, tok = bundled
     energy = query_energy(model, tok, tokens=64)
-    assert query_energy(model, tok, tokens=64) is energy  # measured once per model
+    assert query_energy(model, tok, tokens=64) is energy  # measured once per model and length
+    assert query_energy(model, tok, tokens=32) is not energy
     config = model.config
     assert len(energy) == config.num_hidden_layers
     ids = tokenize(tok, load_text(DEFAULT_CALIBRATION))[:64][None]

@@ -370,7 +370,7 @@ def _decoder_layers(model) -> list | None:
     return list(layers)
 
 
-_QUERY_ENERGY: WeakKeyDictionary = WeakKeyDictionary()
+_QUERY_ENERGY: WeakKeyDictionary = WeakKeyDictionary()  # model -> {calibration tokens: energies}
 
 
 @torch.no_grad()
@@ -379,8 +379,9 @@ def query_energy(model, tokenizer, tokens: int = 512) -> list[Tensor] | None:
     head_dim]`` (averaged over the query heads of a group and over each RoPE pair, which the
     rotation mixes), measured once per model on the bundled calibration text (WikiText-2
     validation). ``None`` for a model whose attention has no ``q_proj``."""
-    if model in _QUERY_ENERGY:
-        return _QUERY_ENERGY[model]
+    known = _QUERY_ENERGY.setdefault(model, {})
+    if tokens in known:
+        return known[tokens]
     layers = _decoder_layers(model)
     if layers is None:
         return None
@@ -408,7 +409,7 @@ def query_energy(model, tokenizer, tokens: int = 512) -> list[Tensor] | None:
         if rope:  # rotate_half pairs channel c with c + dim/2
             e = (e + e.roll(e.shape[-1] // 2, -1)) / 2
         energies.append(e.cpu())
-    _QUERY_ENERGY[model] = energies
+    known[tokens] = energies
     return energies
 
 
