@@ -205,13 +205,14 @@ def test_generate_with_the_cache(bundled):
 @torch.no_grad()
 def test_beam_search_and_batches(tokenizer):
     model = make_tiny(tokenizer, seed=5)
-    ids = torch.randint(0, len(tokenizer), (2, 12))
+    ids = torch.randint(0, len(tokenizer), (2, 80))  # long enough for the salient scheme's fit
     kw = dict(
         max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids)
     )
     plain = model.generate(ids, cache=DynamicCache(), **kw)
     ours = model.generate(ids, cache=kv_cache_for(model, KVSpec(16)), **kw)
     assert torch.equal(plain, ours)
-    model.generate(
-        ids, cache=kv_cache_for(model, KVSpec(2, 4, 2, 1, scheme="kivi")), **kw
-    )  # reorders packed data
+    for spec in (KVSpec(2, 4, 2, 1, scheme="kivi"), KVSpec(8, 32, 0, 1, scheme="salient")):
+        cache = kv_cache_for(model, spec)
+        out = model.generate(ids, cache=cache, **kw)  # reorders packed data (both salient channel sets)
+        assert out.shape == plain.shape and cache.layers[0].quant_keys is not None
