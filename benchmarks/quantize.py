@@ -33,28 +33,30 @@ BENCH = ROOT / ".bench"
 LLMLITE = [sys.executable, "-m", "llmlite.cli"]  # the llmlite on sys.path (PYTHONPATH wins)
 SAMPLES, SEQLEN, SEED = 128, 512, 0
 
-# (name, tool, method, bits, group, sym, v2), in the order they run: the speed comparison first.
+# GPTQ variants: llmlite's default (the GPTAQ drift correction from the first 16 calibration
+# windows), plain GPTQ, and the drift correction from every window.
+VARIANTS = {
+    "default": (),
+    "plain": ("--no-v2",),
+    "v2-all": ("--v2", "--v2-windows", "0"),
+}
+# (name, tool, method, bits, group, sym, variant), in the order they run: the speed comparison first.
 # Every GPTQ row uses act-order with static groups (both tools' default).
 RUNS = [
-    ("rtn-w4g64-sym", "llmlite", "rtn", 4, 64, True, False),
-    ("gptq-w4g64-sym", "llmlite", "gptq", 4, 64, True, False),
-    ("llmc-gptq-w4g64-sym", "llm-compressor", "gptq", 4, 64, True, False),
-    ("rtn-w4g128-sym", "llmlite", "rtn", 4, 128, True, False),
-    ("gptq-w4g128-sym", "llmlite", "gptq", 4, 128, True, False),
-    ("rtn-w4g128-asym", "llmlite", "rtn", 4, 128, False, False),
-    ("gptq-w4g128-asym", "llmlite", "gptq", 4, 128, False, False),
-    ("gptq-v2-w4g128-asym", "llmlite", "gptq", 4, 128, False, True),
-    ("gptq-v2-w4g128-sym", "llmlite", "gptq", 4, 128, True, True),
-    ("rtn-w3g128-sym", "llmlite", "rtn", 3, 128, True, False),
-    ("gptq-w3g128-sym", "llmlite", "gptq", 3, 128, True, False),
-    ("rtn-w3g128-asym", "llmlite", "rtn", 3, 128, False, False),
-    ("gptq-w3g128-asym", "llmlite", "gptq", 3, 128, False, False),
-    ("gptq-v2-w3g128-asym", "llmlite", "gptq", 3, 128, False, True),
-    ("gptq-v2-w3g128-sym", "llmlite", "gptq", 3, 128, True, True),
-    ("rtn-w4g64-asym", "llmlite", "rtn", 4, 64, False, False),
-    ("gptq-w4g64-asym", "llmlite", "gptq", 4, 64, False, False),
-    ("llmc-gptq-w4g64-asym", "llm-compressor", "gptq", 4, 64, False, False),
+    ("rtn-w4g64-sym", "llmlite", "rtn", 4, 64, True, "plain"),
+    ("gptq-w4g64-sym", "llmlite", "gptq", 4, 64, True, "plain"),
+    ("gptq-v2w16-w4g64-sym", "llmlite", "gptq", 4, 64, True, "default"),
+    ("llmc-gptq-w4g64-sym", "llm-compressor", "gptq", 4, 64, True, "plain"),
 ]
+for _bits in (4, 3):
+    for _grid in ("sym", "asym"):
+        _sym = _grid == "sym"
+        RUNS += [
+            (f"rtn-w{_bits}g128-{_grid}", "llmlite", "rtn", _bits, 128, _sym, "plain"),
+            (f"gptq-w{_bits}g128-{_grid}", "llmlite", "gptq", _bits, 128, _sym, "plain"),
+            (f"gptq-v2w16-w{_bits}g128-{_grid}", "llmlite", "gptq", _bits, 128, _sym, "default"),
+            (f"gptq-v2-w{_bits}g128-{_grid}", "llmlite", "gptq", _bits, 128, _sym, "v2-all"),
+        ]
 
 
 def run_measured(cmd: list[str]) -> float:
@@ -67,7 +69,7 @@ def run_measured(cmd: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def quantize_llmlite(name, method, bits, group, sym, v2) -> dict:
+def quantize_llmlite(name, method, bits, group, sym, variant) -> dict:
     out = BENCH / "runs" / name
     cmd = [*LLMLITE, "quantize", "--method", method, "--bits", str(bits), "--group-size", str(group)]
     cmd += [
@@ -79,9 +81,25 @@ def quantize_llmlite(name, method, bits, group, sym, v2) -> dict:
         "--seed",
         str(SEED),
     ]
-    cmd += ["--act-order"] + (["--v2"] if v2 else [])
+    cmd += ["--act-order"] + ([] if method == "rtn" else list(VARIANTS[variant]))
+    expected = {"method": method, "bits": bits, "group_size": group, "sym": sym, "act_order": True}
+    expected.update(samples=SAMPLES, seqlen=SEQLEN, seed=SEED, v2=method == "gptq" and variant != "plain")
+    if expected["v2"]:
+        expected["v2_windows"] = 0 if variant == "v2-all" else 16
+    if finished(out, expected):  # quantized earlier, scoring interrupted: score it now
+        return {"process_s": None, "command": " ".join(cmd[2:]), **measured(name)}
     wall = run_measured([*cmd, "--output", str(out), "--overwrite", "--quiet"])
-    return {"process_s": wall, **measured(name)}
+    return {"process_s": wall, "command": " ".join(cmd[2:]), **measured(name)}
+
+
+def finished(out: Path, expected: dict) -> bool:
+    """Whether ``out`` holds a complete llmlite checkpoint made with the ``expected`` options
+    (checkpoints are written atomically, so an existing record means a finished run)."""
+    record = out / "llmlite.json"
+    if not record.exists():
+        return False
+    config = json.loads(record.read_text())["config"]
+    return all(config.get(k) == v for k, v in expected.items())
 
 
 def measured(name: str) -> dict:
@@ -135,6 +153,20 @@ def score(row: dict, windows: torch.Tensor, base_dir: Path) -> float:
     return perplexity(model, windows, progress=False).perplexity
 
 
+def published(n_windows: int) -> dict:
+    """The rows of the published table (``docs/benchmarks/quantize.json``), as a starting cache on a
+    machine without ``.bench/``: each keeps the date and commit it was measured at."""
+    path = ROOT / "docs" / "benchmarks" / "quantize.json"
+    if not path.exists():
+        return {}
+    doc = json.loads(path.read_text())
+    if doc["windows"] != n_windows:
+        return {}
+    cache = {f"fp32@{n_windows}": doc["fp32"]}
+    cache.update({f"{name}@{n_windows}": row for name, row in doc["rows"].items() if row})
+    return cache
+
+
 def git_commit() -> str:
     """The checked-out commit, with ``+`` when the working tree has changes."""
     git = ["git", "-C", str(ROOT)]
@@ -165,7 +197,7 @@ def main() -> None:
 
     BENCH.mkdir(exist_ok=True)
     cache_file = BENCH / "quantize-results.json"
-    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    cache = json.loads(cache_file.read_text()) if cache_file.exists() else published(a.windows)
     base_dir = resolve_model("smollm2-135m")
     model, tokenizer = load_model(str(base_dir))
     windows = eval_windows(tokenize(tokenizer, load_text("wikitext2")), 2048, a.windows)
@@ -178,7 +210,7 @@ def main() -> None:
     del model
     llmc_python = None
 
-    for name, tool, method, bits, group, sym, v2 in RUNS:
+    for name, tool, method, bits, group, sym, variant in RUNS:
         key = f"{name}@{a.windows}"
         if key in cache and not (a.only and name in a.only):
             continue
@@ -186,11 +218,11 @@ def main() -> None:
             continue
         print(f"running {name} ...", flush=True)
         if tool == "llmlite":
-            row = quantize_llmlite(name, method, bits, group, sym, v2)
+            row = quantize_llmlite(name, method, bits, group, sym, variant)
         else:
             llmc_python = llmc_python or ensure_llmc(a.llmc_python)
             row = quantize_llmc(llmc_python, name, bits, group, sym, calib, base_dir)
-        row.update(name=name, tool=tool, method=method, bits=bits, group=group, sym=sym, v2=v2)
+        row.update(name=name, tool=tool, method=method, bits=bits, group=group, sym=sym, variant=variant)
         row.update(date=time.strftime("%Y-%m-%d"), commit=git_commit())
         row["perplexity"] = score(row, windows, base_dir)
         cache[key] = row
@@ -230,28 +262,30 @@ def write_report(cache: dict, n_windows: int, n_tokens: int) -> None:
         "",
         "## GPTQ against RTN (group 128)",
         "",
-        "Gap closed = (RTN − GPTQ) / (RTN − unquantized), at the same bits, group and grid. GPTQ = "
-        "`llmlite quantize` (act-order with static groups); v2 = the same plus `--v2` (GPTAQ, α 0.25). "
-        "Time = the quantization call alone; peak = the whole process's RSS.",
+        "Gap closed = (RTN − GPTQ) / (RTN − unquantized), at the same bits, group and grid. Every GPTQ "
+        "column is `llmlite quantize` with act-order (static groups): **default** = its defaults, plain "
+        "GPTQ plus GPTAQ's drift correction (α 0.25) measured on the first 16 calibration windows; "
+        "plain = `--no-v2`; v2 all = `--v2 --v2-windows 0` (the correction measured on all 128 windows, "
+        "GPTQModel's v2). Times are in the speed table below, where every row ran on the same day "
+        "on an otherwise idle machine.",
         "",
-        "| bits | grid | RTN ppl | GPTQ ppl | gap closed | time (s) | peak (GiB) "
-        "| GPTQ v2 ppl | gap closed | time (s) | peak (GiB) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| bits | grid | RTN ppl | default ppl | gap closed | plain ppl | gap closed "
+        "| v2 all ppl | gap closed |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for bits in (4, 3):
-        for sym in (True, False):
-            grid = "sym" if sym else "asym"
+        for grid in ("sym", "asym"):
             r = rows[f"rtn-w{bits}g128-{grid}"]
             if not r:
                 continue
             cells = [str(bits), grid, f"{r['perplexity']:.3f}"]
-            for g in (rows[f"gptq-w{bits}g128-{grid}"], rows[f"gptq-v2-w{bits}g128-{grid}"]):
+            for prefix in ("gptq-v2w16", "gptq", "gptq-v2"):
+                g = rows[f"{prefix}-w{bits}g128-{grid}"]
                 if not g:
-                    cells += ["–"] * 4
+                    cells += ["–"] * 2
                     continue
                 closed = (r["perplexity"] - g["perplexity"]) / (r["perplexity"] - fp)
-                cells += [f"{g['perplexity']:.3f}", f"**{closed:.0%}**", f"{g['quantize_s']:.0f}"]
-                cells += [f"{g['peak_rss'] / 2**30:.2f}"]
+                cells += [f"{g['perplexity']:.3f}", f"**{closed:.0%}**"]
             lines.append(f"| {' | '.join(cells)} |")
     lines += [
         "",
@@ -262,34 +296,31 @@ def write_report(cache: dict, n_windows: int, n_tokens: int) -> None:
         "static act-order (their default), damping 0.01, block 128. Time = the quantization "
         "call alone (`quantize_model` / `oneshot`, model loading excluded); process = the whole command; "
         "peak RSS = the process's high-water mark (`VmHWM`, reset just before the model is loaded, so "
-        "model loading, calibration data and saving are included).",
+        "model loading, calibration data and saving are included). Ratios are taken only between rows "
+        "measured on the same day.",
         "",
-        "| grid | tool | ppl | time (s) | process (s) | peak RSS (GiB) | time ratio | memory ratio |",
+        "| tool | ppl | time (s) | process (s) | peak RSS (GiB) | time ratio | memory ratio | date |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for grid in ("sym", "asym"):
-        ours, peer, rtn_row = (
-            rows[f"gptq-w4g64-{grid}"],
-            rows[f"llmc-gptq-w4g64-{grid}"],
-            rows[f"rtn-w4g64-{grid}"],
-        )
-        if rtn_row:
-            lines.append(f"| {grid} | RTN (llmlite) | {rtn_row['perplexity']:.3f} | – | – | – | – | – |")
-        for label, row in (("llmlite GPTQ", ours), ("llm-compressor GPTQ", peer)):
-            if not row:
-                continue
-            ratio = mem = "–"
-            if ours and peer and row is ours:
-                ratio = f"{peer['quantize_s'] / ours['quantize_s']:.2f}× faster"
-                mem = f"{ours['peak_rss'] / peer['peak_rss']:.2f}× of peer"
-            cells = [
-                grid,
-                label,
-                f"{row['perplexity']:.3f}",
-                f"{row['quantize_s']:.0f}",
-                f"{row['process_s']:.0f}",
-            ]
-            lines.append(f"| {' | '.join(cells)} | {row['peak_rss'] / 2**30:.2f} | {ratio} | {mem} |")
+    peer = rows["llmc-gptq-w4g64-sym"]
+    rtn_row = rows["rtn-w4g64-sym"]
+    if rtn_row:
+        lines.append(f"| RTN (llmlite) | {rtn_row['perplexity']:.3f} | – | – | – | – | – | – |")
+    for label, row in (
+        ("llmlite GPTQ (default)", rows["gptq-v2w16-w4g64-sym"]),
+        ("llmlite GPTQ `--no-v2`", rows["gptq-w4g64-sym"]),
+        ("llm-compressor GPTQ", peer),
+    ):
+        if not row:
+            continue
+        ratio = mem = "–"
+        if peer and row is not peer and row.get("date") == peer.get("date"):
+            ratio = f"{peer['quantize_s'] / row['quantize_s']:.2f}× faster"
+            mem = f"{row['peak_rss'] / peer['peak_rss']:.2f}× of peer"
+        process = "–" if row.get("process_s") is None else f"{row['process_s']:.0f}"
+        cells = [label, f"{row['perplexity']:.3f}", f"{row['quantize_s']:.0f}", process]
+        cells += [f"{row['peak_rss'] / 2**30:.2f}", ratio, mem, row.get("date", "–")]
+        lines.append(f"| {' | '.join(cells)} |")
     lines += ["", "## When each row was measured", "", "| row | date | commit |", "| --- | --- | --- |"]
     for name, row in rows.items():
         if row:

@@ -79,6 +79,7 @@ def quantize(
             damp=cfg.damp,
             mse=cfg.mse,
             v2_alpha=cfg.v2_alpha if cfg.v2 else 0.0,
+            v2_windows=cfg.v2_windows,
             quantize_head=cfg.quantize_head,
         )
         with measure() as core:

@@ -51,9 +51,15 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--v2",
         action=argparse.BooleanOptionalAction,
-        help="GPTAQ (GPTQModel's v2): fit each layer to the float model's outputs, not its own",
+        help="GPTAQ (GPTQModel's v2): fit each layer to the float model's outputs, not its own "
+        "(default on for GPTQ; --no-v2: plain GPTQ)",
     )
     q.add_argument("--v2-alpha", type=float, help="strength of the --v2 correction, (0, 1] (default 0.25)")
+    q.add_argument(
+        "--v2-windows",
+        type=int,
+        help="calibration windows that --v2 also runs through the float model (default 16; 0: all)",
+    )
     q.add_argument("--calibration", help="calibration text: file or corpus name (default wikitext2-valid)")
     q.add_argument("--samples", type=int, help="calibration windows (default 128)")
     q.add_argument("--seqlen", type=int, help="tokens per calibration window (default 512)")

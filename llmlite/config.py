@@ -37,8 +37,11 @@ class QuantizeConfig:
     seed: int = 0
     damp: float = 0.01
     mse: bool = False
-    v2: bool = False  # GPTAQ: aim each layer at the float model's outputs (GPTQModel's "v2")
+    # GPTAQ (GPTQModel's "v2"): aim each layer at the float model's outputs, the drift measured on
+    # the first v2_windows calibration windows (0: all). None: on for GPTQ (validate() resolves it).
+    v2: bool | None = None
     v2_alpha: float = 0.25
+    v2_windows: int = 16
     quantize_head: bool = False
     dtype: str = "float16"  # storage of the tensors that stay unquantized (embeddings, norms)
     output: str | None = None
@@ -60,6 +63,12 @@ class QuantizeConfig:
             raise LlmliteError(f"--dtype {self.dtype} is not supported; use one of: {', '.join(DTYPES)}")
         if not 0 < self.v2_alpha <= 1:
             raise LlmliteError(f"--v2-alpha {self.v2_alpha} is out of range; use a value in (0, 1]")
+        if self.v2 is None:
+            self.v2 = self.method == "gptq"
+        if not isinstance(self.v2, bool):
+            raise LlmliteError(f"option v2 must be true or false, got {self.v2!r}")
+        if self.v2_windows < 0:
+            raise LlmliteError(f"--v2-windows {self.v2_windows} is invalid; use 0 (all windows) or more")
         if self.v2 and self.method != "gptq":
             raise LlmliteError("--v2 corrects GPTQ's target and needs calibration; use it with --method gptq")
         if not 0 < self.damp <= 1:

@@ -26,6 +26,15 @@ def test_defaults_are_the_documented_job():
     assert (build(EvalConfig).ctx, build(EvalConfig).ppl) == (2048, "wikitext2")
 
 
+@pytest.mark.parametrize(
+    "options,v2",
+    [({}, True), ({"method": "rtn"}, False), ({"v2": False}, False), ({"v2": True}, True)],
+)
+def test_v2_is_on_for_gptq_unless_switched_off(options, v2):
+    c = build(QuantizeConfig, **options)
+    assert c.v2 is v2 and c.v2_windows == 16
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])
 def test_bundled_recipes_are_valid(recipe):
     from llmlite.training.config import FinetuneConfig
@@ -65,6 +74,8 @@ def test_recipe_then_explicit_options(tmp_path):
         ("group-size: -3\n", "group size -3"),
         ("v2: true\nv2-alpha: 0\n", "--v2-alpha 0 is out of range"),
         ("v2: true\nmethod: rtn\n", "use it with --method gptq"),
+        ("v2: true\nv2-windows: -1\n", "--v2-windows -1 is invalid"),
+        ("v2: sometimes\n", "option v2 must be true or false"),
     ],
 )
 def test_bad_recipes(tmp_path, text, message):

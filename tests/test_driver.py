@@ -10,7 +10,15 @@ import torch
 from conftest import make_tiny
 from torch import nn
 
-from llmlite.quant.driver import QuantSettings, _fp16_scale, _groups, decoder_layers, quantize_model
+from llmlite.quant import driver
+from llmlite.quant.driver import (
+    QuantSettings,
+    _fp16_scale,
+    _groups,
+    _stats,
+    decoder_layers,
+    quantize_model,
+)
 from llmlite.quant.gptq import accumulate_hessian, finish_hessian, gptq
 from llmlite.quant.linear import QuantLinear
 from llmlite.quant.rtn import rtn
@@ -20,15 +28,18 @@ def quantized_modules(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-@pytest.mark.parametrize("v2_alpha", [0.0, 0.5])
-def test_staged_path_equals_generic_hooks_path(tokenizer, v2_alpha):
+@pytest.mark.parametrize("v2_alpha,v2_windows", [(0.0, 0), (0.5, 0), (0.5, 3)])
+def test_staged_path_equals_generic_hooks_path(tokenizer, monkeypatch, v2_alpha, v2_windows):
     """The Llama fast path and the architecture-agnostic path (the layer's own forward, re-run per
     group) must give bit-identical checkpoints: both are true-sequential and layer-sequential, and
-    with v2 both run the same float stream."""
+    with v2 both run the same float stream (over all windows, or over the first chunks)."""
+    monkeypatch.setattr(driver, "CHUNK_TOKENS", 96)  # 2 windows per chunk: 3 chunks
     model = make_tiny(tokenizer)
     other = copy.deepcopy(model)
     calib = torch.randint(0, len(tokenizer), (6, 48))
-    settings = QuantSettings("gptq", 4, 32, sym=False, act_order=True, v2_alpha=v2_alpha, compact_mlp=False)
+    settings = QuantSettings(
+        "gptq", 4, 32, sym=False, act_order=True, v2_alpha=v2_alpha, v2_windows=v2_windows, compact_mlp=False
+    )
     a = quantize_model(model, settings, calib, progress=False)
     b = quantize_model(other, settings, calib, progress=False, path="generic")
     assert (a.path, b.path) == ("llama-staged", "generic-hooks")
@@ -109,6 +120,43 @@ def test_v2_changes_the_result_and_tracks_the_float_model(tokenizer):
     with torch.no_grad():
         ref = base(calib).logits
         assert (v2(calib).logits - ref).square().mean() < (plain(calib).logits - ref).square().mean()
+
+
+@pytest.mark.parametrize("windows,chunks", [(0, 4), (1, 1), (3, 2), (4, 2), (5, 3), (8, 4), (99, 4)])
+def test_float_chunks_cover_the_asked_windows(windows, chunks):
+    hidden = [torch.zeros(2, 3, 4)] * 3 + [torch.zeros(1, 3, 4)]  # 7 windows, the last chunk short
+    assert driver._float_chunks(hidden, windows) == chunks
+
+
+def test_stats_drift_over_the_float_chunks_only():
+    """With float inputs for the first chunks only, the Hessian still sees every chunk, and the
+    drift is the float64 mean of 2 (x̃ − x)ᵀx over the paired tokens alone."""
+    x = [torch.randn(2, 5, 12) for _ in range(3)]
+    x_float = [c + 0.1 * torch.randn_like(c) for c in x[:2]]
+    h, d = _stats(x, x_float)
+    flat = torch.cat([c.reshape(-1, 12) for c in x]).double()
+    paired = flat[:20]
+    diff = torch.cat([c.reshape(-1, 12) for c in x_float]).double() - paired
+    torch.testing.assert_close(h.double(), 2 * flat.T @ flat / 30, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(d.double(), 2 * diff.T @ paired / 20, rtol=1e-4, atol=1e-6)
+
+
+def test_v2_windows_limits_the_float_stream(tokenizer, monkeypatch):
+    """v2 over every window equals v2 with as many windows as there are; v2 over the first chunk
+    only gives other weights than both (the first group is untouched: it sees no drift)."""
+    monkeypatch.setattr(driver, "CHUNK_TOKENS", 128)  # 2 windows per chunk: 4 chunks
+    calib = torch.randint(0, len(tokenizer), (8, 64))
+    base = make_tiny(tokenizer)
+    runs = {}
+    for windows in (0, 8, 2):
+        model = copy.deepcopy(base)
+        settings = QuantSettings("gptq", 3, 32, act_order=True, v2_alpha=1.0, v2_windows=windows)
+        quantize_model(model, settings, calib, progress=False)
+        runs[windows] = quantized_modules(model)
+    first, last = "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"
+    assert all(torch.equal(runs[0][n].qweight, runs[8][n].qweight) for n in runs[0])
+    assert torch.equal(runs[0][first].qweight, runs[2][first].qweight)
+    assert not torch.equal(runs[0][last].qweight, runs[2][last].qweight)
 
 
 def test_rtn_needs_no_data_and_quantizes_every_layer_linear(tokenizer):

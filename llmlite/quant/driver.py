@@ -56,6 +56,9 @@ class QuantSettings:
     mse: bool = False
     quantize_head: bool = False
     v2_alpha: float = 0.0  # GPTAQ's correction towards the float model's outputs; 0: plain GPTQ
+    # Calibration windows that also run through the float model for GPTAQ's drift (the first ones,
+    # rounded up to whole chunks of CHUNK_TOKENS); 0: all of them. The Hessian always sees all.
+    v2_windows: int = 0
     # Keep the MLP's inner activations (the largest calibration buffer) in float16 between the
     # down projection's Hessian, which sees them in float32, and its outputs, which see them
     # rounded (relative 2⁻¹¹, far below the quantization error): half the bytes of the largest
@@ -158,7 +161,9 @@ def quantize_model(
         raise ValueError("GPTQ needs calibration token windows")
     hidden, kwargs = _capture_layer_inputs(model, layers[0], calibration)
     hidden = _one_block(hidden)
-    hidden_float = _one_block(hidden) if settings.v2_alpha > 0 else None
+    hidden_float = None
+    if settings.v2_alpha > 0:
+        hidden_float = _one_block(hidden[: _float_chunks(hidden, settings.v2_windows)])
     buffers: dict[str, Tensor] = {}  # the staged path's activation buffers, reused by every layer
     _trim_heap()  # the captured chunks, now copied into one block
     staged = path is None and all(_is_llama_style(layer) for layer in layers)
@@ -223,6 +228,18 @@ def _one_block(chunks: list[Tensor]) -> list[Tensor]:
     return list(torch.cat(chunks).split([c.shape[0] for c in chunks]))
 
 
+def _float_chunks(hidden: list[Tensor], windows: int) -> int:
+    """How many of the first chunks hold at least ``windows`` windows (all for 0)."""
+    if windows <= 0:
+        return len(hidden)
+    seen = 0
+    for i, chunk in enumerate(hidden):
+        seen += chunk.shape[0]
+        if seen >= windows:
+            return i + 1
+    return len(hidden)
+
+
 def _buffer(buffers: dict[str, Tensor], like: list[Tensor], width: int, dtype) -> list[Tensor]:
     """Views shaped like the chunks ``like`` (last dimension ``width``) of one long-lived block.
 
@@ -240,22 +257,23 @@ def _buffer(buffers: dict[str, Tensor], like: list[Tensor], width: int, dtype) -
 
 
 def _stats(inputs: Iterable[Tensor], float_inputs: Iterable[Tensor] | None = None):
-    """The Hessian of a group's ``inputs`` and, given the float model's inputs to the same group,
-    the drift between the two (``None`` without them)."""
+    """The Hessian of a group's ``inputs`` and, given the float model's inputs to the same group
+    for the first chunks (``v2_windows``), the drift between the two (``None`` without them)."""
     h = d = None
-    tokens = 0
-    paired = float_inputs is not None
-    pairs = zip(inputs, float_inputs, strict=True) if paired else ((x, None) for x in inputs)
-    for x, x_float in pairs:
+    tokens = float_tokens = 0
+    floats = None if float_inputs is None else iter(float_inputs)
+    for x in inputs:
         x = x.reshape(-1, x.shape[-1])
         if h is None:
             h = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
-            d = None if x_float is None else torch.zeros_like(h)
+            d = None if floats is None else torch.zeros_like(h)
         accumulate_hessian(h, x)
-        if d is not None:
+        x_float = None if floats is None else next(floats, None)
+        if x_float is not None:
             accumulate_drift(d, x, x_float.reshape(x.shape))
+            float_tokens += x.shape[0]
         tokens += x.shape[0]
-    return finish_hessian(h, tokens), None if d is None else d / max(tokens, 1)
+    return finish_hessian(h, tokens), None if d is None else d / max(float_tokens, 1)
 
 
 def _quantize_group(
@@ -388,7 +406,7 @@ def _llama_layer(
     if fl is not None:
         attn_in_float = [
             _input_of(fl.self_attn.o_proj, fl.self_attn, fl.input_layernorm(g), kw)
-            for g, kw in zip(hidden_float, kwargs, strict=True)
+            for g, kw in zip(hidden_float, kwargs, strict=False)
         ]
         for g, a in zip(hidden_float, attn_in_float, strict=True):
             g += fl.self_attn.o_proj(a)
@@ -470,10 +488,10 @@ def _generic_layer(
         float_inputs = None
         if fl is not None:
             target = fl.get_submodule(names[0])
-            float_inputs = [_input_of(target, fl, g, kw) for g, kw in zip(hidden_float, kwargs, strict=True)]
+            float_inputs = [_input_of(target, fl, g, kw) for g, kw in zip(hidden_float, kwargs, strict=False)]
         quantize(names, _stats(inputs, float_inputs))
     for stream, run in ((hidden, layer), (hidden_float, fl)):
-        for i, kw in enumerate(kwargs if stream is not None else ()):
+        for i, kw in enumerate(kwargs[: len(stream)] if stream is not None else ()):
             out = run(stream[i], **kw)
             stream[i] = out[0] if isinstance(out, tuple) else out
 

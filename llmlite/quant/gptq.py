@@ -13,11 +13,10 @@ from torch import Tensor
 from llmlite.errors import LlmliteError
 from llmlite.quant.grid import (
     QuantizedWeight,
-    dequantize_codes,
     grid_params,
     group_index,
     group_params,
-    quantize_codes,
+    max_code,
 )
 
 
@@ -156,24 +155,27 @@ def gptq(
     groups = col_group.tolist()
     loss = torch.zeros((), dtype=dtype)
     s_group = -1
+    maxq = max_code(bits)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1 = Wt[i1:i2].clone()
         Err1 = torch.empty_like(W1)
         Hinv1 = hinv[i1:i2, i1:i2]
+        # One view per column, made at once: the loop below is bound by per-call overhead.
+        w_cols, err_cols, q_cols = W1.unbind(0), Err1.unbind(0), Qt[i1:i2].unbind(0)
+        h_rows, h_diag = Hinv1.unbind(0), Hinv1.diagonal().unbind(0)
         for i in range(i2 - i1):
             col, k = i1 + i, groups[i1 + i]
             if not act_order and group_size != -1 and col % g == 0:
                 scale[k], zero[k] = grid_params(W1[i : i + g].T, bits, sym, mse)
             if k != s_group:
                 s, z, s_group = scale[k], zero[k], k
-            w_col = W1[i]
-            q = quantize_codes(w_col, s, z, bits)
-            Qt[col] = q
-            err = Err1[i]
-            torch.sub(w_col, dequantize_codes(q, s, z), out=err)
-            err /= Hinv1[i, i]
-            W1[i + 1 :].addr_(Hinv1[i, i + 1 :], err, alpha=-1)
+            w_col, err, q = w_cols[i], err_cols[i], q_cols[i]
+            # q = quantize_codes(w_col, s, z), err = (w_col - dequantize_codes(q, s, z)) / Hinv[i, i]
+            torch.div(w_col, s, out=q).round_().add_(z).clamp_(0, maxq)
+            torch.sub(q, z, out=err).mul_(s)
+            torch.sub(w_col, err, out=err).div_(h_diag[i])
+            W1[i + 1 :].addr_(h_rows[i][i + 1 :], err, alpha=-1)
         loss += Err1.square().sum() / 2
         Wt[i2:].addmm_(hinv[i1:i2, i2:].T, Err1, alpha=-1)
 
