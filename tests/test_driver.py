@@ -128,17 +128,20 @@ def test_float_chunks_cover_the_asked_windows(windows, chunks):
     assert driver._float_chunks(hidden, windows) == chunks
 
 
-def test_stats_drift_over_the_float_chunks_only():
+@pytest.mark.parametrize("out", [3, 5, 13])  # 2·out < in: W(X̃−X)ᵀX directly; else D, then W·D
+def test_stats_drift_over_the_float_chunks_only(out):
     """With float inputs for the first chunks only, the Hessian still sees every chunk, and the
-    drift is the float64 mean of 2 (x̃ − x)ᵀx over the paired tokens alone."""
+    output drift is the float64 mean of 2 W (x̃ − x)ᵀx over the paired tokens alone."""
     x = [torch.randn(2, 5, 12) for _ in range(3)]
     x_float = [c + 0.1 * torch.randn_like(c) for c in x[:2]]
-    h, d = _stats(x, x_float)
+    w = torch.randn(out, 12)
+    h, wd = _stats(x, x_float, w)
     flat = torch.cat([c.reshape(-1, 12) for c in x]).double()
     paired = flat[:20]
     diff = torch.cat([c.reshape(-1, 12) for c in x_float]).double() - paired
     torch.testing.assert_close(h.double(), 2 * flat.T @ flat / 30, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(d.double(), 2 * diff.T @ paired / 20, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(wd.double(), w.double() @ (2 * diff.T @ paired / 20), rtol=1e-4, atol=1e-6)
+    assert _stats(x, None, w)[1] is None
 
 
 def test_v2_windows_limits_the_float_stream(tokenizer, monkeypatch):

@@ -10,10 +10,10 @@ import torch
 from llmlite.quant.gptq import (
     accumulate_drift,
     accumulate_hessian,
+    damped_inverse,
     drift_target,
     finish_hessian,
     gptq,
-    inverse_cholesky,
 )
 from llmlite.quant.grid import dequantize_codes, grid_params, quantize_codes
 from llmlite.quant.rtn import rtn
@@ -133,11 +133,12 @@ def test_damping_retries_until_factorisable():
     h[0, 0] = 1.0
     h[1, 1] = -0.5  # indefinite: fails at 0.01 and 0.1, works once λ = damp·mean(diag) > 0.5
     h[2, 2] = h[3, 3] = 0.25
-    upper, damp = inverse_cholesky(h, 0.01)
+    inverse, upper, damp = damped_inverse(h, 0.01)
     assert damp == pytest.approx(10.0)
     eye = torch.eye(4, dtype=torch.float64)
     inv = torch.linalg.inv(h + damp * h.diagonal().mean() * eye)
     assert torch.allclose(upper.T @ upper, inv)
+    assert torch.allclose(inverse, inv)
 
 
 def test_gptq_reports_raised_damping():
@@ -170,6 +171,37 @@ def test_drift_target_matches_ridge_regression_float64(alpha, shape):
     got = drift_target(w, h, d, alpha).numpy()
     want = ref.gptaq_target(w.numpy(), x.numpy(), x_float.numpy(), alpha)
     np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10)
+
+
+def test_accumulate_drift_with_the_weight_is_w_times_d():
+    """Given ``w``, the drift accumulates as ``W·D`` ``[out, in]`` (float64 reference: W @ D)."""
+    x_float = correlated_inputs(50, 30, 5)
+    x = x_float + 0.1 * correlated_inputs(50, 30, 6)
+    w = random_weight(7, 30, 7)
+    d, wd = torch.zeros(30, 30, dtype=torch.float64), torch.zeros(7, 30, dtype=torch.float64)
+    for part in (slice(0, 20), slice(20, None)):
+        accumulate_drift(d, x[part], x_float[part])
+        accumulate_drift(wd, x[part], x_float[part], w)
+    torch.testing.assert_close(wd, w @ d, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(d, 2 * (x_float - x).T @ x, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 33), (24, 200)])
+def test_gptq_shift_aims_at_the_drift_target(shape, act_order):
+    """``gptq(w, h, shift=α·W·D)`` gives the codes of GPTQ run on ``drift_target(w, h, D, α)``
+    (float64)."""
+    rows, cols = shape
+    seed = int(torch.randint(0, 2**31, ()))
+    w = random_weight(rows, cols, seed)
+    x_float = correlated_inputs(4 * cols + 5, cols, seed + 1)
+    x = x_float + 0.1 * correlated_inputs(4 * cols + 5, cols, seed + 2)
+    h, d = hessian_and_drift(x, x_float)
+    want = gptq(drift_target(w, h, d, 0.25), h, 4, 32, True, act_order).weight
+    got = gptq(w, h, 4, 32, True, act_order, shift=0.25 * w @ d).weight
+    assert torch.equal(got.codes, want.codes)
+    torch.testing.assert_close(got.scale, want.scale)
+    assert torch.equal(got.zero, want.zero)
 
 
 def test_drift_target_without_drift_is_the_weight():

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from llmlite.errors import LlmliteError
-from llmlite.quant.gptq import accumulate_drift, accumulate_hessian, drift_target, finish_hessian, gptq
+from llmlite.quant.gptq import accumulate_drift, accumulate_hessian, finish_hessian, gptq
 from llmlite.quant.grid import QuantizedWeight
 from llmlite.quant.linear import QuantLinear
 from llmlite.quant.rtn import rtn
@@ -172,8 +172,9 @@ def quantize_model(
     for i, layer in enumerate(bar):
         done: dict[str, QuantLinear] = {}
 
-        def quantize_group(names: list[str], stats: tuple, layer=layer, i=i, done=done) -> None:
-            done.update(_quantize_group(layer, names, *stats, settings, report, prefix=f"layers.{i}."))
+        def quantize_group(names: list[str], inputs, float_inputs=None, layer=layer, i=i, done=done) -> None:
+            prefix = f"layers.{i}."
+            done.update(_quantize_group(layer, names, inputs, float_inputs, settings, report, prefix))
 
         count = len(linears(layer))
         if staged:
@@ -190,8 +191,7 @@ def quantize_model(
             raise LlmliteError(
                 f"--quantize-head needs a final `norm` module in {type(model).__name__}; drop the option"
             )
-        h, _ = _stats(norm(c) for c in hidden)
-        _quantize_head(model, head, settings, h, report)
+        _quantize_head(model, head, settings, (norm(c) for c in hidden), report)
     return report
 
 
@@ -256,47 +256,55 @@ def _buffer(buffers: dict[str, Tensor], like: list[Tensor], width: int, dtype) -
     return list(block[:nbytes].view(dtype).view(shape).split([c.shape[0] for c in like]))
 
 
-def _stats(inputs: Iterable[Tensor], float_inputs: Iterable[Tensor] | None = None):
-    """The Hessian of a group's ``inputs`` and, given the float model's inputs to the same group
-    for the first chunks (``v2_windows``), the drift between the two (``None`` without them)."""
+def _stats(inputs: Iterable[Tensor], float_inputs: Iterable[Tensor] | None = None, w: Tensor | None = None):
+    """The Hessian ``H`` of a group's ``inputs`` and, given the float model's inputs to the same
+    group for the first chunks (``v2_windows``) and the group's weight ``w`` ``[out, in]``, the drift
+    of its outputs ``W·D`` (``D`` as in ``gptq.drift_target``; ``None`` without float inputs)."""
     h = d = None
     tokens = float_tokens = 0
     floats = None if float_inputs is None else iter(float_inputs)
+    direct = w is not None and 2 * w.shape[0] < w.shape[1]  # W(X̃−X)ᵀX costs less than D, then W·D
     for x in inputs:
         x = x.reshape(-1, x.shape[-1])
         if h is None:
             h = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
-            d = None if floats is None else torch.zeros_like(h)
+            d_rows = w.shape[0] if direct else x.shape[1]
+            d = None if floats is None else torch.zeros(d_rows, x.shape[1], dtype=h.dtype, device=x.device)
         accumulate_hessian(h, x)
         x_float = None if floats is None else next(floats, None)
         if x_float is not None:
-            accumulate_drift(d, x, x_float.reshape(x.shape))
+            accumulate_drift(d, x, x_float.reshape(x.shape), w if direct else None)
             float_tokens += x.shape[0]
         tokens += x.shape[0]
-    return finish_hessian(h, tokens), None if d is None else d / max(float_tokens, 1)
+    if d is not None:
+        d = d / max(float_tokens, 1)
+        d = d if direct else w.to(d.dtype) @ d
+    return finish_hessian(h, tokens), d
 
 
 def _quantize_group(
     parent: nn.Module,
     names: list[str],
-    h: Tensor,
-    drift: Tensor | None,
+    inputs: Iterable[Tensor],
+    float_inputs: Iterable[Tensor] | None,
     settings: QuantSettings,
     report: QuantReport,
     prefix: str,
 ) -> dict[str, QuantLinear]:
-    """GPTQ on linears that share an input (one Hessian): their weights are stacked by rows.
+    """GPTQ on linears that share ``inputs`` (one Hessian): their weights are stacked by rows.
+    Given the float model's inputs to them too, GPTQ aims at the float model's outputs (GPTAQ).
 
     The float modules stay in place, their weights set to exactly what the ``QuantLinear``
     computes with, so that the rest of the layer's calibration runs at full speed; the returned
     ``QuantLinear`` modules replace them when the layer is done (``_install``).
     """
-    start = time.perf_counter()
     modules = [parent.get_submodule(n) for n in names]
     w = torch.cat([m.weight.detach().float() for m in modules])
+    h, drift = _stats(inputs, float_inputs, w)
+    start = time.perf_counter()
     s = settings
-    target = w if drift is None else drift_target(w, h, drift, s.v2_alpha, s.damp)
-    result = gptq(target, h, s.bits, s.group_size, s.sym, s.act_order, s.damp, mse=s.mse)
+    shift = None if drift is None else s.v2_alpha * drift
+    result = gptq(w, h, s.bits, s.group_size, s.sym, s.act_order, s.damp, mse=s.mse, shift=shift)
     if result.damp != settings.damp:
         log.warning(
             "%s: Hessian not positive definite at damp %g; used %g",
@@ -342,16 +350,17 @@ def _install(parent: nn.Module, quantized: dict[str, QuantLinear]) -> None:
         parent.set_submodule(name, qlinear)
 
 
-def _quantize_head(model, head: nn.Linear, settings, h: Tensor | None, report) -> None:
-    """Quantize the output head; a head tied to the input embeddings is untied first."""
+def _quantize_head(model, head: nn.Linear, settings, inputs: Iterable[Tensor] | None, report) -> None:
+    """Quantize the output head (GPTQ given its ``inputs``, else RTN); a head tied to the input
+    embeddings is untied first."""
     if model.get_input_embeddings().weight is head.weight:
         head.weight = nn.Parameter(head.weight.detach().clone())
         model.config.tie_word_embeddings = False
     parent_name = next(n for n, m in model.named_modules() if m is head)
-    if h is None:
+    if inputs is None:
         _rtn_swap(model, parent_name, head, settings, report, parent_name)
     else:
-        _install(model, _quantize_group(model, [parent_name], h, None, settings, report, prefix=""))
+        _install(model, _quantize_group(model, [parent_name], inputs, None, settings, report, prefix=""))
 
 
 # --- the two ways through a layer ---------------------------------------------------------------
@@ -396,7 +405,7 @@ def _llama_layer(
 
     quantize(
         ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-        _stats(*pairs(layer.input_layernorm, fl and fl.input_layernorm)),
+        *pairs(layer.input_layernorm, fl and fl.input_layernorm),
     )
 
     attn_in = _buffer(buffers, hidden, attn.o_proj.in_features, hidden[0].dtype)
@@ -410,7 +419,7 @@ def _llama_layer(
         ]
         for g, a in zip(hidden_float, attn_in_float, strict=True):
             g += fl.self_attn.o_proj(a)
-    quantize(["self_attn.o_proj"], _stats(attn_in, attn_in_float))
+    quantize(["self_attn.o_proj"], attn_in, attn_in_float)
     for h, a in zip(hidden, attn_in, strict=True):
         h += attn.o_proj(a)
     del attn_in, attn_in_float
@@ -418,7 +427,7 @@ def _llama_layer(
 
     quantize(
         ["mlp.gate_proj", "mlp.up_proj"],
-        _stats(*pairs(layer.post_attention_layernorm, fl and fl.post_attention_layernorm)),
+        *pairs(layer.post_attention_layernorm, fl and fl.post_attention_layernorm),
     )
 
     def inner(layer: nn.Module, h: Tensor) -> Tensor:
@@ -443,14 +452,17 @@ def _llama_layer(
             g += fl.mlp.down_proj(m)
             yield m
 
-    quantize(["mlp.down_proj"], _stats(down_inputs(), None if fl is None else down_inputs_float()))
+    quantize(["mlp.down_proj"], down_inputs(), None if fl is None else down_inputs_float())
     for h, m, scale in zip(hidden, kept, scales, strict=True):
         h += mlp.down_proj(m.float().mul_(scale) if compact else m)
 
 
 def _fp16_scale(x: Tensor) -> float:
     """A power of two that brings every value of ``x`` within float16's range (1 if they fit)."""
-    amax = float(x.abs().max()) if x.numel() else 0.0
+    if not x.numel():
+        return 1.0
+    lo, hi = x.aminmax()  # no |x| temporary of the layer's widest size
+    amax = max(-float(lo), float(hi))
     return 2.0 ** math.ceil(math.log2(amax / 2**15)) if amax > 2**15 else 1.0
 
 
@@ -489,7 +501,7 @@ def _generic_layer(
         if fl is not None:
             target = fl.get_submodule(names[0])
             float_inputs = [_input_of(target, fl, g, kw) for g, kw in zip(hidden_float, kwargs, strict=False)]
-        quantize(names, _stats(inputs, float_inputs))
+        quantize(names, inputs, float_inputs)
     for stream, run in ((hidden, layer), (hidden_float, fl)):
         for i, kw in enumerate(kwargs[: len(stream)] if stream is not None else ()):
             out = run(stream[i], **kw)
