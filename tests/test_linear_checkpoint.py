@@ -118,3 +118,10 @@ def test_checkpoint_reloads_exactly(tmp_path, tokenizer, bits, group_size, sym, 
     )
     assert json.loads((folder / "quantize_config.json").read_text()) == config
     assert (folder / "tokenizer.json").exists()
+
+
+def test_gptq_config_records_the_drift_correction():
+    meta = gptq_config(QuantizeConfig(v2_windows=8).validate())["meta"]
+    assert (meta["v2"], meta["v2_alpha"], meta["v2_windows"]) == (True, 0.25, 8)
+    meta = gptq_config(QuantizeConfig(v2=False).validate())["meta"]
+    assert (meta["v2"], meta["v2_alpha"], meta["v2_windows"]) == (False, None, None)

@@ -319,7 +319,7 @@ def _quantize_group(
         row += module.out_features
         part = QuantizedWeight(qw.codes[rows], qw.scale[rows], qw.zero[rows], qw.g_idx, qw.bits)
         qlinear = _quant_linear(module, part, settings)
-        module.weight.data = qlinear.dequantize(module.weight.dtype)
+        module.weight.data = part.dequantize(module.weight.dtype)  # QuantLinear's values, bit for bit
         if module.bias is not None:
             module.bias.data = qlinear.bias.to(module.bias.dtype)
         error = relative_output_error(w[rows], module.weight.detach().float(), h)

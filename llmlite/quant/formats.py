@@ -38,21 +38,22 @@ def packed_length(length: int, bits: int) -> int:
 
 
 def pack(values: Tensor, bits: int) -> Tensor:
-    """Pack integer ``values`` ``[n, m]`` (each in ``[0, 2**bits)``) along dim 0 into int32 words."""
+    """Pack integer ``values`` ``[n, m]`` (each in ``[0, 2**bits)``) along dim 0 into int32 words.
+
+    Works in int32 throughout (shifts wrap into the sign bit, which is the word's bit 31), one
+    value position of the run at a time: no temporary larger than ``values`` as int32 / run length.
+    """
     n, m = values.shape
     per_chunk, words_per_chunk = _chunk(bits)
     chunks = math.ceil(n / per_chunk)
-    v = torch.zeros(chunks * per_chunk, m, dtype=torch.int64)
-    v[:n] = values.to(torch.int64)
-    v = v.view(chunks, per_chunk, m)
-    out = torch.zeros(chunks, words_per_chunk, m, dtype=torch.int64)
-    for j in range(per_chunk):
+    out = torch.zeros(chunks, words_per_chunk, m, dtype=torch.int32, device=values.device)
+    for j in range(min(per_chunk, n)):
+        v = values[j::per_chunk].to(torch.int32)  # values j, j + per_chunk, ...: one per chunk
         word, shift = divmod(bits * j, 32)
-        out[:, word] |= (v[:, j] << shift) & _MASK32
+        out[: len(v), word] |= v << shift
         if shift + bits > 32:
-            out[:, word + 1] |= v[:, j] >> (32 - shift)
-    out = out.view(chunks * words_per_chunk, m)
-    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+            out[: len(v), word + 1] |= v >> (32 - shift)
+    return out.view(chunks * words_per_chunk, m)
 
 
 def unpack(words: Tensor, bits: int, length: int) -> Tensor:
