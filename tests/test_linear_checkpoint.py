@@ -125,3 +125,15 @@ def test_gptq_config_records_the_drift_correction():
     assert (meta["v2"], meta["v2_alpha"], meta["v2_windows"]) == (True, 0.25, 8)
     meta = gptq_config(QuantizeConfig(v2=False).validate())["meta"]
     assert (meta["v2"], meta["v2_alpha"], meta["v2_windows"]) == (False, None, None)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("shape,group_size", [((40, 200), 64), ((7, 576), 128), ((9, 33), -1)])
+def test_quant_linear_computes_with_the_codes_values(bits, shape, group_size):
+    """The packed layer dequantizes to ``QuantizedWeight.dequantize``'s values bit for bit (the
+    driver sets the float weights it calibrates with from the latter), also with a shuffled g_idx."""
+    qw = rtn(torch.randn(shape), bits, group_size, sym=False)
+    qw.g_idx = qw.g_idx[torch.randperm(shape[1])]
+    layer = QuantLinear.from_weight(qw, None, group_size)
+    for dtype in (torch.float32, torch.float16):
+        assert torch.equal(layer.dequantize(dtype), qw.dequantize(dtype))
