@@ -145,7 +145,8 @@ def gptq(
         W, H, dead = W[:, perm], H[perm][:, perm], dead[perm]
     inverse, hinv, damp = damped_inverse(H, damp)
     if shift is not None:  # GPTAQ: aim at W + shift·H⁻¹ (see drift_target)
-        W.addmm_(shift.to("cpu", dtype) if perm is None else shift.to("cpu", dtype)[:, perm], inverse)
+        shift = shift.to("cpu", dtype)
+        W.addmm_(shift if perm is None else shift[:, perm], inverse)
     W[:, dead] = 0
     del inverse
 
