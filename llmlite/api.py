@@ -80,6 +80,7 @@ def quantize(
             mse=cfg.mse,
             v2_alpha=cfg.v2_alpha if cfg.v2 else 0.0,
             v2_windows=cfg.v2_windows,
+            refit=cfg.refit,
             quantize_head=cfg.quantize_head,
         )
         with measure() as core:

@@ -60,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         help="calibration windows that --v2 also runs through the float model (default 16; 0: all)",
     )
+    q.add_argument(
+        "--refit",
+        action=argparse.BooleanOptionalAction,
+        help="after GPTQ, re-solve each group's scale for the least layer-output error on the "
+        "calibration data (default on for GPTQ; --no-refit: GPTQ's own scales)",
+    )
     q.add_argument("--calibration", help="calibration text: file or corpus name (default wikitext2-valid)")
     q.add_argument("--samples", type=int, help="calibration windows (default 128)")
     q.add_argument("--seqlen", type=int, help="tokens per calibration window (default 512)")

@@ -42,6 +42,9 @@ class QuantizeConfig:
     v2: bool | None = None
     v2_alpha: float = 0.25
     v2_windows: int = 16
+    # After GPTQ, each group's scale re-solved for the least layer-output error on the calibration
+    # Hessian (codes and zero-points fixed). None: on for GPTQ (validate() resolves it).
+    refit: bool | None = None
     quantize_head: bool = False
     dtype: str = "float16"  # storage of the tensors that stay unquantized (embeddings, norms)
     output: str | None = None
@@ -69,6 +72,12 @@ class QuantizeConfig:
             raise LlmliteError(f"option v2 must be true or false, got {self.v2!r}")
         if self.v2_windows < 0:
             raise LlmliteError(f"--v2-windows {self.v2_windows} is invalid; use 0 (all windows) or more")
+        if self.refit is None:
+            self.refit = self.method == "gptq"
+        if not isinstance(self.refit, bool):
+            raise LlmliteError(f"option refit must be true or false, got {self.refit!r}")
+        if self.refit and self.method != "gptq":
+            raise LlmliteError("--refit fits scales to calibration outputs; use it with --method gptq")
         if self.v2 and self.method != "gptq":
             raise LlmliteError("--v2 corrects GPTQ's target and needs calibration; use it with --method gptq")
         if not 0 < self.damp <= 1:

@@ -52,6 +52,7 @@ def gptq_config(options) -> dict:
             "v2": o.v2,
             "v2_alpha": o.v2_alpha if o.v2 else None,
             "v2_windows": o.v2_windows if o.v2 else None,
+            "refit": o.refit,
         },
     }
 

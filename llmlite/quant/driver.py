@@ -54,6 +54,7 @@ class QuantSettings:
     act_order: bool = False
     damp: float = 0.01
     mse: bool = False
+    refit: bool = False  # re-solve each group's scale for the least layer-output error after GPTQ
     quantize_head: bool = False
     v2_alpha: float = 0.0  # GPTAQ's correction towards the float model's outputs; 0: plain GPTQ
     # Calibration windows that also run through the float model for GPTAQ's drift (the first ones,
@@ -304,7 +305,9 @@ def _quantize_group(
     start = time.perf_counter()
     s = settings
     shift = None if drift is None else s.v2_alpha * drift
-    result = gptq(w, h, s.bits, s.group_size, s.sym, s.act_order, s.damp, mse=s.mse, shift=shift)
+    result = gptq(
+        w, h, s.bits, s.group_size, s.sym, s.act_order, s.damp, mse=s.mse, shift=shift, refit=s.refit
+    )
     if result.damp != settings.damp:
         log.warning(
             "%s: Hessian not positive definite at damp %g; used %g",

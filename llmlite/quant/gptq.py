@@ -20,6 +20,7 @@ from llmlite.quant.grid import (
     group_index,
     group_params,
     max_code,
+    to_fp16_grid,
 )
 
 
@@ -79,6 +80,32 @@ def drift_target(w: Tensor, h: Tensor, drift: Tensor, alpha: float, damp: float 
     return w + alpha * (w @ drift.to(dtype)) @ inverse
 
 
+def refit_scales(
+    target: Tensor, h: Tensor, codes: Tensor, scale: Tensor, zero: Tensor, g_idx: Tensor
+) -> Tensor:
+    """The scales ``[out, groups]`` that, with ``codes`` and integer ``zero`` ``[out, groups]`` held
+    fixed, minimise the layer's output error ``(t − q) H (t − q)ᵀ`` of every row ``t`` of ``target``
+    (``q = s[g] (codes − zero[g])``): one small linear system per row.
+
+    A group whose codes all equal its zero-point keeps its scale, and so does any row whose solution
+    is not positive and finite; the result is rounded to float16, as checkpoints store it.
+    """
+    dtype = torch.promote_types(target.dtype, torch.float32)
+    g = g_idx.long()
+    groups = scale.shape[1]
+    e = codes.to(dtype) - zero.to(dtype)[:, g]  # q = s[g] · e
+    h = h.to(dtype)
+    one_hot = torch.nn.functional.one_hot(g, groups).to(dtype)  # sums columns by group
+    m = torch.stack([((e[:, g == k] @ h[g == k]) * e) @ one_hot for k in range(groups)], 1)
+    b = ((target.to(dtype) @ h) * e) @ one_hot
+    m, b, old = m.double(), b.double(), scale.double()
+    empty = m.diagonal(dim1=1, dim2=2) == 0
+    m.diagonal(dim1=1, dim2=2).add_(empty.double())
+    new = torch.linalg.solve(m, torch.where(empty, old, b))
+    keep = ~(torch.isfinite(new) & (new > 0)).all(1, keepdim=True)
+    return to_fp16_grid(torch.where(keep, old, new)).to(scale.dtype)
+
+
 def damped_cholesky(h: Tensor, damp: float = 0.01, max_damp: float = 10.0) -> tuple[Tensor, float]:
     """Lower Cholesky factor of ``H + λI`` with ``λ = damp · mean(diag H)``.
 
@@ -122,6 +149,7 @@ def gptq(
     block_size: int = 128,
     mse: bool = False,
     shift: Tensor | None = None,
+    refit: bool = False,
 ) -> GPTQResult:
     """Quantize ``w`` ``[out, in]`` given the Hessian ``[in, in]`` of its layer's inputs.
 
@@ -188,6 +216,10 @@ def gptq(
     Q = Qt.T
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
+    if refit and cols:  # the scales that fit the target best, given the codes
+        unperm = slice(None) if perm is None else torch.argsort(perm)
+        h_damped = (H + damp * H.diagonal().mean() * torch.eye(cols, dtype=dtype))[unperm][:, unperm]
+        scale = refit_scales(W[:, unperm], h_damped, Q, scale.T, zero.T, g_idx).T
     weight = QuantizedWeight(
         codes=Q.to(torch.uint8),
         scale=scale.T.float().contiguous(),

@@ -27,7 +27,7 @@ def max_code(bits: int) -> int:
     return 2**bits - 1
 
 
-def _to_fp16_grid(scale: Tensor) -> Tensor:
+def to_fp16_grid(scale: Tensor) -> Tensor:
     return scale.clamp(min=_FP16_TINY).to(torch.float16).to(scale.dtype)
 
 
@@ -65,16 +65,16 @@ def _range_params(xmin: Tensor, xmax: Tensor, bits: int, sym: bool) -> tuple[Ten
     if sym:
         xmax = torch.maximum(-xmin, xmax)
         xmax = torch.where(xmax == 0, torch.ones_like(xmax), xmax)
-        scale = _to_fp16_grid(2 * xmax / maxq)
+        scale = to_fp16_grid(2 * xmax / maxq)
         return scale, torch.full_like(scale, (maxq + 1) // 2)
     empty = (xmin == 0) & (xmax == 0)
     xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
     xmax = torch.where(empty, torch.ones_like(xmax), xmax)
-    scale = _to_fp16_grid((xmax - xmin) / maxq)
+    scale = to_fp16_grid((xmax - xmin) / maxq)
     zero = torch.round(-xmin / scale)
     low = zero < 1
     if low.any():
-        scale = torch.where(low, _to_fp16_grid(xmax / (maxq - 1)), scale)
+        scale = torch.where(low, to_fp16_grid(xmax / (maxq - 1)), scale)
         zero = torch.where(low, torch.ones_like(zero), zero)
     return scale, zero.clamp(1, maxq)
 
