@@ -150,3 +150,18 @@ def gptaq_target(w, x, x_float, alpha, damp=0.01):
     b = np.vstack([x_float @ w.T, np.sqrt(lam) * w.T])
     ridge = np.linalg.lstsq(a, b, rcond=None)[0].T
     return w + alpha * (ridge - w)
+
+
+def refit_scales(target, x, codes, zero, group_size):
+    """Per row, the group scales ``s`` of least ``‖X(t − B s)ᵀ‖²``, ``B[j, g(j)] = codes[j] − zero[g(j)]``,
+    by least squares on ``X B`` itself (no normal equations). ``zero`` is ``[rows, groups]``."""
+    rows, cols = codes.shape
+    g = cols if group_size == -1 else group_size
+    groups = -(-cols // g)
+    out = np.zeros((rows, groups))
+    for r in range(rows):
+        b = np.zeros((cols, groups))
+        for j in range(cols):
+            b[j, j // g] = codes[r, j] - zero[r, j // g]
+        out[r] = np.linalg.lstsq(x @ b, x @ target[r], rcond=None)[0]
+    return out

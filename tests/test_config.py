@@ -35,6 +35,11 @@ def test_v2_is_on_for_gptq_unless_switched_off(options, v2):
     assert c.v2 is v2 and c.v2_windows == 16
 
 
+@pytest.mark.parametrize("options,refit", [({}, True), ({"method": "rtn"}, False), ({"refit": False}, False)])
+def test_refit_is_on_for_gptq_unless_switched_off(options, refit):
+    assert build(QuantizeConfig, **options).refit is refit
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])
 def test_bundled_recipes_are_valid(recipe):
     from llmlite.training.config import FinetuneConfig
@@ -76,6 +81,8 @@ def test_recipe_then_explicit_options(tmp_path):
         ("v2: true\nmethod: rtn\n", "use it with --method gptq"),
         ("v2: true\nv2-windows: -1\n", "--v2-windows -1 is invalid"),
         ("v2: sometimes\n", "option v2 must be true or false"),
+        ("method: rtn\nrefit: true\n", "--refit fits scales .* use it with --method gptq"),
+        ("refit: 1\n", "must be true or false"),
     ],
 )
 def test_bad_recipes(tmp_path, text, message):

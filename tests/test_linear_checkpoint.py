@@ -125,6 +125,8 @@ def test_gptq_config_records_the_drift_correction():
     assert (meta["v2"], meta["v2_alpha"], meta["v2_windows"]) == (True, 0.25, 8)
     meta = gptq_config(QuantizeConfig(v2=False).validate())["meta"]
     assert (meta["v2"], meta["v2_alpha"], meta["v2_windows"]) == (False, None, None)
+    assert meta["refit"] is True
+    assert gptq_config(QuantizeConfig(refit=False).validate())["meta"]["refit"] is False
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

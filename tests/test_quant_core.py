@@ -14,8 +14,9 @@ from llmlite.quant.gptq import (
     drift_target,
     finish_hessian,
     gptq,
+    refit_scales,
 )
-from llmlite.quant.grid import dequantize_codes, grid_params, quantize_codes
+from llmlite.quant.grid import dequantize_codes, grid_params, group_index, quantize_codes
 from llmlite.quant.rtn import rtn
 
 SHAPES = [(1, 1), (3, 7), (16, 96), (24, 200), (5, 576)]  # in-features not multiples of the groups
@@ -229,3 +230,58 @@ def test_gptq_on_drift_target_fits_float_outputs_better(bits):
         return float(((x @ q.T - x_float @ w.T) ** 2).mean())
 
     assert float_error(aimed) < float_error(plain)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("shape,group_size", [((1, 1), -1), ((3, 33), 32), ((6, 200), 64), ((4, 96), -1)])
+def test_refit_scales_matches_least_squares_float64(shape, group_size, sym):
+    """The refit scales solve each row's least squares on ``X`` (lstsq on ``X·B``, no normal
+    equations), float16-rounded; in-features that do not divide into groups included."""
+    rows, cols = shape
+    seed = int(torch.randint(0, 2**31, ()))
+    g = torch.Generator().manual_seed(seed)
+    groups = -(-cols // (cols if group_size == -1 else group_size))
+    codes = torch.randint(0, 16, (rows, cols), generator=g).double()
+    zero = torch.randint(1, 15, (rows, groups), generator=g).double()
+    if sym:
+        zero.fill_(8)
+    scale = torch.rand(rows, groups, generator=g, dtype=torch.float64) + 0.5
+    g_idx = group_index(cols, group_size)
+    # a target near the grid, so that every solution is positive
+    target = (codes - zero[:, g_idx.long()]) * scale[:, g_idx.long()]
+    target += 0.05 * torch.randn(rows, cols, generator=g, dtype=torch.float64)
+    x = correlated_inputs(3 * cols + 4, cols, seed + 1)
+    got = refit_scales(target, x.T @ x, codes, scale, zero, g_idx)
+    want = ref.refit_scales(target.numpy(), x.numpy(), codes.numpy(), zero.numpy(), group_size)
+    assert (want > 0).all()
+    torch.testing.assert_close(got, torch.from_numpy(ref.fp16(want)), rtol=1e-3, atol=0)
+
+
+def test_refit_scales_keeps_empty_groups_and_non_positive_rows():
+    """A group whose codes all sit on its zero-point keeps its scale; a row whose best fit needs a
+    negative scale keeps all of its scales."""
+    codes = torch.tensor([[8.0, 8.0, 9.0, 10.0], [9.0, 10.0, 9.0, 10.0]])
+    zero = torch.full((2, 2), 8.0)
+    scale = torch.tensor([[0.5, 0.25], [0.5, 0.25]])
+    target = torch.tensor([[0.3, -0.2, 0.3, 0.5], [-0.5, -1.0, 0.3, 0.6]])
+    got = refit_scales(target, torch.eye(4), codes, scale, zero, group_index(4, 2))
+    assert got[0, 0] == 0.5 and got[0, 1] != 0.25  # empty group kept, the other refit
+    assert torch.equal(got[1], scale[1])  # best fit of group 0 is negative: the row is kept
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("shape,group_size", [((32, 200), 64), ((16, 96), -1)])
+def test_gptq_refit_lowers_the_output_error_with_the_same_codes(shape, group_size, sym, act_order):
+    rows, cols = shape
+    seed = int(torch.randint(0, 2**31, ()))
+    w = random_weight(rows, cols, seed).float()
+    x = correlated_inputs(8 * cols, cols, seed + 1).float()
+    h = torch.zeros(cols, cols)
+    accumulate_hessian(h, x)
+    h = finish_hessian(h, x.shape[0])
+    plain = gptq(w, h, 4, group_size, sym, act_order).weight
+    refit = gptq(w, h, 4, group_size, sym, act_order, refit=True).weight
+    assert torch.equal(refit.codes, plain.codes) and torch.equal(refit.zero, plain.zero)
+    assert not torch.equal(refit.scale, plain.scale)
+    assert output_error(w, refit.dequantize(), x) < output_error(w, plain.dequantize(), x)
