@@ -314,7 +314,7 @@ def write_report(cache: dict, n_windows: int, n_tokens: int) -> None:
         lines.append(f"| RTN (llmlite) | {rtn_row['perplexity']:.3f} | – | – | – | – | – | – |")
     for label, row in (
         ("llmlite GPTQ (default)", rows["gptq-v2w16-w4g64-sym"]),
-        ("llmlite GPTQ `--no-v2`", rows["gptq-w4g64-sym"]),
+        ("llmlite GPTQ `--no-v2 --no-refit`", rows["gptq-w4g64-sym"]),
         ("llm-compressor GPTQ", peer),
     ):
         if not row:
