@@ -158,6 +158,7 @@ def gptq(
     inference needs no reordering. Without it, a group's grid is set from the error-updated weight
     when its first column is reached (the reference behaviour). ``shift`` ``[out, in]`` (GPTAQ's
     ``alpha·W·D``) makes GPTQ aim at ``drift_target``'s weight, with the inverse it needs anyway.
+    ``refit`` re-solves the scales for the final codes (``refit_scales``, with the damped Hessian).
     Computes on the CPU in float32, or float64 when given float64.
     """
     dtype = torch.promote_types(w.dtype, torch.float32)
