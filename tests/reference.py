@@ -152,9 +152,10 @@ def gptaq_target(w, x, x_float, alpha, damp=0.01):
     return w + alpha * (ridge - w)
 
 
-def refit_scales(target, x, codes, zero, group_size):
+def refit_scales(target, x, codes, scale, zero, group_size):
     """Per row, the group scales ``s`` of least ``‖X(t − B s)ᵀ‖²``, ``B[j, g(j)] = codes[j] − zero[g(j)]``,
-    by least squares on ``X B`` itself (no normal equations). ``zero`` is ``[rows, groups]``."""
+    by least squares on ``X B`` itself (no normal equations); a group whose column of ``B`` is zero
+    keeps its ``scale``. ``scale`` and ``zero`` are ``[rows, groups]``."""
     rows, cols = codes.shape
     g = cols if group_size == -1 else group_size
     groups = -(-cols // g)
@@ -164,4 +165,6 @@ def refit_scales(target, x, codes, zero, group_size):
         for j in range(cols):
             b[j, j // g] = codes[r, j] - zero[r, j // g]
         out[r] = np.linalg.lstsq(x @ b, x @ target[r], rcond=None)[0]
+        empty = ~b.any(0)
+        out[r, empty] = scale[r, empty]
     return out

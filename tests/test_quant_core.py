@@ -252,7 +252,7 @@ def test_refit_scales_matches_least_squares_float64(shape, group_size, sym):
     target += 0.05 * torch.randn(rows, cols, generator=g, dtype=torch.float64)
     x = correlated_inputs(3 * cols + 4, cols, seed + 1)
     got = refit_scales(target, x.T @ x, codes, scale, zero, g_idx)
-    want = ref.refit_scales(target.numpy(), x.numpy(), codes.numpy(), zero.numpy(), group_size)
+    want = ref.refit_scales(target.numpy(), x.numpy(), codes.numpy(), scale.numpy(), zero.numpy(), group_size)
     assert (want > 0).all()
     torch.testing.assert_close(got, torch.from_numpy(ref.fp16(want)), rtol=1e-3, atol=0)
 
