@@ -11,7 +11,7 @@ DEMO := runs/smollm2-gptq-w4g128
 REPORT_LIMIT ?= wikitext=16,calibration=16,piqa=500
 REPORTS := docs/reports
 
-.PHONY: setup demo test bench bench-eval bench-finetune finetune-example bench-kvcache bench-gqa report
+.PHONY: setup demo test bench bench-blas bench-eval bench-finetune finetune-example bench-kvcache bench-gqa report
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -32,6 +32,9 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/quantize.py
+
+bench-blas: setup
+	$(PY) benchmarks/blas.py
 
 bench-eval: setup
 	$(PY) benchmarks/evaluate.py --piqa-limit 500 --windows 4

@@ -15,6 +15,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from llmlite.blas import enable_mkl_avx2
+
+enable_mkl_avx2()
+
 _EXPORTS = {
     "load_model": "llmlite.models",
     "quantize": "llmlite.api",

@@ -192,7 +192,7 @@ def write_json(path: str | os.PathLike, data: dict) -> None:
 def environment() -> dict:
     import transformers
 
-    from llmlite import __version__
+    from llmlite import __version__, blas
 
     return {
         "llmlite": __version__,
@@ -202,6 +202,7 @@ def environment() -> dict:
         "machine": platform.machine(),
         "cpu": _cpu_name(),
         "threads": torch.get_num_threads(),
+        "mkl_avx2_shim": blas.state,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 

@@ -1,0 +1,1 @@
+"""Native helpers compiled at install time (see ``llmlite.blas``)."""
