@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from llmlite import blas  # noqa: E402
 from llmlite.api import environment  # noqa: E402
 from llmlite.data import calibration_windows, eval_windows, load_text, tokenize  # noqa: E402
 from llmlite.evaluation.perplexity import perplexity  # noqa: E402
@@ -44,10 +46,17 @@ VARIANTS = {
 }
 # (name, tool, method, bits, group, sym, variant), in the order they run: the speed comparison first.
 # Every GPTQ row uses act-order with static groups (both tools' default).
+# The speed rows run under two BLAS set-ups (see `mkl_env`): llmlite's default, its MKL shim
+# (`llmlite.blas`), which llm-compressor's process then gets too (LD_PRELOAD) for a like-for-like
+# comparison; and MKL as torch ships it ("-noshim": its generic kernels on an AMD CPU), which is
+# how llm-compressor runs as installed.
 RUNS = [
     ("rtn-w4g64-sym", "llmlite", "rtn", 4, 64, True, "plain"),
     ("gptq-w4g64-sym", "llmlite", "gptq", 4, 64, True, "plain"),
     ("gptq-v2w16-w4g64-sym", "llmlite", "gptq", 4, 64, True, "default"),
+    ("llmc-gptq-w4g64-sym-shim", "llm-compressor", "gptq", 4, 64, True, "plain"),
+    ("gptq-w4g64-sym-noshim", "llmlite", "gptq", 4, 64, True, "plain"),
+    ("gptq-v2w16-w4g64-sym-noshim", "llmlite", "gptq", 4, 64, True, "default"),
     ("llmc-gptq-w4g64-sym", "llm-compressor", "gptq", 4, 64, True, "plain"),
 ]
 for _bits in (4, 3):
@@ -61,11 +70,27 @@ for _bits in (4, 3):
         ]
 
 
-def run_measured(cmd: list[str]) -> float:
+def mkl_env(name: str) -> dict[str, str]:
+    """The environment of run ``name``: "-noshim" runs of llmlite get MKL as torch ships it, the
+    "-shim" run of llm-compressor gets llmlite's MKL shim preloaded; others run as they are."""
+    env = dict(os.environ)
+    env.pop("LD_PRELOAD", None)
+    if name.endswith("-noshim"):
+        env[blas.ENV] = "0"
+    elif name.endswith("-shim"):
+        if blas.shim_path() is None:
+            raise SystemExit("llmlite's MKL shim was not compiled: reinstall llmlite with a C compiler")
+        env["LD_PRELOAD"] = blas.shim_path()
+    return env
+
+
+def run_measured(cmd: list[str], name: str) -> float:
     """Run ``cmd``; return its wall time. (Peak memory comes from the process itself: ``wait4``'s
     ``ru_maxrss`` would start at this benchmark's own size, which survives ``exec``.)"""
     start = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=mkl_env(name)
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed:\n{proc.stderr[-3000:]}")
     return time.perf_counter() - start
@@ -91,7 +116,7 @@ def quantize_llmlite(name, method, bits, group, sym, variant) -> dict:
     expected["refit"] = method == "gptq" and variant == "default"
     if finished(out, expected):  # quantized earlier, scoring interrupted: score it now
         return {"process_s": None, "command": " ".join(cmd[2:]), **measured(name)}
-    wall = run_measured([*cmd, "--output", str(out), "--overwrite", "--quiet"])
+    wall = run_measured([*cmd, "--output", str(out), "--overwrite", "--quiet"], name)
     return {"process_s": wall, "command": " ".join(cmd[2:]), **measured(name)}
 
 
@@ -133,7 +158,9 @@ def quantize_llmc(python: str, name, bits, group, sym, calib: Path, model_dir: P
         str(group),
         "--actorder",
     ]
-    wall = run_measured([*cmd] + ([] if sym else ["--asym"]))
+    if (out / "result.json").exists():  # quantized earlier, scoring interrupted: score it now
+        return {"process_s": None, **measured(name), "versions": peer_versions(python)}
+    wall = run_measured([*cmd] + ([] if sym else ["--asym"]), name)
     return {"process_s": wall, **measured(name), "versions": peer_versions(python)}
 
 
@@ -305,27 +332,43 @@ def write_report(cache: dict, n_windows: int, n_tokens: int) -> None:
         "model loading, calibration data and saving are included). Ratios are taken only between rows "
         "measured on the same day.",
         "",
-        "| tool | ppl | time (s) | process (s) | peak RSS (GiB) | time ratio | memory ratio | date |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "Each row runs under one of two BLAS set-ups. **shim**: llmlite's default, MKL's AVX2 kernels "
+        "through `llmlite.blas` ([measured alone](blas.md)), given to llm-compressor's process too "
+        "(`LD_PRELOAD` of the same library) for a like-for-like row; **as shipped**: MKL as torch ships "
+        "it, whose generic kernels an AMD CPU gets (llmlite with `LLMLITE_MKL_AVX2=0`; llm-compressor "
+        "as installed). Time ratios are against llm-compressor under the same set-up, and against "
+        "llm-compressor as installed (what a user of it gets on this machine).",
+        "",
+        "| tool | MKL | ppl | time (s) | process (s) | peak RSS (GiB) | vs llm-compressor, same MKL "
+        "| vs llm-compressor as installed | memory ratio | date |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    peer = rows["llmc-gptq-w4g64-sym"]
+    peers = {"shim": rows["llmc-gptq-w4g64-sym-shim"], "as shipped": rows["llmc-gptq-w4g64-sym"]}
     rtn_row = rows["rtn-w4g64-sym"]
     if rtn_row:
-        lines.append(f"| RTN (llmlite) | {rtn_row['perplexity']:.3f} | – | – | – | – | – | – |")
-    for label, row in (
-        ("llmlite GPTQ (default)", rows["gptq-v2w16-w4g64-sym"]),
-        ("llmlite GPTQ `--no-v2 --no-refit`", rows["gptq-w4g64-sym"]),
-        ("llm-compressor GPTQ", peer),
+        lines.append(f"| RTN (llmlite) | – | {rtn_row['perplexity']:.3f} | – | – | – | – | – | – | – |")
+
+    def ratio(row: dict, peer: dict | None) -> str:
+        if not peer or row is peer or row.get("date") != peer.get("date"):
+            return "–"
+        return f"{peer['quantize_s'] / row['quantize_s']:.2f}× faster"
+
+    for label, mkl, name in (
+        ("llmlite GPTQ (default)", "shim", "gptq-v2w16-w4g64-sym"),
+        ("llmlite GPTQ `--no-v2 --no-refit`", "shim", "gptq-w4g64-sym"),
+        ("llm-compressor GPTQ", "shim", "llmc-gptq-w4g64-sym-shim"),
+        ("llmlite GPTQ (default)", "as shipped", "gptq-v2w16-w4g64-sym-noshim"),
+        ("llmlite GPTQ `--no-v2 --no-refit`", "as shipped", "gptq-w4g64-sym-noshim"),
+        ("llm-compressor GPTQ", "as shipped", "llmc-gptq-w4g64-sym"),
     ):
+        row, peer = rows[name], peers[mkl]
         if not row:
             continue
-        ratio = mem = "–"
-        if peer and row is not peer and row.get("date") == peer.get("date"):
-            ratio = f"{peer['quantize_s'] / row['quantize_s']:.2f}× faster"
-            mem = f"{row['peak_rss'] / peer['peak_rss']:.2f}× of peer"
+        mem = "–" if not peer or row is peer else f"{row['peak_rss'] / peer['peak_rss']:.2f}× of peer"
         process = "–" if row.get("process_s") is None else f"{row['process_s']:.0f}"
-        cells = [label, f"{row['perplexity']:.3f}", f"{row['quantize_s']:.0f}", process]
-        cells += [f"{row['peak_rss'] / 2**30:.2f}", ratio, mem, row.get("date", "–")]
+        cells = [label, mkl, f"{row['perplexity']:.3f}", f"{row['quantize_s']:.0f}", process]
+        cells += [f"{row['peak_rss'] / 2**30:.2f}", ratio(row, peer), ratio(row, peers["as shipped"])]
+        cells += [mem, row.get("date", "–")]
         lines.append(f"| {' | '.join(cells)} |")
     lines += ["", "## When each row was measured", "", "| row | date | commit |", "| --- | --- | --- |"]
     for name, row in rows.items():
