@@ -1,12 +1,12 @@
 """MKL's AVX2 kernels on AMD CPUs.
 
 PyTorch's x86 wheels do their float matrix products in Intel's oneMKL, which chooses its kernels by
-CPU *vendor*: on an AMD CPU it runs a generic code path and leaves AVX2 and FMA unused (float32
-products about 25% slower on a 2-core AMD EPYC, `docs/benchmarks/blas.md`). MKL asks an exported
-function, ``mkl_serv_intel_cpu``, whether the CPU is Intel's. llmlite builds a two-line library
-(``llmlite/native/mkl_intel_cpu.c``) that answers yes and loads it into the process's global symbol
-scope *before torch is loaded*, so that MKL's own lookups find it first; MKL still checks the CPU's
-features to pick among its kernels.
+CPU *vendor*: on an AMD CPU it runs a generic code path and leaves AVX2 and FMA unused (on a 2-core
+AMD EPYC the bundled model's float32 products run 1.4–1.7× faster on the AVX2 path,
+`docs/benchmarks/blas.md`). MKL asks an exported function, ``mkl_serv_intel_cpu``, whether the
+CPU is Intel's. llmlite builds a two-line library (``llmlite/native/mkl_intel_cpu.c``) that
+answers yes and loads it into the process's global symbol scope *before torch is loaded*, so that
+MKL's own lookups find it first; MKL still checks the CPU's features to pick among its kernels.
 
 ``import llmlite`` does this by itself (the ``llmlite`` command, and every Python of an environment
 where llmlite is installed, since its lm-eval hook imports it at start-up). ``LLMLITE_MKL_AVX2=0``
