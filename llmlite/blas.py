@@ -32,15 +32,16 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, set[str]]:
     """The CPU's vendor id and feature flags as Linux reports them (``("", set())`` elsewhere)."""
     vendor, flags = "", set()
     try:
-        text = Path(cpuinfo).read_text()
+        with Path(cpuinfo).open() as lines:  # the first CPU's block is enough: stop at its flags
+            for line in lines:
+                key, _, value = line.partition(":")
+                if key.strip() == "vendor_id" and not vendor:
+                    vendor = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
     except OSError:
-        return vendor, flags
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "vendor_id" and not vendor:
-            vendor = value.strip()
-        elif key.strip() == "flags" and not flags:
-            flags = set(value.split())
+        pass
     return vendor, flags
 
 
@@ -55,10 +56,11 @@ def enable_mkl_avx2() -> str:
     global state
     if state == "on":
         return state
-    vendor, flags = cpu_flags()
     if os.environ.get(ENV, "1") == "0":
         state = f"off ({ENV}=0)"
-    elif sys.platform != "linux" or platform.machine() != "x86_64" or vendor != "AuthenticAMD":
+        return state
+    vendor, flags = cpu_flags()
+    if sys.platform != "linux" or platform.machine() != "x86_64" or vendor != "AuthenticAMD":
         state = "off (not an AMD x86-64 CPU on Linux)"
     elif not {"avx2", "fma"} <= flags:
         state = "off (the CPU has no AVX2/FMA)"

@@ -74,7 +74,9 @@ def test_guards(monkeypatch):
     monkeypatch.setattr(blas.sys, "platform", "linux")
     monkeypatch.setattr(blas.platform, "machine", lambda: "x86_64")
     monkeypatch.setenv(blas.ENV, "0")
-    assert blas.enable_mkl_avx2() == "off (LLMLITE_MKL_AVX2=0)"
+    with monkeypatch.context() as m:  # switched off: /proc/cpuinfo is not even read
+        m.setattr(blas, "cpu_flags", lambda: pytest.fail("cpu_flags read with the switch off"))
+        assert blas.enable_mkl_avx2() == "off (LLMLITE_MKL_AVX2=0)"
     monkeypatch.delenv(blas.ENV)
     assert "torch" in sys.modules
     assert blas.enable_mkl_avx2() == "off (torch was imported before llmlite)"
