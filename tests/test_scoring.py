@@ -85,3 +85,15 @@ def test_bad_requests_are_refused():
         pack([([1], list(range(9)))], max_length=8)
     with pytest.raises(ValueError, match="empty context"):
         pack([([], [1])], max_length=8)
+
+
+@pytest.mark.parametrize("shape", [(5, 49152), (1, 1), (2, 3, 1000)])
+def test_in_place_logsumexp_is_torchs_bit_for_bit(shape):
+    from llmlite.evaluation.perplexity import logsumexp_
+
+    logits = torch.randn(*shape) * 10
+    expected = logits.logsumexp(-1)
+    got = logsumexp_(logits.clone())
+    assert torch.equal(got, expected)
+    assert (got.double() - logits.double().logsumexp(-1)).abs().max() < 1e-5
+    assert torch.equal(logsumexp_(torch.full((2, 4), float("-inf"))), torch.full((2,), float("-inf")))

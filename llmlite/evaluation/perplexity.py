@@ -22,14 +22,24 @@ class Perplexity:
     ctx: int
 
 
+def logsumexp_(logits: Tensor, top: Tensor | None = None) -> Tensor:
+    """``logits.logsumexp(-1)``, the same steps (max, shifted exponentials, cascade sum) done in
+    place: ``logits`` is overwritten, and no second ``[.., vocab]`` tensor is allocated. ``top``:
+    the row maxima, when already known."""
+    top = logits.amax(-1) if top is None else top
+    top = top.masked_fill(top.isinf(), 0)  # as torch's: a row of -inf gives -inf, not nan
+    return logits.sub_(top[..., None]).exp_().sum(-1).log_().add_(top)
+
+
 def _nll(logits: Tensor, targets: Tensor) -> Tensor:
-    """Per-token NLL ``[b, t]`` as ``logsumexp − logit of the target``.
+    """Per-token NLL ``[b, t]`` as ``logsumexp − logit of the target``; overwrites ``logits``.
 
     On the CPU (torch 2.13) ``log_softmax`` and ``cross_entropy`` sum the 49k exponentials of a
     vocabulary in float32 lanes, ~1e-5 nats per token off float64; ``logsumexp`` is ~100× closer
     (tested against float64 on the real model).
     """
-    return logits.logsumexp(-1) - logits.gather(-1, targets[..., None])[..., 0]
+    picked = logits.gather(-1, targets[..., None])[..., 0]
+    return logsumexp_(logits) - picked
 
 
 @torch.no_grad()
@@ -40,7 +50,7 @@ def window_nll(model: nn.Module, window: Tensor) -> Tensor:
     softcap = getattr(model.config, "final_logit_softcapping", None)
     targets = window[:, 1:]
     if head is None or body is None or body is model or softcap:
-        logits = model(window).logits[:, :-1].float()
+        logits = model(window).logits[:, :-1].float()  # ours to overwrite
         return _nll(logits, targets).double().sum(1)
     hidden = body(window).last_hidden_state[:, :-1]
     total = torch.zeros(window.shape[0], dtype=torch.float64)
@@ -80,9 +90,10 @@ def next_token_confidence(model: nn.Module, windows: Tensor, progress: bool = Tr
             chunk = logits[i : i + _HEAD_CHUNK].float()
             t = targets[i : i + _HEAD_CHUNK]
             top, arg = chunk.max(-1)
-            lse = chunk.logsumexp(-1)
+            picked = chunk.gather(-1, t[:, None])[:, 0]
+            lse = logsumexp_(chunk, top)  # overwrites chunk, a copy or a slice of our logits
             confidence.append((top - lse).exp().cpu())
             correct.append((arg == t).cpu())
-            nll.append(_nll(chunk, t).cpu())
+            nll.append((lse - picked).cpu())
     cat = torch.cat
     return {"confidence": cat(confidence), "correct": cat(correct), "nll": cat(nll)}

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from llmlite.evaluation.perplexity import logsumexp_
+
 Request = tuple[Sequence[int], Sequence[int]]  # (context tokens, continuation tokens)
 _HEAD_CHUNK = 512
 
@@ -143,11 +145,12 @@ def _target_logprobs(
     greedy = torch.empty(len(targets), dtype=torch.bool)
     targets = targets.to(hidden.device)
     for s in range(0, len(targets), _HEAD_CHUNK):
-        logits = project(hidden[s : s + _HEAD_CHUNK]).float()
+        logits = project(hidden[s : s + _HEAD_CHUNK]).float()  # ours to overwrite
         t = targets[s : s + _HEAD_CHUNK]
         picked = logits.gather(1, t[:, None])[:, 0]
-        logprob[s : s + len(t)] = (picked - logits.logsumexp(1)).double().cpu()
-        greedy[s : s + len(t)] = (logits.argmax(1) == t).cpu()
+        top, arg = logits.max(1)  # the first maximum, as argmax
+        greedy[s : s + len(t)] = (arg == t).cpu()
+        logprob[s : s + len(t)] = (picked - logsumexp_(logits, top)).double().cpu()
     return logprob, greedy
 
 
