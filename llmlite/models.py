@@ -3,6 +3,8 @@ or a quantized checkpoint in the GPTQ layout (llmlite's own or another tool's)."
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import importlib.util
 import json
 import os
@@ -37,6 +39,18 @@ BUNDLED = {
     ),
 }
 _READ_ERRORS = (OSError, ValueError, RuntimeError, KeyError, json.JSONDecodeError, SafetensorError)
+try:
+    _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    _LIBC.malloc_trim  # noqa: B018  (glibc only)
+except (OSError, AttributeError):
+    _LIBC = None
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise, and the peak RSS creeps up
+    as large buffers are freed and reallocated)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def cache_dir() -> Path:

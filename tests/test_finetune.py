@@ -136,6 +136,18 @@ def test_qlora_on_cpu_lowers_heldout_loss_and_merges(tmp_path, text_file, caplog
     torch.testing.assert_close(_logits(merged, ids), _logits(trained, ids), atol=1e-4, rtol=0)
 
 
+def test_qlora_base_holds_no_view_of_the_checkpoint_file(bundled_dir):
+    import bitsandbytes as bnb
+
+    nf4, _ = load_base("smollm2-135m", "qlora", torch.float32, torch.device("cpu"))
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    mapped = [[int(a, 16) for a in line.split()[0].split("-")] for line in maps if ".safetensors" in line]
+    tensors = [t for t in [*nf4.parameters(), *nf4.buffers()] if not isinstance(t, bnb.nn.Params4bit)]
+    assert tensors and not any(a <= t.data_ptr() < b for t in tensors for a, b in mapped)
+    layer = nf4.model.layers[0].mlp.down_proj
+    assert isinstance(layer, bnb.nn.Linear4bit) and "forward" in vars(layer)  # llmlite's NF4 path
+
+
 def test_lora_on_a_gptq_checkpoint_trains_adapters_and_merges(tmp_path, tiny_dir, chat_file):
     from llmlite.api import quantize
     from llmlite.models import load_model

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
-import ctypes.util
 import logging
 import math
 import time
@@ -35,6 +33,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from llmlite.errors import LlmliteError
+from llmlite.models import trim_heap
 from llmlite.quant.gptq import accumulate_drift, accumulate_hessian, finish_hessian, gptq
 from llmlite.quant.grid import QuantizedWeight
 from llmlite.quant.linear import QuantLinear
@@ -91,21 +90,6 @@ class QuantReport:
             "seconds": self.seconds,
             "modules": modules,
         }
-
-
-def _trim_heap() -> None:
-    """Hand freed heap memory back to the OS (glibc keeps it otherwise, and the peak RSS creeps up
-    layer after layer as large activation buffers are freed and reallocated)."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC = None
-try:
-    _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    _LIBC.malloc_trim  # noqa: B018  (glibc only)
-except (OSError, AttributeError):
-    _LIBC = None
 
 
 class _Stop(Exception):
@@ -166,7 +150,7 @@ def quantize_model(
     if settings.v2_alpha > 0:
         hidden_float = _one_block(hidden[: _float_chunks(hidden, settings.v2_windows)])
     buffers: dict[str, Tensor] = {}  # the staged path's activation buffers, reused by every layer
-    _trim_heap()  # the captured chunks, now copied into one block
+    trim_heap()  # the captured chunks, now copied into one block
     staged = path is None and all(_is_llama_style(layer) for layer in layers)
     report.path = "llama-staged" if staged else "generic-hooks"
     bar = tqdm(layers, desc="gptq", unit="layer", disable=not progress)
@@ -183,7 +167,7 @@ def quantize_model(
         else:
             _generic_layer(layer, hidden, kwargs, quantize_group, hidden_float)
         _install(layer, done)
-        _trim_heap()
+        trim_heap()
         worst = max(r.output_error or 0.0 for r in report.modules[-count:])
         bar.set_postfix(max_rel_err=f"{worst:.2e}")
     if head is not None:
@@ -426,7 +410,7 @@ def _llama_layer(
     for h, a in zip(hidden, attn_in, strict=True):
         h += attn.o_proj(a)
     del attn_in, attn_in_float
-    _trim_heap()
+    trim_heap()
 
     quantize(
         ["mlp.gate_proj", "mlp.up_proj"],

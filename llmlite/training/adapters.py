@@ -3,6 +3,7 @@ llmlite GPTQ checkpoint), find the projections to adapt, and wrap them with peft
 
 from __future__ import annotations
 
+import gc
 import logging
 import warnings
 from pathlib import Path
@@ -11,8 +12,9 @@ import torch
 from torch import nn
 
 from llmlite.errors import LlmliteError
-from llmlite.models import is_gptq_checkpoint, load_model, resolve_model
+from llmlite.models import is_gptq_checkpoint, load_model, resolve_model, trim_heap
 from llmlite.quant.linear import QuantLinear
+from llmlite.training.nf4 import reuse_dequantization_buffer
 
 log = logging.getLogger("llmlite")
 # bitsandbytes (imported by peft) logs a warning when the optional `kernels` package is missing;
@@ -98,8 +100,23 @@ def _load_nf4(source: str, dtype: torch.dtype, device: torch.device):
             # good; later training forwards then run that kernel too, which has no backward. Keep
             # every forward on the float path, the one training and merging assume.
             module.support_avx512bf16_for_cpu = False
+    if device.type == "cpu":
+        reuse_dequantization_buffer(model)  # no float copy of each weight per call
+        _release_checkpoint_pages(model, bnb.nn.Params4bit)
     model.llmlite_source = source
     return model, load_tokenizer(source)
+
+
+def _release_checkpoint_pages(model: nn.Module, quantized: type) -> None:
+    """Give the float tensors that still view the memory-mapped checkpoint (embeddings, norms)
+    memory of their own, so that the mapping, which holds every float weight resident once
+    quantization has read it, is dropped; then return the heap that quantizing freed."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if not isinstance(tensor, quantized):
+                tensor.data = tensor.data.clone()
+    gc.collect()
+    trim_heap()
 
 
 def linear_names(model: nn.Module) -> list[str]:
