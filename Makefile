@@ -40,7 +40,7 @@ bench-eval: setup
 	$(PY) benchmarks/evaluate.py --piqa-limit 500 --windows 4
 
 bench-finetune: setup
-	$(PY) benchmarks/finetune.py
+	$(PY) benchmarks/finetune.py --steps 8 --rounds 3
 
 finetune-example: setup
 	$(PY) benchmarks/finetune_example.py
