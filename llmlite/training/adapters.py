@@ -14,6 +14,7 @@ from torch import nn
 from llmlite.errors import LlmliteError
 from llmlite.models import is_gptq_checkpoint, load_model, resolve_model, trim_heap
 from llmlite.quant.linear import QuantLinear
+from llmlite.training.fused_lora import fuse_lora_layers
 from llmlite.training.nf4 import reuse_dequantization_buffer
 
 log = logging.getLogger("llmlite")
@@ -196,7 +197,9 @@ def add_adapters(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
+    fuse_lora_layers(model)  # adapter products accumulated in place (peft's path where it does not apply)
+    return model
 
 
 def dequantize_to_float(model: nn.Module) -> bool:

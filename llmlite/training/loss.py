@@ -21,8 +21,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor, normaliser: float, chunk: int) -> Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        scale = 1.0 / normaliser
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_w = None
         total = torch.zeros((), dtype=torch.float64, device=h.device)
         for start in range(0, h.shape[0], chunk):
             hc, tc = h[start : start + chunk], targets[start : start + chunk]
@@ -40,12 +41,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 probs[rows, tc] -= 1
                 probs = probs.to(h.dtype)
                 if need_h:
-                    grad_h[start : start + chunk] = probs @ weight
+                    torch.mm(probs, weight, out=grad_h[start : start + chunk])
                 if need_w:
-                    grad_w.addmm_(probs.T.float(), hc.float())
+                    step = (probs.T.float(), hc.float())
+                    if grad_w is None:  # the first chunk's product makes the buffer (beta=0: no zeros)
+                        grad_w = torch.addmm(step[1].new_zeros(()), *step, beta=0, alpha=scale)
+                    else:
+                        grad_w.addmm_(*step, alpha=scale)
             logits = probs = None  # free this chunk before the next one is made
-        scale = 1.0 / normaliser
-        ctx.save_for_backward(*(g.mul_(scale) if g is not None else torch.empty(0) for g in (grad_h, grad_w)))
+        if need_h:
+            grad_h.mul_(scale)
+        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (grad_h, grad_w)))
         ctx.has, ctx.weight_dtype = (need_h, need_w), weight.dtype
         return (total * scale).to(torch.float32)
 
@@ -53,9 +59,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         grad_h, grad_w = ctx.saved_tensors
         need_h, need_w = ctx.has
+        one = bool(grad_loss == 1)  # loss.backward(): the saved gradients as they are, no copies
         return (
-            grad_h * grad_loss.to(grad_h.dtype) if need_h else None,
-            (grad_w * grad_loss).to(ctx.weight_dtype) if need_w else None,
+            (grad_h if one else grad_h * grad_loss.to(grad_h.dtype)) if need_h else None,
+            (grad_w if one else grad_w * grad_loss).to(ctx.weight_dtype) if need_w else None,
             None,
             None,
             None,

@@ -403,7 +403,10 @@ def _optimizer(config: FinetuneConfig, params: list[Tensor], device: torch.devic
     if not params:
         raise LlmliteError("nothing to train: no parameter requires a gradient; check --target-modules")
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        # torch's fused kernel (the Trainer's default too): on the CPU a quarter of the time of the
+        # per-parameter loop for a 135M model's full fine-tuning, same update
+        fused = device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in params)
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None)
     if device.type != "cuda":
         raise LlmliteError(
             f"--optimizer {config.optimizer} (bitsandbytes) needs a CUDA GPU; on the CPU use adamw"
