@@ -50,6 +50,16 @@ def _run(model: nn.Module, x: torch.Tensor, grad: torch.Tensor):
     return y.detach(), grads
 
 
+def _same_as(ours: nn.Module, reference: nn.Module, x: torch.Tensor, grad: torch.Tensor):
+    """``ours``' output and gradients, checked against ``reference``'s."""
+    expected, expected_grads = _run(reference, x, grad)
+    got, got_grads = _run(ours, x, grad)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    for g, e in zip(got_grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-5)
+    return got, got_grads
+
+
 def _float64_lora(x, w, bias, a, b, scaling, grad):
     """Output and the gradients of x, A and B of ``x Wᵀ + b + s (x Aᵀ) Bᵀ`` in float64."""
     x, w, a, b, g = (t.detach().double().reshape(-1, t.shape[-1]) for t in (x, w, a, b, grad))
@@ -74,11 +84,7 @@ def test_fused_layer_matches_peft_and_float64(in_features, out_features, bias, r
         x = torch.randn(*shape, in_features)
         assert _fusable_base(layer, x) is layer.base_layer
         grad = torch.randn(*shape, out_features)
-        expected, expected_grads = _run(reference, x, grad)
-        got, got_grads = _run(ours, x, grad)
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-        for g, e in zip(got_grads, expected_grads, strict=True):
-            torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-5)
+        got, got_grads = _same_as(ours, reference, x, grad)
 
         a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
         y64, grads64 = _float64_lora(x, layer.base_layer.weight, layer.base_layer.bias, a, b,
@@ -108,11 +114,7 @@ def test_fused_layer_on_an_nf4_base_matches_peft_on_bitsandbytes():
         x = torch.randn(*shape, 130)
         assert _fusable_base(_layer(ours), x) is not None
         grad = torch.randn(*shape, 96)
-        expected, expected_grads = _run(reference, x, grad)
-        got, got_grads = _run(ours, x, grad)
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-        for g, e in zip(got_grads, expected_grads, strict=True):
-            torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-5)
+        _same_as(ours, reference, x, grad)
 
 
 def test_compiled_fused_layer_matches_eager():
@@ -122,11 +124,7 @@ def test_compiled_fused_layer_matches_eager():
     compiled.compile(dynamic=True)
     for tokens in (5, 9):
         x, grad = torch.randn(2, tokens, 64), torch.randn(2, tokens, 48)
-        expected, expected_grads = _run(model, x, grad)
-        got, got_grads = _run(compiled, x, grad)
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-        for g, e in zip(got_grads, expected_grads, strict=True):
-            torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-5)
+        _same_as(compiled, model, x, grad)
 
 
 def test_other_cases_keep_peft_path():
