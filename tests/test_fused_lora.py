@@ -103,18 +103,15 @@ def _nf4(in_features: int, out_features: int) -> bnb.nn.Linear4bit:
     return layer.to("cpu")  # quantizes
 
 
-def test_fused_layer_on_an_nf4_base_matches_peft_on_bitsandbytes():
-    torch.manual_seed(int(torch.randint(0, 2**31, ())))
-    base = _nf4(130, 96)
-    reference = _lora(copy.deepcopy(base))  # peft's LoRA on bitsandbytes' own layer
-    ours = copy.deepcopy(reference)
-    reuse_dequantization_buffer(ours)
-    assert fuse_lora_layers(ours) == 1
-    for shape in ((2, 5), (1, 1), (0,)):
-        x = torch.randn(*shape, 130)
-        assert _fusable_base(_layer(ours), x) is not None
-        grad = torch.randn(*shape, 96)
-        _same_as(ours, reference, x, grad)
+def test_nf4_base_keeps_peft_path():
+    # fused, QLoRA's compiled peak rose by ~0.35 GiB (docs/benchmarks/finetune.md)
+    model = _lora(_nf4(130, 96))
+    reuse_dequantization_buffer(model)
+    x = torch.randn(2, 5, 130)
+    expected = model(x)
+    fuse_lora_layers(model)
+    assert _fusable_base(_layer(model), x) is None
+    torch.testing.assert_close(model(x), expected)
 
 
 def test_compiled_fused_layer_matches_eager():

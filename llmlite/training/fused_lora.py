@@ -11,15 +11,13 @@ the CPU (docs/benchmarks/finetune.md).
 Only the layers peft builds stay in the model (saving, loading and merging are peft's); just
 their ``forward`` is switched. It falls back to peft's own for anything else: DoRA and other
 variants, active dropout, several or disabled adapters, merged weights, mixed-adapter batches,
-trainable base weights, and bases other than a plain ``nn.Linear`` or llmlite's CPU NF4 layer.
+trainable base weights, and bases other than a plain ``nn.Linear`` (QLoRA's NF4, GPTQ).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-
-from llmlite.training.nf4 import nf4_linear, nf4_linear_grad_input, nf4_operands
 
 
 def _adapter_forward(y: Tensor, flat: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float) -> Tensor:
@@ -60,43 +58,14 @@ class _LoraLinear(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None, None, None
 
 
-class _LoraNF4(torch.autograd.Function):
-    """The same on llmlite's NF4 base operator (``nf4_linear``)."""
-
-    @staticmethod
-    def forward(ctx, x, lora_a, lora_b, scaling, packed, absmax, nested_absmax, nested_code, offset, bias,
-                blocksize, out_features):  # fmt: skip
-        flat = x.reshape(-1, x.shape[-1])
-        quant = (packed, absmax, nested_absmax, nested_code, offset)
-        y = nf4_linear(flat, *quant, bias, blocksize, out_features)
-        u = _adapter_forward(y, flat, lora_a, lora_b, scaling)
-        ctx.save_for_backward(flat, lora_a, lora_b, u, *quant)
-        ctx.scaling, ctx.blocksize = scaling, blocksize
-        return y.view(*x.shape[:-1], out_features)
-
-    @staticmethod
-    def backward(ctx, grad):
-        flat, lora_a, lora_b, u, *quant = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])
-        gu, grad_a, grad_b = _adapter_backward(ctx, g, flat, lora_a, lora_b, u)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = nf4_linear_grad_input(g, *quant, ctx.blocksize, flat.shape[-1]).addmm_(gu, lora_a)
-            grad_x = grad_x.view(*grad.shape[:-1], flat.shape[-1])
-        return (grad_x,) + (grad_a, grad_b) + (None,) * 9
-
-
 def _forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-    """peft ``lora.Linear.forward``, through ``_LoraLinear`` / ``_LoraNF4`` where they apply."""
+    """peft ``lora.Linear.forward``, through ``_LoraLinear`` where it applies."""
     base = _fusable_base(self, x) if not args and not kwargs else None
     if base is None:
         return type(self).forward(self, x, *args, **kwargs)
     name = self.active_adapters[0]
     a, b, scaling = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
-    if type(base) is nn.Linear:
-        return _LoraLinear.apply(x, a, b, scaling, base.weight, base.bias)
-    operands = nf4_operands(base)
-    return _LoraNF4.apply(x, a, b, scaling, *operands, base.weight.quant_state.shape[0])
+    return _LoraLinear.apply(x, a, b, scaling, base.weight, base.bias)
 
 
 def _fusable_base(layer: nn.Module, x: Tensor) -> nn.Module | None:
@@ -115,28 +84,17 @@ def _fusable_base(layer: nn.Module, x: Tensor) -> nn.Module | None:
     if type(base) is nn.Linear:
         frozen = not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
         return base if frozen and base.weight.dtype == x.dtype else None
-    if getattr(base, "llmlite_nf4", False) and x.device.type == "cpu" and base.compute_dtype == x.dtype:
-        return base if base.bias is None or not base.bias.requires_grad else None
     return None
-
-
-def _peft_lora_linears() -> tuple[type, ...]:
-    """peft's LoRA layer classes for a plain ``nn.Linear`` base and a bitsandbytes 4-bit one."""
-    from peft.tuners.lora import Linear
-
-    try:
-        from peft.tuners.lora.bnb import Linear4bit
-    except ImportError:  # peft without bitsandbytes
-        return (Linear,)
-    return (Linear, Linear4bit)
 
 
 def fuse_lora_layers(model: nn.Module) -> int:
     """Switch the ``forward`` of every peft ``lora.Linear`` in ``model`` to the fused path (each call
     still falls back to peft's where it does not apply). Returns how many layers were switched."""
+    from peft.tuners.lora import Linear
+
     switched = 0
     for module in model.modules():
-        if type(module) in _peft_lora_linears():
+        if type(module) is Linear:
             module.forward = _forward.__get__(module)
             switched += 1
     return switched

@@ -202,6 +202,5 @@ def reuse_dequantization_buffer(model: nn.Module) -> int:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit) and _switchable(module):
             module.forward = _forward.__get__(module)
-            module.llmlite_nf4 = True  # fused_lora may call nf4_linear for it directly
             switched += 1
     return switched
