@@ -154,27 +154,24 @@ def _backward(ctx, grad: Tensor):
 nf4_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
-def nf4_operands(module: nn.Module) -> tuple:
-    """The NF4 arguments of ``nf4_linear`` for a bitsandbytes ``Linear4bit`` (after ``x``, before
-    ``out_features``): packed weight, absmax, nested absmax, nested code, offset, bias, block size."""
-    state = module.weight.quant_state
-    nested = state.state2 if state.nested else None
-    return (
-        module.weight.data.view(torch.uint8),
-        state.absmax,
-        None if nested is None else nested.absmax,
-        None if nested is None else nested.code,
-        None if nested is None else state.offset,
-        None if module.bias is None else module.bias.to(module.compute_dtype),
-        state.blocksize,
-    )
-
-
 def _forward(self, x: Tensor) -> Tensor:
     """``bnb.nn.Linear4bit.forward`` through ``nf4_linear`` (bitsandbytes' own on other devices)."""
     if x.device.type != "cpu":
         return type(self).forward(self, x)
-    y = nf4_linear(x.to(self.compute_dtype), *nf4_operands(self), self.weight.quant_state.shape[0])
+    state = self.weight.quant_state
+    nested = state.state2 if state.nested else None
+    bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+    y = nf4_linear(
+        x.to(self.compute_dtype),
+        self.weight.data.view(torch.uint8),
+        state.absmax,
+        None if nested is None else nested.absmax,
+        None if nested is None else nested.code,
+        None if nested is None else state.offset,
+        bias,
+        state.blocksize,
+        state.shape[0],
+    )
     return y.to(x.dtype)
 
 
