@@ -179,19 +179,23 @@ def test_padding_after_a_row_does_not_change_its_loss(tiny_dir):
     assert abs(b.item() - ref.item()) < 1e-4
 
 
-def test_quant_linear_backward_matches_dequantized_float64():
+@pytest.mark.parametrize(("lead", "with_bias"), [((3, 5), False), ((1,), True), ((0,), True)])
+def test_quant_linear_backward_matches_dequantized_float64(lead, with_bias):
     g = torch.Generator().manual_seed(1)
     w = torch.randn(40, 70, generator=g)
-    layer = QuantLinear.from_weight(rtn(w, 4, 32, sym=False), group_size=32)
-    x = torch.randn(3, 5, 70, generator=g, requires_grad=True)
+    bias = torch.randn(40, generator=g) if with_bias else None
+    layer = QuantLinear.from_weight(rtn(w, 4, 32, sym=False), bias, group_size=32)
+    x = torch.randn(*lead, 70, generator=g, requires_grad=True)
     y = layer(x)
     grad = torch.randn(y.shape, generator=g)
     y.backward(grad)
     w_hat = layer.dequantize(torch.float64)
+    assert torch.equal(layer.dequantize_in_out(torch.float64), w_hat.T)
     x64 = x.detach().double().requires_grad_()
-    (x64 @ w_hat.T).backward(grad.double())
+    y64 = x64 @ w_hat.T + (0 if bias is None else layer.bias.double())
+    y64.backward(grad.double())
     torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(y.detach().double(), x64.detach() @ w_hat.T, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y.detach().double(), y64.detach(), atol=1e-5, rtol=1e-5)
 
 
 def test_target_modules_llama_gpt2_and_errors(tiny_dir):

@@ -33,6 +33,12 @@ def _torch_backend(layer: QuantLinear, x: Tensor) -> Tensor:
     return F.linear(x, layer.dequantize(x.dtype), bias)
 
 
+def _linear_in_out(x: Tensor, w_in_out: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear`` for a weight stored ``[in, out]``: the BLAS reads it as it is, no transposed copy."""
+    y = x @ w_in_out
+    return y if bias is None else y.add_(bias)
+
+
 class _DequantizedLinear(torch.autograd.Function):
     """``x Wᵀ + b`` whose backward dequantizes ``W`` again instead of keeping the float weight
     (or ``x``, which the frozen weight does not need) alive from forward to backward (QLoRA's
@@ -41,11 +47,11 @@ class _DequantizedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, layer: QuantLinear, bias: Tensor | None) -> Tensor:
         ctx.layer = layer
-        return F.linear(x, layer.dequantize(x.dtype), bias)
+        return _linear_in_out(x, layer.dequantize_in_out(x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return grad @ ctx.layer.dequantize(grad.dtype), None, None
+        return grad @ ctx.layer.dequantize_in_out(grad.dtype).T, None, None
 
 
 class QuantLinear(nn.Module):
@@ -96,13 +102,15 @@ class QuantLinear(nn.Module):
         return from_gptq({**tensors, "g_idx": self.g_idx}, self.bits)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The weight ``[out, in]`` as ``(q - z) · s`` (the values of ``QuantizedWeight.dequantize``,
-        computed in the stored ``[in, out]`` orientation)."""
+        """The weight ``[out, in]`` as ``(q - z) · s`` (the values of ``QuantizedWeight.dequantize``)."""
+        return self.dequantize_in_out(dtype).T.contiguous()
+
+    def dequantize_in_out(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The transposed weight ``[in, out]``, the orientation the codes are stored in."""
         g = self.g_idx.long()
         codes = unpack(self.qweight, self.bits, self.in_features).to(dtype)
         zeros = unpack(self.qzeros.T, self.bits, self.out_features).T.to(dtype) + 1
-        w = (codes - zeros.index_select(0, g)) * self.scales.to(dtype).index_select(0, g)
-        return w.T.contiguous()
+        return (codes - zeros.index_select(0, g)) * self.scales.to(dtype).index_select(0, g)
 
     def _apply(self, fn, recurse=True):
         # Casting the model (``.half()``, ``.to(bfloat16)``) must not round the stored scales:
