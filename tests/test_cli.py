@@ -15,6 +15,13 @@ import pytest
 LLMLITE = str(Path(sys.executable).parent / "llmlite")
 
 
+def ctrl_c_able() -> None:
+    """``preexec_fn`` for a child the test will interrupt: SIGINT back to its default, as in a
+    terminal (a shell's background job inherits it ignored, and Python then never raises
+    KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run(*args, cwd=None):
     return subprocess.run([LLMLITE, *args], capture_output=True, text=True, cwd=cwd, timeout=900)
 
@@ -131,7 +138,10 @@ def test_eval_json_and_bad_input(tmp_path, tiny_dir):
 def test_ctrl_c_leaves_no_output(tmp_path, bundled_dir):
     out = tmp_path / "interrupted"
     proc = subprocess.Popen(
-        [LLMLITE, "quantize", "--output", str(out), "--samples", "64"], stderr=subprocess.PIPE, text=True
+        [LLMLITE, "quantize", "--output", str(out), "--samples", "64"],
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=ctrl_c_able,
     )
     seen = threading.Event()
     lines: list[str] = []

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_cli import LLMLITE, assert_user_error, leftovers, run
+from test_cli import LLMLITE, assert_user_error, ctrl_c_able, leftovers, run
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--no-compile", "--seqlen", "32", "--batch-size", "2", "--quiet"]
@@ -69,7 +69,9 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_resume_finishes(tmp_path, tiny_dir
     out = tmp_path / "run"
     args = ["finetune", "--model", str(tiny_dir), "--data", str(data / "wiki.txt"), "--output", str(out),
             "--max-steps", "400", "--save-steps", "2", "--eval-split", "0", *FAST]  # fmt: skip
-    proc = subprocess.Popen([LLMLITE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [LLMLITE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_able
+    )
     checkpoints = tmp_path / ".run.partial" / "checkpoints"
     deadline = time.time() + 300
     while not list(checkpoints.glob("step-*")) and time.time() < deadline and proc.poll() is None:
