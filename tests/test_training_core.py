@@ -61,6 +61,21 @@ def test_linear_cross_entropy_matches_float64(rows, chunk, train_head, factor):
         assert w.grad is None
 
 
+def test_linear_cross_entropy_bfloat16_chunks_match_float_logits():
+    # lower-precision logits are copied into the float32 buffer that every chunk reuses
+    h = torch.randn(37, 24, dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(97, 24) * 0.3).bfloat16()
+    t = torch.randint(0, 97, (37,))
+    loss = linear_cross_entropy(h, w, t, 37.0, chunk=8)
+    loss.backward()
+    h32 = h.detach().float().requires_grad_()
+    expected = F.cross_entropy((h32.bfloat16() @ w.T).float(), t)
+    expected.backward()
+    assert loss.dtype == torch.float32 and h.grad.dtype == torch.bfloat16
+    assert abs(loss.item() - expected.item()) < 1e-5 * expected.item()
+    torch.testing.assert_close(h.grad.float(), h32.grad, atol=2e-3, rtol=2e-2)
+
+
 def test_linear_cross_entropy_default_normaliser_and_all_ignored():
     h = torch.randn(2, 5, 8, requires_grad=True)
     w = torch.randn(11, 8)

@@ -25,11 +25,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = None
         total = torch.zeros((), dtype=torch.float64, device=h.device)
+        # one logits buffer for every chunk: a fresh [chunk x vocab] block is too large for the
+        # allocator to keep, so each chunk would fault in ~100 MB of new pages again
+        buffer = h.new_empty((min(chunk, h.shape[0]), weight.shape[0]), dtype=torch.float32)
         for start in range(0, h.shape[0], chunk):
             hc, tc = h[start : start + chunk], targets[start : start + chunk]
             # softmax in place in the logits' own memory: half the passes and memory of
             # log_softmax + exp, and closer to float64 (no exp of a rounded log-probability)
-            logits = (hc @ weight.T).float()
+            logits = buffer[: len(hc)]
+            if h.dtype == torch.float32 and weight.dtype == torch.float32:
+                torch.mm(hc, weight.T, out=logits)
+            else:
+                logits.copy_(hc @ weight.T)
             rows = torch.arange(len(tc), device=h.device)
             picked = logits[rows, tc]
             top = logits.amax(dim=-1, keepdim=True)
@@ -48,7 +55,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                         grad_w = torch.addmm(step[1].new_zeros(()), *step, beta=0, alpha=scale)
                     else:
                         grad_w.addmm_(*step, alpha=scale)
-            logits = probs = None  # free this chunk before the next one is made
+            logits = probs = None  # drop this chunk's views (and a lower-precision copy) first
         if need_h:
             grad_h.mul_(scale)
         ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (grad_h, grad_w)))
