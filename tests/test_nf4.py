@@ -11,7 +11,8 @@ import pytest
 import torch
 from bitsandbytes.functional import get_4bit_type
 
-from llmlite.training.nf4 import dequantize_nf4_into_scratch, reuse_dequantization_buffer
+from llmlite.training.adapters import _float_weight
+from llmlite.training.nf4 import dequantize_nf4, dequantize_nf4_into_scratch, reuse_dequantization_buffer
 
 
 def _nf4_layer(in_features: int, out_features: int, bias: bool, nested: bool, seed: int) -> bnb.nn.Linear4bit:
@@ -41,9 +42,19 @@ def _decode_float64(packed: torch.Tensor, state, shape: tuple[int, int]) -> torc
 
 @pytest.mark.parametrize(
     "in_features,out_features,bias,nested",
-    [(576, 192, False, True), (130, 100, True, True), (96, 200, False, False), (2, 3, True, True)],
+    [
+        (576, 192, False, True),
+        (130, 100, True, True),
+        (96, 200, False, False),
+        (48, 40, True, True),
+        (2, 3, True, True),
+    ],
 )
 def test_nf4_layer_matches_bitsandbytes_and_a_float64_decoding(in_features, out_features, bias, nested):
+    # bitsandbytes' AVX-512 kernel reads the wrong block scales where a row whose length is a
+    # multiple of 16 ends inside a block of 64 (96, 48): its own layer is wrong there, so the
+    # bit-for-bit comparison with it is left to the other shapes
+    exact_in_bitsandbytes = in_features % 16 != 0 or in_features % 64 == 0
     seed = int(torch.randint(0, 2**31, ()))
     reference = _nf4_layer(in_features, out_features, bias, nested, seed)
     ours = copy.deepcopy(reference)
@@ -55,8 +66,9 @@ def test_nf4_layer_matches_bitsandbytes_and_a_float64_decoding(in_features, out_
         grad = torch.randn_like(expected)
         expected.backward(grad)
         got.backward(grad)
-        assert torch.equal(got, expected)  # bitsandbytes' own kernel and the same product
-        assert torch.equal(x_ours.grad, x.grad)
+        if exact_in_bitsandbytes:
+            assert torch.equal(got, expected)  # bitsandbytes' own kernel and the same product
+            assert torch.equal(x_ours.grad, x.grad)
         if bias:
             torch.testing.assert_close(ours.bias.grad, reference.bias.grad)
             reference.bias.grad = ours.bias.grad = None
@@ -66,6 +78,20 @@ def test_nf4_layer_matches_bitsandbytes_and_a_float64_decoding(in_features, out_
         y64 = x.detach().double() @ w64.T + (ours.bias.double() if bias else 0)
         torch.testing.assert_close(got.double(), y64, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(x_ours.grad.double(), grad.double() @ w64, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("in_features,nested", [(96, True), (48, False), (130, True), (576, False)])
+def test_merge_dequantizes_with_the_right_block_scales(in_features, nested):
+    # merging a QLoRA adapter (dequantize_to_float) starts from this copy; bitsandbytes' own
+    # dequantize_4bit is wrong for 96 and 48 on AVX-512 CPUs
+    layer = _nf4_layer(in_features, 40, bias=False, nested=nested, seed=int(torch.randint(0, 2**31, ())))
+    state = layer.weight.quant_state
+    w64 = _decode_float64(layer.weight.data, state, (40, in_features))
+    weight = dequantize_nf4(layer.weight.data, state)
+    assert weight.dtype == torch.float32 and weight.shape == (40, in_features)
+    torch.testing.assert_close(weight.double(), w64, atol=1e-7, rtol=1e-6)
+    assert torch.equal(_float_weight(layer), weight)
+    assert dequantize_nf4(layer.weight.data, state, torch.float16) is None  # no fp16 CPU kernel here
 
 
 def test_compiled_nf4_layer_matches_eager():

@@ -15,7 +15,7 @@ from llmlite.errors import LlmliteError
 from llmlite.models import is_gptq_checkpoint, load_model, resolve_model, trim_heap
 from llmlite.quant.linear import QuantLinear
 from llmlite.training.fused_lora import fuse_lora_layers
-from llmlite.training.nf4 import reuse_dequantization_buffer
+from llmlite.training.nf4 import dequantize_nf4, reuse_dequantization_buffer
 
 log = logging.getLogger("llmlite")
 # bitsandbytes (imported by peft) logs a warning when the optional `kernels` package is missing;
@@ -240,4 +240,5 @@ def _float_weight(module: nn.Module) -> torch.Tensor | None:
     data, state = module.weight.data, module.weight.quant_state
     if getattr(state, "packing_format_for_cpu", False):
         data, state = _convert_weight_packed_for_cpu_inverse(data, state)
-    return dequantize_4bit(data, state).float()
+    weight = dequantize_nf4(data, state)  # the CPU path that reads the right block scales
+    return weight if weight is not None else dequantize_4bit(data, state).float()

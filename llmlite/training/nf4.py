@@ -78,11 +78,16 @@ def dequantize_nf4_into_scratch(
             ctypes.c_longlong(absmax.numel()),
         )
         absmax = scales.add_(offset)
-    rows, cols = shape
-    out = _scratch("weight", rows * cols, dtype).view(rows, cols)
+    numel = shape[0] * shape[1]
+    out = _scratch("weight", numel, dtype)
+    # Blocks run over the flattened weight. bitsandbytes' AVX-512 kernel (rows of a multiple of
+    # 16) assumes that every row holds whole blocks, and reads the wrong scales when a row ends
+    # inside a block (96 columns, blocks of 64), as bitsandbytes' own path does. Rows of exactly
+    # one block (or a single row) are right on every path.
+    rows, cols = (numel // blocksize, blocksize) if numel % blocksize == 0 else (1, numel)
     nf4 = _kernel(f"cdequantize_blockwise_cpu_nf4_{_SUFFIX[dtype]}")
     nf4(_ptr(packed), _ptr(absmax), _ptr(out), *map(ctypes.c_longlong, (blocksize, rows, cols)))
-    return out
+    return out.view(shape)
 
 
 @torch.library.custom_op("llmlite::nf4_linear", mutates_args=())
@@ -154,33 +159,36 @@ def _backward(ctx, grad: Tensor):
 nf4_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _operands(packed: Tensor, state) -> tuple:
+    """The tensors of an NF4 weight (bitsandbytes ``QuantState``) as ``nf4_linear`` takes them."""
+    nested = state.state2 if state.nested else None
+    return (
+        packed.view(torch.uint8),
+        state.absmax,
+        None if nested is None else nested.absmax,
+        None if nested is None else nested.code,
+        None if nested is None else state.offset,
+    )
+
+
 def _forward(self, x: Tensor) -> Tensor:
     """``bnb.nn.Linear4bit.forward`` through ``nf4_linear`` (bitsandbytes' own on other devices)."""
     if x.device.type != "cpu":
         return type(self).forward(self, x)
     state = self.weight.quant_state
-    nested = state.state2 if state.nested else None
     bias = None if self.bias is None else self.bias.to(self.compute_dtype)
     y = nf4_linear(
-        x.to(self.compute_dtype),
-        self.weight.data.view(torch.uint8),
-        state.absmax,
-        None if nested is None else nested.absmax,
-        None if nested is None else nested.code,
-        None if nested is None else state.offset,
-        bias,
-        state.blocksize,
-        state.shape[0],
+        x.to(self.compute_dtype), *_operands(self.weight.data, state), bias, state.blocksize, state.shape[0]
     )
     return y.to(x.dtype)
 
 
-def _switchable(module: nn.Module) -> bool:
-    state = module.weight.quant_state
+def _covered(state, device: torch.device, dtype: torch.dtype | None) -> bool:
+    """Whether bitsandbytes' CPU kernels, called as here, cover this NF4 weight."""
     return (
-        module.weight.device.type == "cpu"
-        and module.compute_dtype is not None
-        and _supported(module.compute_dtype)
+        device.type == "cpu"
+        and dtype is not None
+        and _supported(dtype)
         and state is not None
         and state.quant_type == "nf4"
         and len(state.shape) == 2
@@ -190,6 +198,16 @@ def _switchable(module: nn.Module) -> bool:
     )
 
 
+def dequantize_nf4(packed: Tensor, state, dtype: torch.dtype = torch.float32) -> Tensor | None:
+    """A float copy of the NF4 weight ``packed`` with bitsandbytes ``state`` on the CPU (right where
+    bitsandbytes' own ``dequantize_4bit`` reads wrong scales, see ``dequantize_nf4_into_scratch``),
+    or None where this path does not cover it."""
+    if not _covered(state, packed.device, dtype):
+        return None
+    args = _operands(packed, state)
+    return dequantize_nf4_into_scratch(*args, state.blocksize, tuple(state.shape), dtype).clone()
+
+
 def reuse_dequantization_buffer(model: nn.Module) -> int:
     """Route every CPU NF4 layer of ``model`` (bitsandbytes ``Linear4bit``) that bitsandbytes' CPU
     kernels cover through ``nf4_linear``. Returns how many layers were switched."""
@@ -197,7 +215,9 @@ def reuse_dequantization_buffer(model: nn.Module) -> int:
 
     switched = 0
     for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit) and _switchable(module):
+        if isinstance(module, bnb.nn.Linear4bit) and _covered(
+            module.weight.quant_state, module.weight.device, module.compute_dtype
+        ):
             module.forward = _forward.__get__(module)
             switched += 1
     return switched
