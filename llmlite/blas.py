@@ -6,7 +6,8 @@ AMD EPYC the bundled model's float32 products run 1.4–1.7× faster on the AVX2
 `docs/benchmarks/blas.md`). MKL asks an exported function, ``mkl_serv_intel_cpu``, whether the
 CPU is Intel's. llmlite builds a two-line library (``llmlite/native/mkl_intel_cpu.c``) that
 answers yes and loads it into the process's global symbol scope *before torch is loaded*, so that
-MKL's own lookups find it first; MKL still checks the CPU's features to pick among its kernels.
+MKL's own lookups find it first; MKL still checks the CPU's features to pick among its kernels
+(AVX-512 ones on CPUs that have it).
 
 ``import llmlite`` does this by itself (the ``llmlite`` command, and every Python of an environment
 where llmlite is installed, since its lm-eval hook imports it at start-up). ``LLMLITE_MKL_AVX2=0``
