@@ -27,7 +27,7 @@ from llmlite.models import load_model
 
 log = logging.getLogger(__name__)
 
-TASKS_DIR = Path(llmlite.evals.__file__).parent  # the repository's evals/, shipped as llmlite.evals
+TASKS_DIR = Path(llmlite.evals.__file__).parent  # the repository's evals/tasks/, shipped as llmlite.evals
 
 
 @register_model("llmlite")
