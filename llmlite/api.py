@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,9 +18,10 @@ from llmlite.evaluation.metrics import RunStats, measure, memory_bytes, param_co
 from llmlite.evaluation.perplexity import perplexity
 from llmlite.kvcache.cache import kv_cache_for
 from llmlite.kvcache.evaluate import cached_perplexity
-from llmlite.models import atomic_output, check_output, load_model, model_path, own_weights
+from llmlite.models import check_window, load_model, local_source, model_path, own_weights
 from llmlite.quant.checkpoint import gptq_config, round_unquantized, save_gptq_checkpoint
-from llmlite.quant.driver import QuantReport, QuantSettings, quantize_model
+from llmlite.quant.driver import QuantReport, QuantSettings, check_quantizable, quantize_model
+from llmlite.runinfo import staged_output
 
 log = logging.getLogger("llmlite")
 
@@ -58,41 +58,42 @@ def quantize(
     """Quantize a model with RTN or GPTQ and, when ``output`` is set, save a GPTQ-layout checkpoint.
 
     Options are ``QuantizeConfig``'s fields (``llmlite.quantize(bits=3, output="out")``), or a
-    ready ``config``; ``recipe`` names a YAML file of options that ``options`` override.
+    ready ``config``; ``recipe`` names a YAML file of options that ``options`` override (with a
+    ``config``, the file it was built from: an input the output must not replace).
     """
     cfg = config.validate() if config is not None else build(QuantizeConfig, recipe, **options)
-    if cfg.output:
-        check_output(cfg.output, cfg.overwrite)  # fail before the long work, not after
-    with measure() as stats:
-        model, tokenizer = load_model(cfg.model)
-        own_weights(model)  # so that replaced float weights are really freed
-        windows = None
-        if cfg.method == "gptq":
-            ids = tokenize(tokenizer, load_text(cfg.calibration))
-            windows = calibration_windows(ids, cfg.samples, cfg.seqlen, cfg.seed)
-        settings = QuantSettings(
-            method=cfg.method,
-            bits=cfg.bits,
-            group_size=cfg.group_size,
-            sym=cfg.sym,
-            act_order=cfg.act_order,
-            damp=cfg.damp,
-            mse=cfg.mse,
-            v2_alpha=cfg.v2_alpha if cfg.v2 else 0.0,
-            v2_windows=cfg.v2_windows,
-            refit=cfg.refit,
-            quantize_head=cfg.quantize_head,
-        )
-        with measure() as core:
-            report = quantize_model(model, settings, windows, progress=progress)
-        report.seconds = core.seconds
-        dtype = getattr(torch, cfg.dtype)
-        round_unquantized(model, dtype)
-    output = None
-    if cfg.output:
-        qconfig = gptq_config(cfg)
-        with atomic_output(cfg.output, cfg.overwrite) as tmp:
-            save_gptq_checkpoint(model, tokenizer, tmp, qconfig, dtype)
+    inputs = [("--model", local_source(cfg.model)), ("--calibration", cfg.calibration), ("--recipe", recipe)]
+    # checked, locked and staged before the long work: a bad --output fails in the first second
+    with staged_output(cfg.output, overwrite=cfg.overwrite, inputs=inputs) as tmp:
+        with measure() as stats:
+            model, tokenizer = load_model(cfg.model)
+            check_quantizable(model)  # before any calibration work
+            own_weights(model)  # so that replaced float weights are really freed
+            windows = None
+            if cfg.method == "gptq":
+                check_window(model.config, cfg.seqlen, "--seqlen")
+                ids = tokenize(tokenizer, load_text(cfg.calibration))
+                windows = calibration_windows(ids, cfg.samples, cfg.seqlen, cfg.seed)
+            settings = QuantSettings(
+                method=cfg.method,
+                bits=cfg.bits,
+                group_size=cfg.group_size,
+                sym=cfg.sym,
+                act_order=cfg.act_order,
+                damp=cfg.damp,
+                mse=cfg.mse,
+                v2_alpha=cfg.v2_alpha if cfg.v2 else 0.0,
+                v2_windows=cfg.v2_windows,
+                refit=cfg.refit,
+                quantize_head=cfg.quantize_head,
+            )
+            with measure() as core:
+                report = quantize_model(model, settings, windows, progress=progress)
+            report.seconds = core.seconds
+            dtype = getattr(torch, cfg.dtype)
+            round_unquantized(model, dtype)
+        if tmp is not None:
+            save_gptq_checkpoint(model, tokenizer, tmp, gptq_config(cfg), dtype)
             record = {
                 "config": asdict(cfg),
                 "stats": asdict(stats),
@@ -100,7 +101,7 @@ def quantize(
                 "environment": environment(),
             }
             (tmp / "llmlite.json").write_text(json.dumps(record, indent=2) + "\n")
-        output = Path(cfg.output)
+    output = Path(cfg.output) if cfg.output else None
     model.llmlite_source = str(output) if output else cfg.model
     return QuantizeResult(model, tokenizer, cfg, report, stats, output)
 
@@ -125,18 +126,26 @@ def evaluate(
         model = options.pop("model")
         options["model"] = getattr(model, "llmlite_source", "in-memory")
     cfg = config.validate() if config is not None else build(EvalConfig, recipe, **options)
-    text = load_text(cfg.ppl)
-    out = _evaluate_one(cfg, cfg.model, text, model, tokenizer, progress)
-    if cfg.baseline:
-        base = _evaluate_one(cfg, cfg.baseline, text, None, None, progress)
-        out["baseline"] = base
-        out["change"] = {
-            k: out[k] / base[k]
-            for k in ("perplexity", "size_bytes", "memory_bytes", "seconds")
-            if out[k] and base[k]
-        }
-    if cfg.json:
-        write_json(cfg.json, out)
+    inputs = [
+        ("--model", local_source(cfg.model)),
+        ("--baseline", local_source(cfg.baseline)),
+        ("--ppl", cfg.ppl),
+        ("--recipe", recipe),
+    ]
+    # an existing JSON file is replaced (a results file, written again on each run)
+    with staged_output(cfg.json, overwrite=True, inputs=inputs, option="--json", kind="file") as tmp:
+        text = load_text(cfg.ppl)
+        out = _evaluate_one(cfg, cfg.model, text, model, tokenizer, progress)
+        if cfg.baseline:
+            base = _evaluate_one(cfg, cfg.baseline, text, None, None, progress)
+            out["baseline"] = base
+            out["change"] = {
+                k: out[k] / base[k]
+                for k in ("perplexity", "size_bytes", "memory_bytes", "seconds")
+                if out[k] and base[k]
+            }
+        if tmp is not None:
+            tmp.write_text(json.dumps(out, indent=2) + "\n")
     return out
 
 
@@ -175,18 +184,6 @@ def _evaluate_one(cfg: EvalConfig, source: str, text: str, model, tokenizer, pro
         **kv,
         "environment": environment(),
     }
-
-
-def write_json(path: str | os.PathLike, data: dict) -> None:
-    """Write ``data`` to ``path`` atomically (a temporary file renamed over it)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def environment() -> dict:

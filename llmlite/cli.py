@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from typing import NoReturn
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"llmlite: error: {message}; see {self.prog} --help\n")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -260,7 +262,7 @@ def _convert_gqa(args: argparse.Namespace) -> int:
     config = build(GQAConfig, recipe, **options)
     if not config.output:
         raise LlmliteError("convert-gqa needs --output DIR (the folder for the converted model)")
-    r = convert_gqa_model(config, progress=progress).record
+    r = convert_gqa_model(config, recipe=recipe, progress=progress).record
     kib = r["kv_cache_bytes_per_token_fp16_before"] / 1024, r["kv_cache_bytes_per_token_fp16_after"] / 1024
     up = r["uptraining"]
     kl = ""
@@ -349,7 +351,7 @@ def _finetune(args: argparse.Namespace) -> int:
         r = finetune(recipe=recipe, progress=progress, **options)
     except TrainingInterrupted as e:
         print(f"llmlite: {e}", file=sys.stderr)
-        return 130
+        return _exit_code(e.__context__ or e)
     losses = ""
     if r.eval_loss_before is not None:
         losses = f" | eval loss {r.eval_loss_before:.4f} -> {r.eval_loss_after:.4f}"
@@ -390,7 +392,7 @@ def _quantize(args: argparse.Namespace) -> int:
     config = build(QuantizeConfig, recipe, **options)
     if not config.output:
         raise LlmliteError("quantize needs --output DIR (the checkpoint folder to write)")
-    result = quantize(config, progress=progress)
+    result = quantize(config, recipe=recipe, progress=progress)
     s = result.summary()
     grid = f"{s['bits']}-bit, group {s['group_size']}, {'sym' if s['sym'] else 'asym'}"
     print(
@@ -439,10 +441,9 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _report(options: dict, recipe: str | None, progress: bool) -> int:
-    from llmlite.config import build
     from llmlite.errors import LlmliteError
     from llmlite.evaluation.render import markdown
-    from llmlite.evaluation.report import ReportConfig, report
+    from llmlite.evaluation.report import report
 
     for kv in ("kv_bits", *_KV_OPTIONS):
         if kv in options:
@@ -456,7 +457,7 @@ def _report(options: dict, recipe: str | None, progress: bool) -> int:
             raise LlmliteError(
                 f"--{flag} is not a report option; with --tasks/--report use --limit and --ctx"
             )
-    out = report(build(ReportConfig, recipe, **options), progress=progress)
+    out = report(recipe=recipe, progress=progress, **options)
     print(markdown(out), end="")
     if out["settings"]["report"]:
         print(f"report written to {out['settings']['report']}")
@@ -465,13 +466,15 @@ def _report(options: dict, recipe: str | None, progress: bool) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from llmlite.evaluation.render import compare, compare_markdown, write_compare
-    from llmlite.models import atomic_output
+    from llmlite.runinfo import staged_output
 
-    out = compare(args.reports)
+    inputs = [("REPORT", r) for r in args.reports]
+    with staged_output(args.output, overwrite=args.overwrite, inputs=inputs) as tmp:
+        out = compare(args.reports)
+        if tmp is not None:
+            write_compare(out, tmp)
     print(compare_markdown(out), end="")
     if args.output:
-        with atomic_output(args.output, args.overwrite) as tmp:
-            write_compare(out, tmp)
         print(f"comparison written to {args.output}")
     return 0
 
@@ -486,20 +489,53 @@ def _gb(n: int | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    logger = logging.getLogger("llmlite")
+    for old in [h for h in logger.handlers if getattr(h, "llmlite_cli", False)]:
+        logger.removeHandler(old)  # main() called again in one process: one handler, today's stderr
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("llmlite: %(message)s"))
-    logging.getLogger("llmlite").addHandler(handler)
-    logging.getLogger("llmlite").setLevel(logging.INFO)
+    handler.llmlite_cli = True
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     from llmlite.errors import LlmliteError
 
+    handled = (signal.SIGTERM, signal.SIGHUP)
+    before = {}
+    if threading.current_thread() is threading.main_thread():
+        before = {signum: signal.signal(signum, _terminate) for signum in handled}
     try:
         return args.func(args)
     except LlmliteError as e:
         print(f"llmlite: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("llmlite: interrupted; no output was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"llmlite: {_stop_reason(e)}; no output was written", file=sys.stderr)
+        return _exit_code(e)
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
+def _terminate(signum: int, frame) -> None:
+    """Turn SIGTERM/SIGHUP into an exception in the main thread (once: a second one during the
+    cleanup is ignored), so that partial outputs are removed as after Ctrl-C."""
+    from llmlite.errors import Terminated
+
+    signal.signal(signum, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+def _exit_code(e: BaseException) -> int:
+    """128 + the signal's number, as a shell reports a process the signal ended: 130 for Ctrl-C."""
+    from llmlite.errors import Terminated
+
+    return 128 + (e.signum if isinstance(e, Terminated) else signal.SIGINT)
+
+
+def _stop_reason(e: KeyboardInterrupt) -> str:
+    from llmlite.errors import Terminated
+
+    return f"terminated ({e})" if isinstance(e, Terminated) else "interrupted"
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ import ctypes
 import ctypes.util
 import importlib.util
 import json
+import logging
 import os
-import shutil
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,9 +25,13 @@ from transformers import (
     GenerationConfig,
     PreTrainedModel,
 )
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING,
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+)
 
 from llmlite.errors import LlmliteError
+from llmlite.runinfo import staged_output
 
 DEFAULT_MODEL = "smollm2-135m"
 BUNDLED = {
@@ -38,6 +42,9 @@ BUNDLED = {
         "SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576, GQA 9/3 heads)",
     ),
 }
+log = logging.getLogger("llmlite")
+# from_pretrained's loading info, mismatched shapes included (reported by check_loading_info)
+_CHECKED = {"output_loading_info": True, "ignore_mismatched_sizes": True}
 _READ_ERRORS = (OSError, ValueError, RuntimeError, KeyError, json.JSONDecodeError, SafetensorError)
 try:
     _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -58,32 +65,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LLMLITE_CACHE", Path.home() / ".cache" / "llmlite"))
 
 
-@contextmanager
-def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path`` and move it to ``path`` only on success."""
-    path = Path(path)
-    check_output(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def check_output(path: str | os.PathLike, overwrite: bool) -> None:
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise LlmliteError(
-            f"output folder {path} already exists; pass --overwrite to replace it or choose another --output"
-        )
-    if path.exists() and not path.is_dir():
-        raise LlmliteError(f"output {path} is a file, not a folder; choose another --output")
+def local_source(source: str | None) -> Path | None:
+    """The file or folder a model source reads, when it is local (the bundled model's cache folder
+    for a bundled name), without converting or loading anything; ``None`` for hub ids."""
+    if not source:
+        return None
+    if source in BUNDLED:
+        return cache_dir() / "models" / source
+    path = Path(source).expanduser()
+    return path if path.exists() else None
 
 
 def resolve_model(source: str = DEFAULT_MODEL) -> Path | str:
@@ -94,12 +84,20 @@ def resolve_model(source: str = DEFAULT_MODEL) -> Path | str:
     if path.exists():
         if path.is_file() and path.suffix != ".gguf":
             raise LlmliteError(f"{source} is not a model: expected a folder with config.json or a .gguf file")
+        if path.is_dir() and (path / "adapter_config.json").exists() and not (path / "config.json").exists():
+            raise LlmliteError(
+                f"{source} is a peft adapter, not a model; merge it into its base first "
+                f"(llmlite merge {source} --output DIR) and pass that folder"
+            )
         if path.is_dir() and not (path / "config.json").exists():
-            raise LlmliteError(f"{source} has no config.json: it is not a Hugging Face model folder")
+            raise LlmliteError(
+                f"{source} has no config.json: it is not a Hugging Face model folder; pass a folder with "
+                "config.json, a .gguf file or a hub id"
+            )
         return path
     looks_like_path = source.startswith((".", "/", "~")) or source.endswith(".gguf")
     if looks_like_path or source.count("/") > 1:
-        raise LlmliteError(f"no such model file or folder: {source}")
+        raise LlmliteError(f"no such model file or folder: {source}; check the path")
     if "/" not in source:
         names = ", ".join(BUNDLED)
         raise LlmliteError(
@@ -132,9 +130,28 @@ def load_model(
 def load_tokenizer(source: str = DEFAULT_MODEL):
     """Only the tokenizer of anything ``load_model`` reads."""
     where = resolve_model(source)
-    if isinstance(where, Path) and where.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(where.parent, gguf_file=where.name)
-    return AutoTokenizer.from_pretrained(where)
+    try:
+        if isinstance(where, Path) and where.suffix == ".gguf":
+            return AutoTokenizer.from_pretrained(where.parent, gguf_file=where.name)
+        return AutoTokenizer.from_pretrained(where)
+    except _READ_ERRORS as e:
+        raise LlmliteError(
+            f"cannot load the tokenizer of {source}: {_first_line(e)[:160]}; its tokenizer files may be "
+            "missing or corrupt: copy them in from the original model"
+        ) from None
+
+
+def load_config(source: str = DEFAULT_MODEL):
+    """The transformers config of anything ``load_model`` reads, without loading its weights."""
+    where = resolve_model(source)
+    try:
+        if isinstance(where, Path) and where.suffix == ".gguf":
+            return AutoConfig.from_pretrained(where.parent, gguf_file=where.name)
+        return AutoConfig.from_pretrained(where)
+    except _READ_ERRORS as e:
+        raise LlmliteError(
+            f"cannot read the config of {source}: {_first_line(e)[:160]}; re-download or re-export it"
+        ) from None
 
 
 @torch.no_grad()
@@ -151,17 +168,54 @@ def own_weights(model: nn.Module) -> None:
 
 
 def is_gptq_checkpoint(folder: Path) -> bool:
-    config = read_config(folder)
-    return (config.get("quantization_config") or {}).get("quant_method") == "gptq"
+    return quantization_config(folder).get("quant_method") == "gptq"
+
+
+def quantization_config(folder: Path) -> dict:
+    """The ``quantization_config`` of a model folder's config.json (empty when it has none)."""
+    qc = read_config(folder).get("quantization_config") or {}
+    if not isinstance(qc, dict):
+        raise LlmliteError(
+            f"{folder / 'config.json'}: quantization_config must be a mapping, got {type(qc).__name__}; "
+            "re-create the checkpoint"
+        )
+    return qc
 
 
 def read_config(folder: Path) -> dict:
     try:
-        return json.loads((folder / "config.json").read_text())
+        config = json.loads((folder / "config.json").read_text())
     except _READ_ERRORS as e:
         raise LlmliteError(
-            f"cannot read {folder / 'config.json'} ({e}); re-create the model folder"
+            f"cannot read {folder / 'config.json'} ({_first_line(e)}); re-create the model folder"
         ) from None
+    if not isinstance(config, dict):
+        raise LlmliteError(
+            f"{folder / 'config.json'} is not a model config (a JSON mapping); re-create the model folder"
+        )
+    return config
+
+
+def refuse_quantized(source: str, verb: str) -> None:
+    """Refuse a local quantized checkpoint where a float model is needed (to quantize it again,
+    to convert its attention): the result would be silently wrong or empty."""
+    folder = Path(source).expanduser()
+    if not (folder / "config.json").is_file():
+        return
+    qc = quantization_config(folder)
+    if qc:
+        raise quantized_error(source, qc, verb)
+
+
+def quantized_error(source: str, qc: dict, verb: str) -> LlmliteError:
+    """The refusal ``SOURCE is already a 4-bit GPTQ checkpoint; VERB the float model it came from``."""
+    method = str(qc.get("quant_method", "quantized"))
+    bits = qc.get("bits")
+    kind = f"{bits}-bit {method.upper()}" if isinstance(bits, int) else method.upper()
+    meta = qc.get("meta")
+    origin = meta.get("source_model") if isinstance(meta, dict) else None
+    hint = f" (--model {origin})" if origin else ""
+    return LlmliteError(f"{source} is already a {kind} checkpoint; {verb} the float model it came from{hint}")
 
 
 def model_path(model: PreTrainedModel) -> Path | None:
@@ -175,23 +229,116 @@ def model_path(model: PreTrainedModel) -> Path | None:
 
 def _load_hf(folder: Path, dtype: torch.dtype):
     try:
+        config = AutoConfig.from_pretrained(folder)
+        check_causal_lm(config, folder)
         state = _read_safetensors(folder)
-        if state is None:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-        else:
-            config = AutoConfig.from_pretrained(folder)
-            model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-            model = model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
-            del state
-            if (folder / "generation_config.json").exists():
-                model.generation_config = GenerationConfig.from_pretrained(folder)
+        with _own_load_report():
+            if state is None:
+                model, info = AutoModelForCausalLM.from_pretrained(
+                    folder, config=config, dtype=dtype, **_CHECKED
+                )
+            else:
+                model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+                model, info = model_class.from_pretrained(
+                    None, config=config, state_dict=state, dtype=dtype, **_CHECKED
+                )
+                del state
+                if (folder / "generation_config.json").exists():
+                    model.generation_config = GenerationConfig.from_pretrained(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except _READ_ERRORS as e:
-        raise LlmliteError(
-            f"cannot load the model in {folder}: {_first_line(e)}; its files may be truncated "
-            "or corrupt: re-download or re-export it"
-        ) from None
+        raise LlmliteError(_corrupt_folder(folder, e)) from None
+    check_loading_info(model, info, folder)
     return model, tokenizer
+
+
+def _corrupt_folder(folder: Path, e: BaseException) -> str:
+    """The message for a model folder that fails to load: the bundled model's cache folder is
+    rebuilt by deleting it; anything else has to be fetched or exported again."""
+    if folder.resolve().is_relative_to(cache_dir().resolve()):
+        return (
+            f"the cached copy of the bundled model in {folder} is corrupt ({_first_line(e)}); "
+            "delete that folder and llmlite rebuilds it"
+        )
+    return (
+        f"cannot load the model in {folder}: {_first_line(e)}; its files may be truncated "
+        "or corrupt: re-download or re-export it"
+    )
+
+
+def _causal_lm_names() -> set[str]:
+    names: set[str] = set()
+    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update([value] if isinstance(value, str) else value)
+    return names
+
+
+def check_causal_lm(config, source: str | Path) -> None:
+    """Refuse a checkpoint that is not a causal language model (an encoder such as BERT, a
+    sequence-to-sequence model): its language-model head would be made up on load."""
+    archs = getattr(config, "architectures", None) or []
+    causal = _causal_lm_names()
+    if archs and not any(a in causal or a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        raise LlmliteError(
+            f"{source} is a {archs[0]}, not a causal language model; llmlite needs a decoder-only LM "
+            "(Llama, Mistral, Qwen2/3, SmolLM, GPT-2...)"
+        )
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise LlmliteError(
+            f"{source} is a {config.model_type} model, which transformers has no causal language "
+            "model for; llmlite needs a decoder-only LM (Llama, Mistral, Qwen2/3, SmolLM, GPT-2...)"
+        )
+
+
+@contextmanager
+def _own_load_report() -> Iterator[None]:
+    """Keep transformers' multi-line load report (missing, unexpected, mismatched tensors) off
+    stderr: ``check_loading_info`` says the same in one line."""
+    target = logging.getLogger("transformers.modeling_utils")
+    quiet = _NoLoadReport()
+    target.addFilter(quiet)
+    try:
+        yield
+    finally:
+        target.removeFilter(quiet)
+
+
+class _NoLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+def check_loading_info(model: nn.Module, info: dict, source: str | Path) -> None:
+    """Refuse a model whose files left some of its weights newly initialised (missing, or of
+    another shape than its config's; tied heads aside); warn of tensors the config has no use for."""
+    missing = sorted(k for k in info.get("missing_keys", ()) if not _is_tied_head(model, k))
+    wrong = sorted(k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ()))
+    if missing or wrong:
+        what = f"{len(missing)} tensors missing" if missing else ""
+        what += (", " if missing and wrong else "") + (
+            f"{len(wrong)} tensors of the wrong shape" if wrong else ""
+        )
+        raise LlmliteError(
+            f"{source} does not match its config ({what}, e.g. {(missing + wrong)[0]}); re-export the model"
+        )
+    unexpected = sorted(info.get("unexpected_keys", ()))
+    if unexpected:
+        log.warning(
+            "%s holds %d tensors its config has no place for (e.g. %s); they are ignored",
+            source,
+            len(unexpected),
+            unexpected[0],
+        )
+
+
+def _is_tied_head(model: nn.Module, key: str) -> bool:
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embed is None or head.weight is not embed.weight or not key.endswith(".weight"):
+        return False
+    try:
+        return model.get_submodule(key.removesuffix(".weight")) is head
+    except AttributeError:
+        return False
 
 
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor] | None:
@@ -238,7 +385,12 @@ def go_offline_unless_reachable() -> bool:
 def _load_hub(model_id: str, dtype: torch.dtype):
     online = go_offline_unless_reachable()
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype)
+        config = AutoConfig.from_pretrained(model_id)
+        check_causal_lm(config, model_id)
+        with _own_load_report():
+            model, info = AutoModelForCausalLM.from_pretrained(
+                model_id, config=config, dtype=dtype, **_CHECKED
+            )
         tokenizer = AutoTokenizer.from_pretrained(model_id)
     except _READ_ERRORS as e:
         where = "the Hugging Face hub" if online else "the local cache (the hub cannot be reached)"
@@ -246,6 +398,7 @@ def _load_hub(model_id: str, dtype: torch.dtype):
             f"cannot get '{model_id}' from {where}: {_first_line(e)[:160]}; check the id and the "
             "network, or download it elsewhere and pass the local folder"
         ) from None
+    check_loading_info(model, info, model_id)
     return model, tokenizer
 
 
@@ -286,7 +439,7 @@ def _bundled_folder(name: str) -> Path:
         )
     gguf = Path(spec.origin).parent / file
     model, tokenizer = _load_gguf(gguf, torch.float32)
-    with atomic_output(folder, overwrite=True) as tmp:
+    with staged_output(folder, overwrite=True, option="the model cache", wait=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return folder
@@ -295,3 +448,11 @@ def _bundled_folder(name: str) -> Path:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
+
+
+def check_window(config, tokens: int, option: str) -> None:
+    """Refuse windows longer than the model's positions (``max_position_embeddings`` or GPT-2's
+    ``n_positions``): attention past them is undefined, and its memory grows with the square."""
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit and tokens > limit:
+        raise LlmliteError(f"{option} {tokens} is above the model's maximum of {limit} positions; lower it")

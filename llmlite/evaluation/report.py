@@ -134,6 +134,21 @@ def _cache_file(source: str, task: str, settings: dict) -> Path:
     return cache_dir() / "eval" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
 
 
+def _read_cached(path: Path) -> dict | None:
+    """A cached task result, or ``None`` when there is none or it is unreadable (then it is
+    recomputed and written again)."""
+    if not path.exists():
+        return None
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        result = None
+    if not isinstance(result, dict) or not isinstance(result.get("metrics"), dict):
+        log.warning("the cached result %s is unreadable; recomputing it", path)
+        return None
+    return result
+
+
 class _Loaded:
     """A model loaded on first use, with its lm-eval wrapper."""
 
@@ -177,14 +192,16 @@ def evaluate_model(source: str, cfg: ReportConfig, progress: bool = True) -> dic
     """Every task of ``cfg`` on one model: ``{"model", "fingerprint", "metrics": {task: {...}},
     "details": {task: {...}}}``, each task from the cache when it was run before."""
     from llmlite.evaluation import tasks as runners
+    from llmlite.models import check_window, load_config
 
+    check_window(load_config(source), cfg.ctx, "--ctx")  # every task, cached or not: efficiency too
     loaded = _Loaded(source, cfg.ctx)
     entry: dict = {"model": source, "fingerprint": fingerprint(source), "metrics": {}, "details": {}}
     for task in cfg.tasks:
         settings = {"limit": cfg.limit_for(task), "ctx": cfg.ctx}
         cached = _cache_file(source, task, settings)
-        if cfg.cache and cached.exists():
-            result = json.loads(cached.read_text())
+        result = _read_cached(cached) if cfg.cache else None
+        if result is not None:
             log.info("%s on %s: cached (%s)", task, source, cached.name)
         else:
             log.info("%s on %s: running", task, source)
@@ -198,27 +215,37 @@ def evaluate_model(source: str, cfg: ReportConfig, progress: bool = True) -> dic
     return entry
 
 
-def report(config: ReportConfig | None = None, progress: bool = True, **options) -> dict:
-    """Run the tasks on the model and its baseline; write the report folder when ``report`` is set."""
+def report(
+    config: ReportConfig | None = None, *, recipe: str | None = None, progress: bool = True, **options
+) -> dict:
+    """Run the tasks on the model and its baseline; write the report folder when ``report`` is set.
+
+    Options are ``ReportConfig``'s fields, or a ready ``config``; ``recipe`` names a YAML file of
+    options that ``options`` override."""
     from llmlite.api import environment
     from llmlite.config import build
     from llmlite.evaluation import render
-    from llmlite.models import atomic_output, check_output
+    from llmlite.models import local_source
+    from llmlite.runinfo import staged_output
 
-    cfg = config.validate() if config is not None else build(ReportConfig, None, **options)
-    if cfg.report:
-        check_output(cfg.report, cfg.overwrite)  # refuse before hours of work, not after
+    cfg = config.validate() if config is not None else build(ReportConfig, recipe, **options)
     baseline = cfg.baseline or default_baseline(cfg.model)
-    models = [evaluate_model(cfg.model, cfg, progress)]
-    if baseline and baseline != cfg.model:
-        models.insert(0, evaluate_model(baseline, cfg, progress))
-    out = {
-        "settings": {**asdict(cfg), "baseline": baseline},
-        "environment": environment(),
-        "models": models,
-    }
-    out["table"] = render.table(models)
-    if cfg.report:
-        with atomic_output(cfg.report, cfg.overwrite) as tmp:
+    inputs = [
+        ("--model", local_source(cfg.model)),
+        ("--baseline", local_source(baseline)),
+        ("--recipe", recipe),
+    ]
+    # refused, locked and staged before hours of work, not after
+    with staged_output(cfg.report, overwrite=cfg.overwrite, inputs=inputs, option="--report") as tmp:
+        models = [evaluate_model(cfg.model, cfg, progress)]
+        if baseline and baseline != cfg.model:
+            models.insert(0, evaluate_model(baseline, cfg, progress))
+        out = {
+            "settings": {**asdict(cfg), "baseline": baseline},
+            "environment": environment(),
+            "models": models,
+        }
+        out["table"] = render.table(models)
+        if tmp is not None:
             render.write(out, tmp)
     return out

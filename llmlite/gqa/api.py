@@ -17,7 +17,8 @@ from llmlite.errors import LlmliteError
 from llmlite.gqa.convert import METHODS, attention_layers, check_target, convert_gqa
 from llmlite.gqa.uptrain import UPTRAIN_PARAMS, trainable_parameters, uptrain
 from llmlite.kvcache.evaluate import float16_cache_bytes
-from llmlite.models import DEFAULT_MODEL, atomic_output, check_output, load_model
+from llmlite.models import DEFAULT_MODEL, check_window, load_model, local_source
+from llmlite.runinfo import staged_output
 
 RECORD = "llmlite_gqa.json"
 
@@ -92,51 +93,54 @@ def convert_gqa_model(
     from llmlite.config import build
 
     cfg = config.validate() if config is not None else build(GQAConfig, recipe, **options)
-    if cfg.output:
-        check_output(cfg.output, cfg.overwrite)  # fail before the long work, not after
-    start = time.perf_counter()
-    model, tokenizer = load_model(cfg.model)
-    heads, before = check_target(model.config, cfg.kv_heads)
-    attention_layers(model)  # a quantized model fails here, before calibration
-    record = {
-        "settings": asdict(cfg),
-        "source": cfg.model,
-        "architecture": model.config.model_type,
-        "layers": model.config.num_hidden_layers,
-        "heads": heads,
-        "kv_heads_before": before,
-        "kv_heads_after": cfg.kv_heads,
-        "kv_cache_bytes_per_token_fp16_before": kv_cache_bytes_per_token(model.config),
-        "calibration": None,
-        "uptraining": None,
-    }
-    ids, windows = None, None
-    if cfg.method != "mean" and cfg.kv_heads < before:
-        ids = tokenize(tokenizer, load_text(cfg.calibration))
-        windows = calibration_windows(ids, cfg.samples, cfg.seqlen, cfg.seed)
-        record["calibration"] = {"text": cfg.calibration, "windows": cfg.samples, "seqlen": cfg.seqlen}
-    teacher = copy.deepcopy(model) if cfg.uptrain_tokens else None
-    convert_gqa(model, cfg.kv_heads, cfg.method, windows, progress)
-    record["convert_seconds"] = round(time.perf_counter() - start, 2)
-    record["kv_cache_bytes_per_token_fp16_after"] = kv_cache_bytes_per_token(model.config)
-    if teacher is not None:
-        ids = tokenize(tokenizer, load_text(cfg.calibration)) if ids is None else ids
-        train = calibration_windows(ids, math.ceil(cfg.uptrain_tokens / cfg.seqlen), cfg.seqlen, cfg.seed + 1)
-        begin = time.perf_counter()
-        losses = uptrain(
-            model, teacher, train, cfg.uptrain_lr, cfg.batch_size, cfg.uptrain_params, cfg.seed, progress
-        )
-        del teacher
-        record["uptraining"] = _uptrain_record(model, cfg, train, losses, time.perf_counter() - begin)
-    record["seconds"] = round(time.perf_counter() - start, 2)
-    record["environment"] = environment()
-    output = None
-    if cfg.output:
-        with atomic_output(cfg.output, cfg.overwrite) as tmp:
+    inputs = [("--model", local_source(cfg.model)), ("--calibration", cfg.calibration), ("--recipe", recipe)]
+    # checked, locked and staged before the long work: a bad --output fails in the first second
+    with staged_output(cfg.output, overwrite=cfg.overwrite, inputs=inputs) as tmp:
+        start = time.perf_counter()
+        model, tokenizer = load_model(cfg.model)
+        heads, before = check_target(model.config, cfg.kv_heads)
+        check_window(model.config, cfg.seqlen, "--seqlen")
+        attention_layers(model)  # a quantized model fails here, before calibration
+        record = {
+            "settings": asdict(cfg),
+            "source": cfg.model,
+            "architecture": model.config.model_type,
+            "layers": model.config.num_hidden_layers,
+            "heads": heads,
+            "kv_heads_before": before,
+            "kv_heads_after": cfg.kv_heads,
+            "kv_cache_bytes_per_token_fp16_before": kv_cache_bytes_per_token(model.config),
+            "calibration": None,
+            "uptraining": None,
+        }
+        ids, windows = None, None
+        if cfg.method != "mean" and cfg.kv_heads < before:
+            ids = tokenize(tokenizer, load_text(cfg.calibration))
+            windows = calibration_windows(ids, cfg.samples, cfg.seqlen, cfg.seed)
+            record["calibration"] = {"text": cfg.calibration, "windows": cfg.samples, "seqlen": cfg.seqlen}
+        teacher = copy.deepcopy(model) if cfg.uptrain_tokens else None
+        convert_gqa(model, cfg.kv_heads, cfg.method, windows, progress)
+        record["convert_seconds"] = round(time.perf_counter() - start, 2)
+        record["kv_cache_bytes_per_token_fp16_after"] = kv_cache_bytes_per_token(model.config)
+        if teacher is not None:
+            ids = tokenize(tokenizer, load_text(cfg.calibration)) if ids is None else ids
+            train = calibration_windows(
+                ids, math.ceil(cfg.uptrain_tokens / cfg.seqlen), cfg.seqlen, cfg.seed + 1
+            )
+            begin = time.perf_counter()
+            losses = uptrain(
+                model, teacher, train, cfg.uptrain_lr, cfg.batch_size, cfg.uptrain_params, cfg.seed, progress
+            )
+            del teacher
+            record["uptraining"] = _uptrain_record(model, cfg, train, losses, time.perf_counter() - begin)
+        record["seconds"] = round(time.perf_counter() - start, 2)
+        record["environment"] = environment()
+        if tmp is not None:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        output = Path(cfg.output)
+    output = Path(cfg.output) if cfg.output else None
+    if output is not None:
         model.llmlite_source = str(output)
     return GQAResult(model, tokenizer, cfg, record, output)
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 from llmlite.errors import LlmliteError
-from llmlite.models import atomic_output, check_output
-from llmlite.training.adapters import dequantize_to_float, load_base
+from llmlite.models import local_source
+from llmlite.runinfo import staged_output
+from llmlite.training.adapters import dequantize_to_float, load_base, read_adapter
 from llmlite.training.train import SUMMARY
 
 log = logging.getLogger("llmlite")
@@ -28,43 +29,57 @@ def merge(adapter: str, output: str, base: str | None = None, overwrite: bool = 
     from peft import PeftModel
 
     folder = Path(adapter)
-    if not (folder / "adapter_config.json").is_file():
+    config = read_adapter(folder)  # the folder, its config and weights, checked before any loading
+    if config["peft_type"] != "LORA":
         raise LlmliteError(
-            f"{adapter} has no adapter_config.json; pass a folder written by llmlite finetune or peft"
+            f"{adapter} is a {config['peft_type']} adapter; merge folds LoRA/DoRA adapters into their base"
         )
-    check_output(output, overwrite)
     settings = _settings(folder)
-    source = base or settings.get("base_model") or _peft_base(folder)
-    method = settings.get("settings", {}).get("method", "lora")
-    model, tokenizer = load_base(
-        source, "qlora" if method == "qlora" else "lora", torch.float32, torch.device("cpu")
-    )
-    if dequantize_to_float(model):
-        log.warning(
-            "the base of %s is quantized (%s): merging into its dequantized weights; the merged model "
-            "equals base+adapter as trained, and is a full-precision model, not the original float one",
-            adapter,
-            "NF4" if method == "qlora" else "GPTQ",
+    source = base or settings.get("base_model") or _peft_base(folder, config)
+    inputs = [("ADAPTER", folder), ("--base", local_source(source))]
+    # checked, locked and staged before the model is loaded: a bad --output fails at once
+    with staged_output(output, overwrite=overwrite, inputs=inputs) as tmp:
+        method = settings.get("settings", {}).get("method", "lora")
+        model, tokenizer = load_base(
+            source, "qlora" if method == "qlora" else "lora", torch.float32, torch.device("cpu")
         )
-    try:
-        merged = PeftModel.from_pretrained(model, folder).merge_and_unload()
-    except (ValueError, RuntimeError, KeyError) as e:
-        raise LlmliteError(
-            f"adapter {adapter} does not fit the base {source} ({str(e).splitlines()[0]})"
-        ) from None
-    with atomic_output(output, overwrite) as tmp:
+        if dequantize_to_float(model):
+            log.warning(
+                "the base of %s is quantized (%s): merging into its dequantized weights; the merged model "
+                "equals base+adapter as trained, and is a full-precision model, not the original float one",
+                adapter,
+                "NF4" if method == "qlora" else "GPTQ",
+            )
+        try:
+            merged = PeftModel.from_pretrained(model, folder).merge_and_unload()
+        except (ValueError, RuntimeError, KeyError) as e:
+            raise LlmliteError(
+                f"adapter {adapter} does not fit the base {source} ({str(e).splitlines()[0]}); "
+                "pass the model it was trained on with --base"
+            ) from None
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return Path(output)
 
 
 def _settings(folder: Path) -> dict:
+    """llmlite's record of the run that trained the adapter (empty for a plain peft adapter)."""
     path = folder / SUMMARY
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise LlmliteError(
+            f"{path} is not valid JSON ({str(e).splitlines()[0]}); delete it and pass --base"
+        ) from None
+    if not isinstance(data, dict) or not isinstance(data.get("settings", {}), dict):
+        raise LlmliteError(f"{path} is not llmlite's record of a run; delete it and pass --base")
+    return data
 
 
-def _peft_base(folder: Path) -> str:
-    base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+def _peft_base(folder: Path, config: dict) -> str:
+    base = config.get("base_model_name_or_path")
     if not base:
         raise LlmliteError(f"{folder}/adapter_config.json names no base model; pass --base")
     return base

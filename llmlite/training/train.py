@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import time
 from collections.abc import Callable
@@ -23,11 +24,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from llmlite.errors import LlmliteError
-from llmlite.models import atomic_output, check_output, load_tokenizer
+from llmlite.models import load_config, load_tokenizer, local_source
+from llmlite.runinfo import check_output, staged_output
 from llmlite.training.adapters import add_adapters, load_base, pick_dtype, target_modules
 from llmlite.training.config import FinetuneConfig
 from llmlite.training.data import Example, collate, epoch_batches, load_examples, split
@@ -107,21 +110,37 @@ def finetune(
     from llmlite.config import build
 
     config = config.validate() if config is not None else build(FinetuneConfig, recipe, **options)
-    output = Path(config.output)
-    work = output.with_name(f".{output.name}.partial")
-    _check_folders(output, work, config)
+    inputs = [("--model", local_source(config.model)), ("--data", config.data), ("--recipe", recipe)]
+    output = check_output(config.output, overwrite=True, inputs=inputs)  # resolved, never an input
+    work = output.with_name(f".{output.name}.partial")  # checkpoints, kept for --resume
+    _check_folders(output, work, config, inputs)
     accelerator = _accelerator()
+    staged = config.output if accelerator.is_main_process else None
+    # checked, locked and staged before the work: a bad --output fails in the first second
+    with staged_output(staged, overwrite=config.overwrite, inputs=inputs) as tmp:
+        result, model, tokenizer = _train(config, work, accelerator, progress, on_step)
+        if tmp is not None:
+            _write_output(tmp, config, model, tokenizer, result)
+    if accelerator.is_main_process:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def _train(
+    config: FinetuneConfig, work: Path, accelerator, progress: bool, on_step: Callable[[int], None] | None
+) -> tuple[FinetuneResult, nn.Module, object]:
+    """The training loop: setup, resume, steps, checkpoints into ``work``, held-out loss."""
     device = accelerator.device
     if accelerator.num_processes > 1:
         log.info("process %d of %d on %s", accelerator.process_index + 1, accelerator.num_processes, device)
     torch.manual_seed(config.seed)
 
     tokenizer = load_tokenizer(config.model)
+    _check_seqlen(load_config(config.model), config.seqlen)  # before the data is cut to --seqlen
     examples, fmt = load_examples(config.data, tokenizer, config.seqlen, config.format)
     train, held_out = split(examples, config.eval_split, config.seed)
     dtype = pick_dtype(config.dtype, device)
     model, _ = load_base(config.model, config.method, dtype, device)
-    _check_seqlen(model, config.seqlen)
     targets = None if config.method == "full" else target_modules(model, config.targets())
     model = add_adapters(
         model,
@@ -256,7 +275,7 @@ def finetune(
         (h["eval_loss"] for h in reversed(history) if h.get("step") == total and "eval_loss" in h), None
     )
     result = FinetuneResult(
-        output=str(output),
+        output=str(config.output),
         method=config.method,
         data_format=fmt,
         steps=total,
@@ -274,9 +293,7 @@ def finetune(
         log=history,
     )
     accelerator.wait_for_everyone()
-    if main:
-        _write_output(output, work, config, accelerator.unwrap_model(loss_module).model, tokenizer, result)
-    return result
+    return result, accelerator.unwrap_model(loss_module).model, tokenizer
 
 
 class _SingleProcess:
@@ -364,15 +381,16 @@ def _eval_loss(
     return total / max(count, 1)
 
 
-def _check_folders(output: Path, work: Path, config: FinetuneConfig) -> None:
+def _check_folders(output: Path, work: Path, config: FinetuneConfig, inputs) -> None:
     if config.resume:
         if output.exists():
             raise LlmliteError(
                 f"{output} is already a finished run; nothing to resume (choose another --output)"
             )
+        check_output(output, inputs=inputs)
         _latest(work)
         return
-    check_output(output, config.overwrite)
+    check_output(output, config.overwrite, inputs)
     if work.exists():
         if not config.overwrite:
             raise LlmliteError(
@@ -382,9 +400,10 @@ def _check_folders(output: Path, work: Path, config: FinetuneConfig) -> None:
         shutil.rmtree(work)
 
 
-def _check_seqlen(model: nn.Module, seqlen: int) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(
-        model.config, "n_positions", None
+def _check_seqlen(model_config, seqlen: int) -> None:
+    """Refuse a ``--seqlen`` above the model's positions (a transformers config)."""
+    limit = getattr(model_config, "max_position_embeddings", None) or getattr(
+        model_config, "n_positions", None
     )
     if limit and seqlen > limit:
         raise LlmliteError(
@@ -474,9 +493,10 @@ def _load_checkpoint(
         weights = load_file(folder / "trainable.safetensors")
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
         history = json.loads((folder / "log.json").read_text())
-    except (OSError, RuntimeError, ValueError) as e:
+    except (OSError, RuntimeError, ValueError, EOFError, SafetensorError, pickle.UnpicklingError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise LlmliteError(
-            f"cannot read checkpoint {folder} ({e}); delete it to resume from an earlier one"
+            f"cannot read checkpoint {folder} ({first}); delete it to resume from an earlier one"
         ) from None
     if set(weights) != set(trainable):
         raise LlmliteError(
@@ -494,20 +514,16 @@ def _load_checkpoint(
     return int(state["step"]), [h for h in history if h.get("step", 0) <= state["step"]]
 
 
-def _write_output(
-    output: Path, work: Path, config: FinetuneConfig, model: nn.Module, tokenizer, result: FinetuneResult
-) -> None:
+def _write_output(folder: Path, config: FinetuneConfig, model: nn.Module, tokenizer, result) -> None:
     from llmlite.api import environment
 
-    with atomic_output(output, overwrite=True) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        summary = {
-            "base_model": config.model,
-            "settings": dataclasses.asdict(config),
-            "result": result.summary(),
-            "log": result.log,
-            "environment": environment(),
-        }
-        (tmp / SUMMARY).write_text(json.dumps(summary, indent=2))
-    shutil.rmtree(work, ignore_errors=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    summary = {
+        "base_model": config.model,
+        "settings": dataclasses.asdict(config),
+        "result": result.summary(),
+        "log": result.log,
+        "environment": environment(),
+    }
+    (folder / SUMMARY).write_text(json.dumps(summary, indent=2))
