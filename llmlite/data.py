@@ -52,22 +52,73 @@ def _read_file(path: Path) -> str:
             rows = pq.read_table(path).to_pylist()
             return _join_rows(rows, path)
         if path.suffix in {".jsonl", ".json"}:
-            lines = path.read_text(encoding="utf-8").splitlines()
-            return _join_rows([json.loads(line) for line in lines if line.strip()], path)
+            rows = read_json_rows(path)
+            return _join_rows([row for _, row in rows], path, [where for where, _ in rows])
         return path.read_text(encoding="utf-8")
-    except (UnicodeDecodeError, json.JSONDecodeError, OSError) as e:
-        raise LlmliteError(f"cannot read {path} ({e}); it must be UTF-8 text, JSONL or parquet") from None
+    except UnicodeDecodeError as e:
+        raise LlmliteError(_not_utf8(path, e)) from None
+    except (OSError, ValueError) as e:  # pyarrow's errors are ValueErrors
+        raise LlmliteError(
+            f"cannot read {path} ({_one_line(e)}); it must be UTF-8 text, JSONL or parquet"
+        ) from None
     except ImportError:
         raise LlmliteError("reading parquet needs pyarrow: pip install pyarrow") from None
 
 
-def _join_rows(rows: list, path: Path | str) -> str:
+def read_json_rows(path: Path) -> list[tuple[str, object]]:
+    """The rows of a JSON-lines file, each with where it is (``line 3``: 1-based, blank lines
+    counted); a ``.json`` file holding one JSON list gives ``item 1``, ``item 2``, ...
+
+    A line that is not JSON is refused with its number and what is wrong with it.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LlmliteError(_not_utf8(path, e)) from None
+    except OSError as e:
+        raise LlmliteError(f"cannot read {path} ({_one_line(e)}); check the file") from None
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise LlmliteError(
+                f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); fix the file"
+            ) from None
+        return [(f"item {i + 1}", row) for i, row in enumerate(whole)]
+    rows = []
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"line {number}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise LlmliteError(
+                f"{path} line {number} is not valid JSON ({e.msg} at column {e.colno}); "
+                "each line must be one JSON object: fix or remove that line"
+            ) from None
+    return rows
+
+
+def _not_utf8(path: Path, e: UnicodeDecodeError) -> str:
+    line = e.object[: e.start].count(b"\n") + 1
+    return (
+        f"{path} is not UTF-8 text (byte {e.start} on line {line} cannot be decoded); "
+        "save it as UTF-8 or pass a .txt, .jsonl or .parquet file"
+    )
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _join_rows(rows: list, path: Path | str, places: list[str] | None = None) -> str:
     texts = []
-    for row in rows:
+    for i, row in enumerate(rows):
         field = next((f for f in _TEXT_FIELDS if isinstance(row, dict) and f in row), None)
         if field is None:
+            where = places[i] if places else f"row {i + 1}"
             raise LlmliteError(
-                f"{path}: a row has no text field ({', '.join(_TEXT_FIELDS)}); "
+                f"{path} {where} has no text field ({', '.join(_TEXT_FIELDS)}); "
                 "add one or convert the file to plain text"
             )
         texts.append(str(row[field]))

@@ -35,7 +35,7 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, tiny_dir, data):
     cases = [
         (["--data", str(data / "empty.jsonl"), *out], ["no usable rows", "empty"]),
         (["--data", str(data / "blank.txt"), *out], ["no usable rows"]),
-        (["--data", str(data / "noresp.jsonl"), *out], ["row 2 has no response field"]),
+        (["--data", str(data / "noresp.jsonl"), *out], ["line 2 has no response field"]),
         (
             [*model, "--data", str(data / "wiki.txt"), *out, "--seqlen", "1000"],
             ["--seqlen 1000", "maximum of 512"],

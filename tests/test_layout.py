@@ -22,7 +22,9 @@ def test_peft_and_transformers_import_from_the_repository_root():
         "spec = importlib.util.find_spec('kernels')\n"
         "print(spec.origin if spec else None)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     origin = result.stdout.strip().splitlines()[-1]
     # Hugging Face's package when installed (transformers >= 5.25 depends on it), else nothing:

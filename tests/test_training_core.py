@@ -136,7 +136,7 @@ def test_no_chat_template_falls_back_to_prompt_newline_response(tokenizer):
 def test_instruction_file_errors(tmp_path, tokenizer):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n" + json.dumps({"prompt": "c"}) + "\n")
-    with pytest.raises(LlmliteError, match=r"row 2 has no response field"):
+    with pytest.raises(LlmliteError, match=r"line 2 has no response field"):
         load_examples(str(bad), tokenizer, 64)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")

@@ -27,6 +27,7 @@ from llmlite.models import load_model
 
 log = logging.getLogger(__name__)
 
+ROLLING = ("lm-eval", "papers")
 TASKS_DIR = Path(llmlite.evals.__file__).parent  # the repository's evals/tasks/, shipped as llmlite.evals
 
 
@@ -52,19 +53,31 @@ class LlmliteLM(HFLM):
         max_windows: int | None = None,
         **kwargs,
     ) -> None:
+        if rolling not in ROLLING:
+            raise LlmliteError(f"rolling must be 'lm-eval' or 'papers', got {rolling!r}")
+        batch_tokens = _whole(
+            "batch_tokens", batch_tokens, 0, "e.g. batch_tokens=512 (0: lm-eval's own loop)"
+        )
+        ppl_window = _whole(
+            "ppl_window", ppl_window, 2, "e.g. ppl_window=2048, or leave it out for max_length"
+        )
+        max_windows = _whole(
+            "max_windows", max_windows, 1, "e.g. max_windows=10, or leave it out for every window"
+        )
         if isinstance(pretrained, str):
-            pretrained, loaded_tokenizer = load_model(pretrained)
+            target = _usable(device)
+            pretrained, loaded_tokenizer = _load(pretrained)
             tokenizer = tokenizer or loaded_tokenizer
-            pretrained.to(_usable(device))
+            pretrained.to(target)
         if tokenizer is None:
-            raise ValueError("pass the tokenizer with a loaded model: LlmliteLM(model, tokenizer=...)")
+            raise LlmliteError("a loaded model needs its tokenizer; pass LlmliteLM(model, tokenizer=...)")
         super().__init__(
             pretrained=pretrained, tokenizer=tokenizer, backend="causal", batch_size=batch_size, **kwargs
         )
-        self.batch_tokens = int(batch_tokens)
+        self.batch_tokens = 512 if batch_tokens is None else batch_tokens
         self.rolling = rolling
-        self.ppl_window = int(ppl_window) if ppl_window else None
-        self.max_windows = int(max_windows) if max_windows else None
+        self.ppl_window = ppl_window or None
+        self.max_windows = max_windows or None
         self._encoded: dict[tuple, list[int]] = {}
 
     def tok_encode(self, string: str, left_truncate_len=None, add_special_tokens=None) -> list[int]:
@@ -121,8 +134,41 @@ class LlmliteLM(HFLM):
 
 def _usable(device: str | None) -> torch.device:
     """``device``, or the CPU where CUDA is asked for (lm_eval's default) but there is none."""
-    if device is None or (device.startswith("cuda") and not torch.cuda.is_available()):
+    if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
         if device is not None:
             log.warning("llmlite: %s is not available; evaluating on the CPU", device)
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise LlmliteError(f"device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+
+
+def _load(source: str):
+    """``load_model``, every failure a ``LlmliteError`` (lm-eval prints its message last)."""
+    try:
+        return load_model(source)
+    except LlmliteError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LlmliteError(
+            f"cannot load the model {source}: {first}; check pretrained= (a bundled name, folder, "
+            ".gguf file, hub id or checkpoint)"
+        ) from None
+
+
+def _whole(name: str, value, minimum: int, otherwise: str) -> int | None:
+    """A whole-number model argument, checked (lm-eval passes ``name=5`` as 5 and ``name=x`` as
+    "x"); ``None`` stays ``None`` and 0 means the default."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, float) and value.is_integer():  # lm-eval reads "-3" as -3.0
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise LlmliteError(f"{name} must be a whole number, got {value!r}; {otherwise}")
+    if value != 0 and value < minimum:
+        raise LlmliteError(f"{name} must be at least {minimum}, got {value}; {otherwise}")
+    return value

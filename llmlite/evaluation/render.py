@@ -162,23 +162,51 @@ def _short(name: str) -> str:
 
 def compare(folders: list[str]) -> dict:
     """Merge earlier reports: every model once (the latest report wins), one table, Pareto points."""
-    from llmlite.errors import LlmliteError
-
     models: dict[str, dict] = {}
     for folder in folders:
-        path = Path(folder) / "report.json"
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise LlmliteError(
-                f"no report in {folder}: run `llmlite eval MODEL --report {folder}` first"
-            ) from None
-        except ValueError:
-            raise LlmliteError(f"{path} is not valid JSON; re-run the report") from None
-        for m in data["models"]:
+        for m in read_report(folder)["models"]:
             models[m["fingerprint"]] = m
     merged = list(models.values())
     return {"models": merged, "table": table(merged)}
+
+
+def read_report(folder: str | Path) -> dict:
+    """The ``report.json`` of a report folder, checked to hold what ``compare`` reads."""
+    from llmlite.errors import LlmliteError
+
+    path = Path(folder) / "report.json"
+    rerun = f"re-run `llmlite eval MODEL --report {folder} --overwrite`"
+    if not path.is_file():
+        what = "no such folder" if not Path(folder).exists() else "no report.json"
+        raise LlmliteError(
+            f"no report in {folder} ({what}); run `llmlite eval MODEL --report {folder}` first"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise LlmliteError(f"{path} is not valid JSON ({str(e).splitlines()[0]}); {rerun}") from None
+    models = data.get("models") if isinstance(data, dict) else None
+    if not isinstance(models, list) or not models:
+        raise LlmliteError(f"{path} is not an llmlite report (it has no 'models' list); {rerun}")
+    for i, m in enumerate(models):
+        problem = _model_entry_problem(m)
+        if problem:
+            raise LlmliteError(f"{path}: models[{i}] {problem}; {rerun}")
+        m.setdefault("details", {})
+    return data
+
+
+def _model_entry_problem(m) -> str | None:
+    """What is wrong with one ``models`` entry of a report, or ``None``."""
+    if not isinstance(m, dict):
+        return f"is a {type(m).__name__}, not a mapping"
+    missing = [k for k in ("model", "fingerprint", "metrics") if k not in m]
+    if missing:
+        return f"has no {', '.join(missing)}"
+    metrics = m["metrics"]
+    if not isinstance(metrics, dict) or not all(isinstance(v, dict) for v in metrics.values()):
+        return "has metrics that are not a mapping of task: {metric: value}"
+    return None
 
 
 def compare_markdown(out: dict) -> str:

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from llmlite.errors import LlmliteError
 from llmlite.gqa.heads import align_keys, align_values, key_weights, pool_heads, repeat_heads, value_weights
+from llmlite.models import quantized_error
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 METHODS = ("mean", "weighted", "aligned")
@@ -41,9 +42,15 @@ def check_target(config, kv_heads: int) -> tuple[int, int]:
 
 def attention_layers(model: nn.Module) -> list[nn.Module]:
     """The attention module of every decoder layer, checked to hold float ``nn.Linear`` projections."""
+    qc = getattr(model, "llmlite_quantization", None)
+    if qc:
+        raise quantized_error(getattr(model, "llmlite_source", type(model).__name__), qc, "convert")
     layers = [m for m in model.modules() if hasattr(m, "num_key_value_groups") and hasattr(m, "k_proj")]
     if not layers:
-        raise LlmliteError(f"found no attention layers with k_proj/v_proj in {type(model).__name__}")
+        raise LlmliteError(
+            f"found no attention layers with k_proj/v_proj in {type(model).__name__}; convert-gqa "
+            "converts Llama, Mistral and Qwen2-style models"
+        )
     for i, attn in enumerate(layers):
         for name in PROJECTIONS:
             module = getattr(attn, name)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from llmlite import __version__
@@ -101,24 +102,34 @@ def save_gptq_checkpoint(
 
 
 def load_gptq_checkpoint(folder: Path, dtype: torch.dtype = torch.float32, backend: str = "torch"):
-    """Load a GPTQ-layout checkpoint (v1 zero-points) into a model with ``QuantLinear`` layers."""
-    config_dict = json.loads((folder / "config.json").read_text())
-    qc = config_dict["quantization_config"]
-    bits, group_size = qc.get("bits"), qc.get("group_size", -1)
-    if bits not in SUPPORTED_BITS:
-        raise LlmliteError(f"{folder}: GPTQ bits {bits} unsupported; llmlite reads {SUPPORTED_BITS}")
+    """Load a GPTQ-layout checkpoint (v1 zero-points) into a model with ``QuantLinear`` layers;
+    every quantized tensor is checked against the config's shapes first."""
+    from llmlite.models import check_causal_lm, quantization_config
+
+    qc = quantization_config(folder)
+    bits, group_size = _grid(folder, qc)
     layout = qc.get("checkpoint_format", "gptq")
     if layout != "gptq":
         raise LlmliteError(f"{folder}: checkpoint_format '{layout}' unsupported; llmlite reads 'gptq' (v1)")
     state = _read_weights(folder)
-    config = AutoConfig.from_pretrained(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as e:
+        raise LlmliteError(f"cannot read {folder / 'config.json'} ({e}); re-create the checkpoint") from None
+    check_causal_lm(config, folder)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name in sorted(k[: -len(".qweight")] for k in state if k.endswith(".qweight")):
-        out_features, in_features = state[f"{name}.scales"].shape[1], state[f"{name}.g_idx"].numel()
-        layer = QuantLinear(in_features, out_features, bits, group_size, f"{name}.bias" in state, backend)
-        model.set_submodule(name, layer)
+        model.set_submodule(name, _quant_layer(model, name, state, bits, group_size, backend, folder))
+    expected = model.state_dict()
+    for key, tensor in state.items():
+        want = expected.get(key)
+        if want is not None and want.shape != tensor.shape:
+            raise LlmliteError(
+                f"{folder}: {key} has shape {list(tensor.shape)}, expected {list(want.shape)} from its "
+                "config; re-create the checkpoint"
+            )
     missing, unexpected = model.load_state_dict(state, strict=False)
     model.tie_weights()
     missing = [k for k in missing if not _is_tied(model, k)]
@@ -137,9 +148,72 @@ def load_gptq_checkpoint(folder: Path, dtype: torch.dtype = torch.float32, backe
     return model, tokenizer
 
 
+def _grid(folder: Path, qc: dict) -> tuple[int, int]:
+    """``bits`` and ``group_size`` of a ``quantization_config``, checked."""
+    where = f"{folder / 'config.json'}: quantization_config"
+    bits, group_size = qc.get("bits"), qc.get("group_size", -1)
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise LlmliteError(f"{where}.bits must be a whole number, got {bits!r}; re-create the checkpoint")
+    if bits not in SUPPORTED_BITS:
+        raise LlmliteError(f"{folder}: GPTQ bits {bits} unsupported; llmlite reads {SUPPORTED_BITS}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size == 0 or group_size < -1:
+        raise LlmliteError(
+            f"{where}.group_size must be a positive whole number or -1, got {group_size!r}; "
+            "re-create the checkpoint"
+        )
+    return bits, group_size
+
+
+def _quant_layer(
+    model: PreTrainedModel,
+    name: str,
+    state: dict[str, torch.Tensor],
+    bits: int,
+    group_size: int,
+    backend: str,
+    folder: Path,
+) -> QuantLinear:
+    """The ``QuantLinear`` that replaces the Linear ``name``, its tensors in ``state`` checked
+    against the shapes the Linear's features and the grid imply."""
+    try:
+        linear = model.get_submodule(name)
+    except AttributeError:
+        linear = None
+    if not isinstance(linear, nn.Linear):
+        raise LlmliteError(
+            f"{folder}: {name}.qweight belongs to no linear layer of {type(model).__name__}; "
+            "re-create the checkpoint"
+        )
+    bias = f"{name}.bias" in state
+    layer = QuantLinear(linear.in_features, linear.out_features, bits, group_size, bias, backend)
+    for buffer in ("qweight", "qzeros", "scales", "g_idx", *(("bias",) if bias else ())):
+        key, expected = f"{name}.{buffer}", getattr(layer, buffer)
+        found = state.get(key)
+        grid = f"{bits}-bit, group size {group_size}, {linear.in_features} -> {linear.out_features} features"
+        if found is None:
+            raise LlmliteError(f"{folder}: {key} is missing ({grid}); re-create the checkpoint")
+        if found.shape != expected.shape:
+            raise LlmliteError(
+                f"{folder}: {key} has shape {list(found.shape)}, expected {list(expected.shape)} "
+                f"({grid}); re-create the checkpoint"
+            )
+        if found.is_floating_point() != expected.is_floating_point():
+            raise LlmliteError(
+                f"{folder}: {key} is {str(found.dtype).removeprefix('torch.')}, expected "
+                f"{str(expected.dtype).removeprefix('torch.')}; re-create the checkpoint"
+            )
+    g_idx, groups = state[f"{name}.g_idx"], layer.scales.shape[0]
+    if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+        raise LlmliteError(
+            f"{folder}: {name}.g_idx holds groups outside 0..{groups - 1} (group size {group_size}); "
+            "re-create the checkpoint"
+        )
+    return layer
+
+
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     index = folder / f"{WEIGHTS}.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [WEIGHTS]
+    files = _indexed_files(index) if index.exists() else [WEIGHTS]
     state: dict[str, torch.Tensor] = {}
     for name in files:
         try:
@@ -149,6 +223,15 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
                 f"cannot read {folder / name} ({e}); the file is missing, truncated or corrupt: re-create it"
             ) from None
     return state
+
+
+def _indexed_files(index: Path) -> list[str]:
+    try:
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise LlmliteError(
+            f"cannot read {index} ({type(e).__name__}: {e}); it must map tensors to files: re-create it"
+        ) from None
 
 
 def _is_tied(model: PreTrainedModel, key: str) -> bool:

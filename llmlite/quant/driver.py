@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from llmlite.errors import LlmliteError
-from llmlite.models import trim_heap
+from llmlite.models import quantized_error, trim_heap
 from llmlite.quant.gptq import accumulate_drift, accumulate_hessian, finish_hessian, gptq
 from llmlite.quant.grid import QuantizedWeight
 from llmlite.quant.linear import QuantLinear
@@ -42,6 +42,7 @@ from llmlite.quant.rtn import rtn
 log = logging.getLogger("llmlite")
 CHUNK_TOKENS = 2048  # calibration tokens per forward call (bounds the temporaries)
 _LLAMA_CHILDREN = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
+SUPPORTED = "Llama-style decoder-only models (Llama, Mistral, Qwen2/3, SmolLM...) with nn.Linear projections"
 
 
 @dataclass
@@ -103,9 +104,38 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         if isinstance(module, nn.ModuleList) and len(module) == n:
             return module
     raise LlmliteError(
-        f"cannot find the decoder layers of {type(model).__name__}: llmlite quantizes decoder-only "
-        "transformers whose config sets num_hidden_layers"
+        f"cannot find the decoder layers of {_architecture(model)} (no list of num_hidden_layers "
+        f"layers); llmlite quantizes {SUPPORTED}"
     )
+
+
+def check_quantizable(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of ``model``, refused when there is nothing llmlite can quantize in them:
+    the model is quantized already, or its projections are not ``nn.Linear`` (GPT-2's Conv1D)."""
+    qc = getattr(model, "llmlite_quantization", None)
+    if qc or any(isinstance(m, QuantLinear) for m in model.modules()):
+        source = getattr(model, "llmlite_source", None) or _architecture(model)
+        raise quantized_error(source, qc or {"quant_method": "gptq"}, "quantize")
+    layers = decoder_layers(model)
+    if not any(linears(layer) for layer in layers):
+        kinds = sorted({type(m).__name__ for m in layers[0].modules() if _is_projection(m)})
+        found = f"its projections are {', '.join(kinds)}" if kinds else "it has no projections"
+        source = getattr(model, "llmlite_source", None)
+        name = f"{source} ({_architecture(model)})" if source else _architecture(model)
+        raise LlmliteError(
+            f"{name} has no nn.Linear layers in its decoder layers ({found}); llmlite quantizes {SUPPORTED}"
+        )
+    return layers
+
+
+def _architecture(model: nn.Module) -> str:
+    archs = getattr(getattr(model, "config", None), "architectures", None)
+    return archs[0] if archs else type(model).__name__
+
+
+def _is_projection(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return not list(module.children()) and isinstance(weight, Tensor) and weight.dim() == 2
 
 
 def linears(module: nn.Module) -> dict[str, nn.Linear]:
@@ -132,7 +162,7 @@ def quantize_model(
     ``path`` forces "generic-hooks" (for tests); by default Llama-style models take the staged path.
     """
     report = QuantReport(settings=settings)
-    layers = decoder_layers(model)
+    layers = check_quantizable(model)  # before calibration, not after it
     head = model.get_output_embeddings() if settings.quantize_head else None
     if settings.method == "rtn":
         report.path = "rtn"
@@ -168,7 +198,8 @@ def quantize_model(
             _generic_layer(layer, hidden, kwargs, quantize_group, hidden_float)
         _install(layer, done)
         trim_heap()
-        worst = max(r.output_error or 0.0 for r in report.modules[-count:])
+        recent = report.modules[-count:] if count else []
+        worst = max((r.output_error or 0.0 for r in recent), default=0.0)
         bar.set_postfix(max_rel_err=f"{worst:.2e}")
     if head is not None:
         norm = getattr(model.base_model, "norm", None)

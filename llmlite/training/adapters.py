@@ -4,7 +4,9 @@ llmlite GPTQ checkpoint), find the projections to adapt, and wrap them with peft
 from __future__ import annotations
 
 import gc
+import json
 import logging
+import pickle
 import warnings
 from pathlib import Path
 
@@ -72,9 +74,10 @@ def load_base(source: str, method: str, dtype: torch.dtype, device: torch.device
 
 
 def _load_nf4(source: str, dtype: torch.dtype, device: torch.device):
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from llmlite.models import load_tokenizer
+    from llmlite.models import check_causal_lm, load_config, load_tokenizer
 
     where = resolve_model(source)
     if isinstance(where, Path) and (where.suffix == ".gguf" or is_gptq_checkpoint(where)):
@@ -89,9 +92,17 @@ def _load_nf4(source: str, dtype: torch.dtype, device: torch.device):
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=dtype,
     )
-    model = AutoModelForCausalLM.from_pretrained(
-        where, quantization_config=config, dtype=dtype, device_map={"": device}
-    )
+    check_causal_lm(load_config(source), source)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            where, quantization_config=config, dtype=dtype, device_map={"": device}
+        )
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LlmliteError(
+            f"cannot load {source} for QLoRA: {first}; its files may be truncated or corrupt: "
+            "re-download or re-export it"
+        ) from None
     import bitsandbytes as bnb
 
     for module in model.modules():
@@ -242,3 +253,92 @@ def _float_weight(module: nn.Module) -> torch.Tensor | None:
         data, state = _convert_weight_packed_for_cpu_inverse(data, state)
     weight = dequantize_nf4(data, state)  # the CPU path that reads the right block scales
     return weight if weight is not None else dequantize_4bit(data, state).float()
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+_FROM = "pass a folder written by llmlite finetune or peft"
+_RESAVE = "re-save the adapter with peft or re-run llmlite finetune"
+
+
+def read_adapter(adapter: str | Path) -> dict:
+    """The ``adapter_config.json`` of a peft adapter folder, after checking that the folder
+    exists, that its config is peft's (a LoRA config's fields of the right kinds) and that its
+    weights file reads whole (not truncated)."""
+    folder = Path(adapter)
+    if not folder.exists():
+        raise LlmliteError(f"no such adapter folder: {adapter}; {_FROM}")
+    if not folder.is_dir():
+        raise LlmliteError(f"{adapter} is a file, not an adapter folder; {_FROM}")
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise LlmliteError(f"{adapter} has no {ADAPTER_CONFIG}, so it is not an adapter folder; {_FROM}")
+    config = _adapter_config(folder / ADAPTER_CONFIG)
+    _check_adapter_weights(folder)
+    return config
+
+
+def _adapter_config(path: Path) -> dict:
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise LlmliteError(f"{path} is not valid JSON ({str(e).splitlines()[0]}); {_RESAVE}") from None
+    if not isinstance(data, dict) or "peft_type" not in data:
+        why = "it has no peft_type" if isinstance(data, dict) else f"it holds a {type(data).__name__}"
+        raise LlmliteError(f"{path} is not a peft adapter config ({why}); {_FROM}")
+    known = {str(getattr(t, "value", t)) for t in PEFT_TYPE_TO_CONFIG_MAPPING}
+    if data["peft_type"] not in known:
+        raise LlmliteError(
+            f"{path}: peft_type {data['peft_type']!r} is not one peft knows (LORA, ...); {_RESAVE}"
+        )
+    if data["peft_type"] == "LORA":
+        problem = _lora_config_problem(data)
+        if problem:
+            raise LlmliteError(f"{path}: {problem}; {_RESAVE}")
+    return data
+
+
+def _lora_config_problem(data: dict) -> str | None:
+    """What is wrong with the fields of a LoRA ``adapter_config.json`` (peft reads them unchecked)."""
+    r, alpha, dropout = data.get("r"), data.get("lora_alpha"), data.get("lora_dropout", 0.0)
+    targets = data.get("target_modules")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        return f"r (the rank) must be a whole number of at least 1, got {r!r}"
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float):
+        return f"lora_alpha must be a number, got {alpha!r}"
+    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+        return f"lora_dropout must be a fraction in [0, 1), got {dropout!r}"
+    if not (targets is None or isinstance(targets, str) or _all_str(targets)):
+        return f"target_modules must be a list of module names, got {targets!r}"
+    for flag in ("use_dora", "use_rslora", "fan_in_fan_out"):
+        if not isinstance(data.get(flag, False), bool):
+            return f"{flag} must be true or false, got {data[flag]!r}"
+    if data.get("bias", "none") not in ("none", "all", "lora_only"):
+        return f"bias must be 'none', 'all' or 'lora_only', got {data['bias']!r}"
+    return None
+
+
+def _all_str(values) -> bool:
+    return isinstance(values, list) and all(isinstance(v, str) for v in values)
+
+
+def _check_adapter_weights(folder: Path) -> None:
+    """Read the adapter's weights once: a truncated or corrupt file is named here, not deep in peft."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    found = [folder / name for name in ADAPTER_WEIGHTS if (folder / name).is_file()]
+    if not found:
+        raise LlmliteError(f"{folder} has no adapter weights ({ADAPTER_WEIGHTS[0]}); {_FROM}")
+    path = found[0]
+    try:
+        if path.suffix == ".safetensors":
+            load_file(path)
+        else:
+            torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
+        raise LlmliteError(
+            f"cannot read {path} ({str(e).splitlines()[0]}); the file is truncated or corrupt: "
+            "copy the adapter again or re-run llmlite finetune"
+        ) from None

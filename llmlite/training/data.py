@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from llmlite.data import load_text
+from llmlite.data import load_text, read_json_rows
 from llmlite.errors import LlmliteError
 from llmlite.training.loss import IGNORE
 
@@ -37,7 +37,7 @@ def load_examples(source: str, tokenizer, seqlen: int, fmt: str = "auto") -> tup
                 "or messages, or use --format text"
             )
         return pack_text(load_text(source), tokenizer, seqlen, source), "text"
-    examples = [instruction_example(row, tokenizer, seqlen, f"{source} row {i + 1}") for i, row in rows]
+    examples = [instruction_example(row, tokenizer, seqlen, f"{source} {where}") for where, row in rows]
     examples = [e for e in examples if any(t != IGNORE for t in e.labels)]
     if not examples:
         raise LlmliteError(
@@ -79,18 +79,15 @@ def piqa_instructions() -> list[dict]:
 BUNDLED_INSTRUCTIONS = {"piqa-instruct": piqa_instructions}
 
 
-def _instruction_rows(source: str) -> list[tuple[int, dict]] | None:
-    """Rows of a JSONL/JSON file when they look like instruction data, else ``None``."""
+def _instruction_rows(source: str) -> list[tuple[str, object]] | None:
+    """Rows of a JSONL/JSON file, each with where it is (``line 3``), when they look like
+    instruction data, else ``None``."""
     if source in BUNDLED_INSTRUCTIONS:
-        return list(enumerate(BUNDLED_INSTRUCTIONS[source]()))
+        return [(f"row {i + 1}", row) for i, row in enumerate(BUNDLED_INSTRUCTIONS[source]())]
     path = Path(source).expanduser()
     if not (path.is_file() and path.suffix in {".jsonl", ".json"}):
         return None
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-        rows = [(i, json.loads(line)) for i, line in enumerate(lines) if line.strip()]
-    except (UnicodeDecodeError, json.JSONDecodeError, OSError) as e:
-        raise LlmliteError(f"cannot read {path} ({e}); it must be UTF-8 JSON lines") from None
+    rows = read_json_rows(path)
     if not rows:
         raise LlmliteError(f"{path} has no usable rows: the file is empty; give a file with data")
     dicts = [r for _, r in rows if isinstance(r, dict)]
@@ -120,6 +117,11 @@ def instruction_example(row: dict, tokenizer, seqlen: int, where: str) -> Exampl
                 f"{where} has no {missing} field; each row needs 'prompt' and 'response' "
                 f"(or 'messages'); fix or remove the row"
             )
+        for name, value in (("prompt", prompt), ("response", response)):
+            if not isinstance(value, str | int | float) or isinstance(value, bool):
+                raise LlmliteError(
+                    f"{where}: its {name} is a {type(value).__name__}, not text; fix or remove the row"
+                )
         messages = [{"role": "user", "content": str(prompt)}, {"role": "assistant", "content": str(response)}]
     ids, labels = _render(messages, tokenizer)
     return Example(ids[:seqlen], labels[:seqlen])

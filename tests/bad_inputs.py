@@ -1,0 +1,531 @@
+"""Every verb against bad and hostile input: the table behind ``test_bad_inputs.py`` and
+``docs/errors.md``.
+
+Each case runs the real CLI (``llmlite.cli.main``, in this process) inside a workspace of real
+inputs (a tiny Llama, its RTN checkpoint, a LoRA adapter, a report, a GPT-2, a BERT, corrupt copies,
+text and recipe files) and must give exit code 2, one ``llmlite: error:`` line naming what it
+names, no traceback, and leave every file of the workspace as it was (nothing created, deleted or
+changed). ``python tests/bad_inputs.py`` writes the table of inputs and messages to docs/errors.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+# name -> (verb and arguments, texts the error line must hold); paths are relative to the workspace,
+# which is the current folder of every run
+Q = ["quantize", "--model", "tiny", "--method", "rtn", "--quiet"]
+QO = [*Q, "--output", "out"]
+E = ["eval", "tiny", "--max-windows", "1", "--ctx", "64", "--ppl", "text.txt", "--quiet"]
+R = ["eval", "tiny", "--tasks", "efficiency", "--quiet"]
+F = ["finetune", "--model", "tiny", "--data", "text.txt", "--max-steps", "1", "--no-compile", "--quiet"]
+FO = [*F, "--output", "out"]
+G = ["generate", "hello", "--model", "tiny", "--max-new-tokens", "2"]
+C = ["convert-gqa", "--model", "tiny", "--method", "mean", "--quiet"]
+CO = [*C, "--kv-heads", "1", "--output", "out"]
+
+CASES: dict[str, tuple[list[str], list[str]]] = {
+    # quantize: outputs
+    "quantize: output is the current folder": ([*Q, "--output", "."], ["--output .", "current folder"]),
+    "quantize: output is a parent of it": ([*Q, "--output", ".."], ["--output ..", "parent"]),
+    "quantize: output is the model": ([*Q, "--output", "tiny", "--overwrite"], ["--output tiny", "--model"]),
+    "quantize: output inside the model": ([*Q, "--output", "tiny/q"], ["lies inside --model"]),
+    "quantize: output resolves to cwd": ([*Q, "--output", "tiny/..", "--overwrite"], ["current folder"]),
+    "quantize: output is a symlink to the model": ([*Q, "--output", "link", "--overwrite"], ["--model"]),
+    "quantize: output contains the calibration text": (
+        [*Q, "--calibration", "texts/calib.txt", "--output", "texts", "--overwrite"],
+        ["contains --calibration"],
+    ),
+    "quantize: output is the recipe": (
+        [*Q, "--recipe", "good.yaml", "--output", "good.yaml", "--overwrite"],
+        ["--output good.yaml", "--recipe"],
+    ),
+    "quantize: output is an existing file": ([*Q, "--output", "plain.txt"], ["existing file", "--output"]),
+    "quantize: output under a file": (
+        [*Q, "--output", "plain.txt/out"],
+        ["--output plain.txt/out", "a file"],
+    ),
+    "quantize: output in /proc": ([*Q, "--output", "/proc/llmlite-out"], ["--output /proc/llmlite-out"]),
+    "quantize: output exists": ([*Q, "--output", "exists"], ["already exists", "--overwrite"]),
+    "quantize: output empty": ([*Q, "--output", ""], ["--output"]),
+    "quantize: no output": (Q, ["--output"]),
+    # quantize: models
+    "quantize: missing model folder": ([*QO, "--model", "./missing"], ["no such model", "./missing"]),
+    "quantize: unknown model name": ([*QO, "--model", "nonesuch"], ["unknown model", "nonesuch"]),
+    "quantize: a text file as model": ([*QO, "--model", "plain.txt"], ["plain.txt", "not a model"]),
+    "quantize: folder without config.json": ([*QO, "--model", "exists"], ["exists", "config.json"]),
+    "quantize: already quantized": ([*QO, "--model", "ckpt"], ["ckpt", "already", "float model"]),
+    "quantize: GPT-2 (no nn.Linear)": ([*QO, "--model", "gpt2"], ["GPT2LMHeadModel"]),
+    "quantize: BERT encoder": ([*QO, "--model", "bert"], ["bert", "not a causal language model"]),
+    "quantize: corrupt config.json": ([*QO, "--model", "broken-config"], ["broken-config", "config.json"]),
+    "quantize: truncated weights": ([*QO, "--model", "truncated"], ["truncated"]),
+    "quantize: weights that miss tensors": ([*QO, "--model", "missing-tensor"], ["missing-tensor"]),
+    "quantize: checkpoint scales of the wrong shape": (
+        [*QO, "--model", "bad-scales"],
+        ["bad-scales", "scales"],
+    ),
+    "quantize: checkpoint bits in config unsupported": ([*QO, "--model", "bad-bits"], ["bad-bits", "bits"]),
+    # quantize: options
+    "quantize: --bits 5": ([*QO, "--bits", "5"], ["5-bit", "--bits"]),
+    "quantize: --bits five": ([*QO, "--bits", "five"], ["--bits", "invalid int"]),
+    "quantize: --group-size 0": ([*QO, "--group-size", "0"], ["group size 0"]),
+    "quantize: --group-size -2": ([*QO, "--group-size", "-2"], ["group size -2"]),
+    "quantize: --damp 2": ([*QO, "--method", "gptq", "--damp", "2"], ["--damp 2"]),
+    "quantize: --damp 0": ([*QO, "--method", "gptq", "--damp", "0"], ["--damp 0"]),
+    "quantize: --samples 0": ([*QO, "--method", "gptq", "--samples", "0"], ["--samples"]),
+    "quantize: --seqlen 0": ([*QO, "--method", "gptq", "--seqlen", "0"], ["--seqlen"]),
+    "quantize: --seqlen above the model": ([*QO, "--method", "gptq", "--seqlen", "100000"], ["--seqlen"]),
+    "quantize: --v2-alpha 0": ([*QO, "--method", "gptq", "--v2-alpha", "0"], ["--v2-alpha 0"]),
+    "quantize: --v2-windows -1": ([*QO, "--method", "gptq", "--v2-windows", "-1"], ["--v2-windows -1"]),
+    "quantize: --refit with rtn": ([*QO, "--refit"], ["--refit", "gptq"]),
+    "quantize: --v2 with rtn": ([*QO, "--v2"], ["--v2", "gptq"]),
+    "quantize: --method awq": ([*QO, "--method", "awq"], ["--method", "invalid choice"]),
+    "quantize: --dtype int8": ([*QO, "--dtype", "int8"], ["--dtype", "invalid choice"]),
+    "quantize: unknown option": ([*QO, "--bitz", "3"], ["--bitz"]),
+    "quantize: missing calibration file": (
+        [*QO, "--method", "gptq", "--calibration", "./nope.txt"],
+        ["nope.txt"],
+    ),
+    "quantize: calibration shorter than a window": (
+        [*QO, "--method", "gptq", "--calibration", "short.txt"],
+        ["fewer than one window", "--seqlen"],
+    ),
+    "quantize: binary calibration file": (
+        [*QO, "--method", "gptq", "--calibration", "binary.bin"],
+        ["binary"],
+    ),
+    # recipes (quantize)
+    "quantize: missing recipe": ([*QO, "--recipe", "nope.yaml"], ["no such recipe", "nope.yaml"]),
+    "quantize: binary recipe": ([*QO, "--recipe", "binary.bin"], ["recipe binary.bin"]),
+    "quantize: recipe is a list": ([*QO, "--recipe", "list.yaml"], ["recipe list.yaml", "mapping"]),
+    "quantize: recipe with unknown key": ([*QO, "--recipe", "badkey.yaml"], ["bitz"]),
+    "quantize: recipe with a wrong type": ([*QO, "--recipe", "badtype.yaml"], ["bits", "whole number"]),
+    "quantize: recipe is a folder": ([*QO, "--recipe", "exists"], ["recipe exists"]),
+    "quantize: invalid YAML recipe": ([*QO, "--recipe", "invalid.yaml"], ["recipe invalid.yaml"]),
+    # eval
+    "eval: --json is the current folder": ([*E, "--json", "."], ["--json .", "current folder"]),
+    "eval: --json is a folder": ([*E, "--json", "exists"], ["--json exists", "folder"]),
+    "eval: --json under a file": ([*E, "--json", "plain.txt/r.json"], ["--json plain.txt/r.json"]),
+    "eval: --json in /proc": ([*E, "--json", "/proc/r.json"], ["--json /proc/r.json"]),
+    "eval: --json inside the model": ([*E, "--json", "tiny/config.json"], ["--json", "--model"]),
+    "eval: --json is the text": ([*E, "--json", "text.txt"], ["--json text.txt", "--ppl"]),
+    "eval: --report is the model": ([*R, "--report", "tiny", "--overwrite"], ["--report tiny", "--model"]),
+    "eval: --report inside the model": ([*R, "--report", "tiny/report"], ["--report", "lies inside"]),
+    "eval: --report is the current folder": ([*R, "--report", ".", "--overwrite"], ["current folder"]),
+    "eval: --report exists": ([*R, "--report", "exists"], ["--report exists", "already exists"]),
+    "eval: --report is a file": ([*R, "--report", "plain.txt", "--overwrite"], ["--report", "existing file"]),
+    "eval: --report under a file": ([*R, "--report", "plain.txt/r"], ["--report plain.txt/r"]),
+    "eval: --report in /proc": ([*R, "--report", "/proc/r"], ["--report /proc/r"]),
+    "eval: --report is the baseline": (
+        [*R, "--baseline", "ckpt", "--report", "ckpt", "--overwrite"],
+        ["--report ckpt", "--baseline"],
+    ),
+    "eval: missing model": ([*E, "--baseline", "./missing"], ["no such model", "./missing"]),
+    "eval: unknown model": (["eval", "nonesuch", "--quiet"], ["unknown model"]),
+    "eval: BERT encoder": (
+        ["eval", "bert", "--max-windows", "1", "--quiet"],
+        ["not a causal language model"],
+    ),
+    "eval: truncated weights": (["eval", "truncated", "--quiet"], ["truncated"]),
+    "eval: checkpoint scales of the wrong shape": (["eval", "bad-scales", "--quiet"], ["bad-scales"]),
+    "eval: --ctx 1": ([*E, "--ctx", "1"], ["--ctx 1"]),
+    "eval: --ctx above the model": ([*E, "--ctx", "100000"], ["--ctx 100000", "maximum"]),
+    "eval: --max-windows 0": ([*E, "--max-windows", "0"], ["--max-windows"]),
+    "eval: --batch-size 0": ([*E, "--batch-size", "0"], ["--batch-size"]),
+    "eval: missing text": ([*E, "--ppl", "./nope.txt"], ["nope.txt"]),
+    "eval: text shorter than a window": (
+        [*E, "--ppl", "short.txt", "--ctx", "512"],
+        ["fewer than one window"],
+    ),
+    "eval: binary text": ([*E, "--ppl", "binary.bin"], ["binary.bin"]),
+    "eval: --kv-bits 3": ([*E, "--kv-bits", "3"], ["--kv-bits"]),
+    "eval: --kv-residual above --ctx": ([*E, "--kv-bits", "4", "--kv-residual", "9999"], ["--kv-residual"]),
+    "eval: --prefill 0": ([*E, "--kv-bits", "4", "--prefill", "0"], ["--prefill"]),
+    "eval: --chunk 0": ([*E, "--kv-bits", "4", "--prefill", "16", "--chunk", "0"], ["--chunk"]),
+    "eval: --kv-scheme bogus": ([*E, "--kv-bits", "4", "--kv-scheme", "bogus"], ["bogus"]),
+    "eval: --kv-salient 2": ([*E, "--kv-bits", "2", "--kv-salient", "2"], ["salient"]),
+    "eval: --kv-group-size 0": ([*E, "--kv-bits", "4", "--kv-group-size", "0"], ["group"]),
+    "eval: KV option without --kv-bits": ([*E, "--kv-residual", "8"], ["--kv-residual", "--kv-bits"]),
+    "eval: --kv-bits with --batch-size": (
+        [*E, "--kv-bits", "4", "--prefill", "16", "--batch-size", "2"],
+        ["--batch-size"],
+    ),
+    "eval: unknown task": ([*R, "--tasks", "bogus"], ["bogus"]),
+    "eval: bad --limit": ([*R, "--limit", "x=y=z"], ["--limit"]),
+    "eval: --limit for a task not run": ([*R, "--limit", "piqa=5"], ["--limit", "piqa"]),
+    "eval: --ppl with --tasks": ([*R, "--ppl", "text.txt"], ["--ppl", "report option"]),
+    "eval: --kv-bits with --tasks": ([*R, "--kv-bits", "4"], ["--kv-bits", "report option"]),
+    "eval: --json with --report": ([*R, "--json", "r.json", "--report", "r"], ["--json"]),
+    "eval: --report --ctx above the model": ([*R, "--ctx", "100000"], ["--ctx 100000"]),
+    "eval: binary recipe": ([*E, "--recipe", "binary.bin"], ["recipe binary.bin"]),
+    "eval: recipe of another verb": ([*E, "--recipe", "good.yaml"], ["good.yaml", "bits"]),
+    "eval: --ctx x": ([*E, "--ctx", "x"], ["--ctx", "invalid int"]),
+    # compare
+    "compare: missing report": (["compare", "./missing"], ["./missing"]),
+    "compare: a file as report": (["compare", "plain.txt"], ["plain.txt"]),
+    "compare: folder without report.json": (["compare", "exists"], ["exists", "report.json"]),
+    "compare: report.json without models": (["compare", "report-nomodels"], ["report-nomodels", "models"]),
+    "compare: report.json not JSON": (["compare", "report-notjson"], ["report-notjson"]),
+    "compare: output is the report": (
+        ["compare", "report", "--output", "report", "--overwrite"],
+        ["--output report", "REPORT"],
+    ),
+    "compare: output inside the report": (["compare", "report", "--output", "report/c"], ["lies inside"]),
+    "compare: output DIR/.. is cwd": (
+        ["compare", "report", "--output", "report/..", "--overwrite"],
+        ["current folder"],
+    ),
+    "compare: output is a parent": (["compare", "report", "--output", ".."], ["parent"]),
+    "compare: output is a file": (["compare", "report", "--output", "plain.txt"], ["existing file"]),
+    "compare: output in /proc": (["compare", "report", "--output", "/proc/c"], ["--output /proc/c"]),
+    "compare: output exists": (["compare", "report", "--output", "exists"], ["already exists"]),
+    "compare: no report": (["compare"], ["reports"]),
+    # finetune
+    "finetune: output is the current folder": ([*F, "--output", "."], ["current folder"]),
+    "finetune: output is the model": ([*F, "--output", "tiny", "--overwrite"], ["--model"]),
+    "finetune: output is the data": (
+        [*F, "--output", "text.txt", "--overwrite"],
+        ["--output text.txt", "--data"],
+    ),
+    "finetune: output contains the data": (
+        [*F, "--data", "texts/calib.txt", "--output", "texts", "--overwrite"],
+        ["contains --data"],
+    ),
+    "finetune: output under a file": ([*F, "--output", "plain.txt/a"], ["--output plain.txt/a"]),
+    "finetune: output in /proc": ([*F, "--output", "/proc/a"], ["--output /proc/a"]),
+    "finetune: output exists": ([*F, "--output", "exists"], ["already exists"]),
+    "finetune: no output": (F, ["--output"]),
+    "finetune: resume a finished run": ([*F, "--output", "adapter", "--resume"], ["adapter", "resume"]),
+    "finetune: resume with nothing to resume": ([*FO, "--resume"], ["resume"]),
+    "finetune: missing data": ([*FO, "--data", "./nope.txt"], ["nope.txt"]),
+    "finetune: malformed JSONL": ([*FO, "--data", "bad.jsonl"], ["bad.jsonl", "line 2"]),
+    "finetune: JSONL rows without text": ([*FO, "--data", "noresp.jsonl"], ["noresp.jsonl", "line 2"]),
+    "finetune: empty data": ([*FO, "--data", "empty.txt"], ["empty.txt"]),
+    "finetune: binary data": ([*FO, "--data", "binary.bin"], ["binary.bin"]),
+    "finetune: --seqlen above the model": ([*FO, "--seqlen", "1000000"], ["--seqlen 1000000", "maximum"]),
+    "finetune: --rank 0": ([*FO, "--rank", "0"], ["--rank"]),
+    "finetune: --lr -1": ([*FO, "--lr", "-1"], ["--lr"]),
+    "finetune: --epochs 0": ([*FO, "--epochs", "0"], ["--epochs"]),
+    "finetune: --batch-size 0": ([*FO, "--batch-size", "0"], ["--batch-size"]),
+    "finetune: --grad-accum 0": ([*FO, "--grad-accum", "0"], ["--grad-accum"]),
+    "finetune: --eval-split 1.5": ([*FO, "--eval-split", "1.5"], ["--eval-split"]),
+    "finetune: --warmup-ratio 2": ([*FO, "--warmup-ratio", "2"], ["--warmup-ratio"]),
+    "finetune: --dropout 1.5": ([*FO, "--dropout", "1.5"], ["--dropout"]),
+    "finetune: --save-steps 0": ([*FO, "--save-steps", "0"], ["--save-steps"]),
+    "finetune: --keep-checkpoints 0": ([*FO, "--keep-checkpoints", "0"], ["--keep-checkpoints"]),
+    "finetune: --max-steps 0": ([*FO, "--max-steps", "0"], ["--max-steps"]),
+    "finetune: unknown target modules": ([*FO, "--target-modules", "nonesuch"], ["nonesuch"]),
+    "finetune: 8-bit optimizer on a CPU": ([*FO, "--optimizer", "adamw_8bit"], ["adamw_8bit"]),
+    "finetune: --method bogus": ([*FO, "--method", "bogus"], ["--method", "invalid choice"]),
+    "finetune: BERT encoder": ([*FO, "--model", "bert"], ["not a causal language model"]),
+    "finetune: missing model": ([*FO, "--model", "./missing"], ["no such model"]),
+    "finetune: binary recipe": ([*FO, "--recipe", "binary.bin"], ["recipe binary.bin"]),
+    # merge
+    "merge: missing adapter": (["merge", "./missing", "--output", "out"], ["no such adapter", "missing"]),
+    "merge: a file as adapter": (["merge", "plain.txt", "--output", "out"], ["plain.txt"]),
+    "merge: a model as adapter": (["merge", "tiny", "--output", "out"], ["tiny", "adapter_config.json"]),
+    "merge: truncated adapter weights": (
+        ["merge", "adapter-truncated", "--output", "out"],
+        ["adapter-truncated"],
+    ),
+    "merge: invalid adapter config": (
+        ["merge", "adapter-badconfig", "--output", "out"],
+        ["adapter-badconfig"],
+    ),
+    "merge: output is the adapter": (["merge", "adapter", "--output", "adapter", "--overwrite"], ["ADAPTER"]),
+    "merge: output inside the adapter": (["merge", "adapter", "--output", "adapter/m"], ["lies inside"]),
+    "merge: output is the base": (
+        ["merge", "adapter", "--base", "tiny", "--output", "tiny", "--overwrite"],
+        ["--base"],
+    ),
+    "merge: output is the current folder": (["merge", "adapter", "--output", "."], ["current folder"]),
+    "merge: output exists": (["merge", "adapter", "--output", "exists"], ["already exists"]),
+    "merge: output is a file": (["merge", "adapter", "--output", "plain.txt"], ["existing file"]),
+    "merge: output in /proc": (["merge", "adapter", "--output", "/proc/m"], ["--output /proc/m"]),
+    "merge: missing base": (["merge", "adapter", "--base", "./missing", "--output", "out"], ["./missing"]),
+    "merge: base of another shape": (["merge", "adapter", "--base", "gpt2", "--output", "out"], ["gpt2"]),
+    "merge: no output": (["merge", "adapter"], ["--output"]),
+    # generate
+    "generate: no prompt": (["generate", "", "--model", "tiny"], ["PROMPT"]),
+    "generate: --max-new-tokens 0": ([*G, "--max-new-tokens", "0"], ["--max-new-tokens"]),
+    "generate: --temperature -1": ([*G, "--temperature", "-1"], ["--temperature"]),
+    "generate: --top-p 0": ([*G, "--top-p", "0"], ["--top-p"]),
+    "generate: --kv-bits 3": ([*G, "--kv-bits", "3"], ["--kv-bits"]),
+    "generate: --kv-scheme bogus": ([*G, "--kv-bits", "4", "--kv-scheme", "bogus"], ["bogus"]),
+    "generate: missing model": ([*G, "--model", "./missing"], ["no such model"]),
+    "generate: BERT encoder": ([*G, "--model", "bert"], ["not a causal language model"]),
+    "generate: checkpoint scales of the wrong shape": ([*G, "--model", "bad-scales"], ["bad-scales"]),
+    "generate: binary recipe": ([*G, "--recipe", "binary.bin"], ["recipe binary.bin"]),
+    "generate: --max-new-tokens x": ([*G, "--max-new-tokens", "x"], ["--max-new-tokens", "invalid int"]),
+    # convert-gqa
+    "convert-gqa: no --kv-heads": ([*C, "--output", "out"], ["--kv-heads"]),
+    "convert-gqa: --kv-heads 0": ([*CO, "--kv-heads", "0"], ["--kv-heads"]),
+    "convert-gqa: --kv-heads 3 of 4 heads": ([*CO, "--kv-heads", "3"], ["--kv-heads 3"]),
+    "convert-gqa: --kv-heads 5": ([*CO, "--kv-heads", "5"], ["--kv-heads 5"]),
+    "convert-gqa: output is the model": (
+        [*C, "--kv-heads", "1", "--output", "tiny", "--overwrite"],
+        ["--model"],
+    ),
+    "convert-gqa: output is the current folder": (
+        [*C, "--kv-heads", "1", "--output", "."],
+        ["current folder"],
+    ),
+    "convert-gqa: output exists": ([*C, "--kv-heads", "1", "--output", "exists"], ["already exists"]),
+    "convert-gqa: output in /proc": ([*C, "--kv-heads", "1", "--output", "/proc/g"], ["--output /proc/g"]),
+    "convert-gqa: no output": ([*C, "--kv-heads", "1"], ["--output"]),
+    "convert-gqa: quantized model": ([*CO, "--model", "ckpt"], ["ckpt"]),
+    "convert-gqa: GPT-2": ([*CO, "--model", "gpt2"], ["gpt2"]),
+    "convert-gqa: BERT encoder": ([*CO, "--model", "bert"], ["not a causal language model"]),
+    "convert-gqa: --method bogus": ([*CO, "--method", "bogus"], ["--method", "invalid choice"]),
+    "convert-gqa: --samples 0": ([*CO, "--method", "aligned", "--samples", "0"], ["--samples"]),
+    "convert-gqa: --seqlen above the model": ([*CO, "--seqlen", "100000"], ["--seqlen 100000", "maximum"]),
+    "convert-gqa: --uptrain-tokens -1": ([*CO, "--uptrain-tokens", "-1"], ["--uptrain-tokens"]),
+    "convert-gqa: missing calibration": (
+        [*CO, "--method", "aligned", "--calibration", "./nope.txt"],
+        ["nope.txt"],
+    ),
+    "convert-gqa: binary recipe": ([*CO, "--recipe", "binary.bin"], ["recipe binary.bin"]),
+    # the command itself
+    "llmlite: no verb": ([], ["verb"]),
+    "llmlite: unknown verb": (["quantise"], ["quantise"]),
+}
+
+
+@dataclass
+class Outcome:
+    code: int | None
+    errors: list[str]  # the "llmlite: error:" lines
+    stderr: str
+    traceback: str | None  # an exception that escaped the CLI
+
+
+def run(argv: list[str], cwd: Path) -> Outcome:
+    """The CLI in this process, as a user runs it: exit code, error lines, any escaped exception."""
+    from llmlite.cli import main
+
+    err, out = io.StringIO(), io.StringIO()
+    code, escaped = None, None
+    previous = signal.signal(signal.SIGALRM, _too_long)
+    signal.alarm(TIME_LIMIT)
+    with _chdir(cwd), contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        try:
+            code = main(list(argv))
+        except SystemExit as e:  # argparse
+            code = e.code if isinstance(e.code, int) else 2
+        except BaseException:
+            escaped = traceback.format_exc()
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
+    stderr = err.getvalue()
+    errors = [line for line in stderr.splitlines() if line.startswith("llmlite: error:")]
+    return Outcome(code, errors, stderr, escaped)
+
+
+TIME_LIMIT = 120  # seconds: bad input is refused before the work, so a case that runs is a failure
+
+
+def _too_long(signum, frame):
+    raise TimeoutError(f"still running after {TIME_LIMIT} s: the input was not refused before the work")
+
+
+@contextlib.contextmanager
+def _chdir(folder: Path):
+    before = Path.cwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every entry under ``root``: size and modification time (files), to see any change."""
+    out = {}
+    for path in root.rglob("*"):
+        st = path.lstat()
+        out[str(path.relative_to(root))] = (st.st_size if path.is_file() else -1, st.st_mtime_ns)
+    return out
+
+
+def build_workspace(root: Path, tiny: Path) -> Path:
+    """Real inputs, good and bad, for the cases (about 30 s: one RTN run, one fine-tuning step and
+    one efficiency report of the tiny model)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+
+    from llmlite.data import load_text
+
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(tiny, root / "tiny")
+    (root / "link").symlink_to("tiny")
+    text = load_text("wikitext2-valid")[:20000]
+    (root / "text.txt").write_text(text)
+    (root / "texts").mkdir()
+    (root / "texts" / "calib.txt").write_text(text)
+    (root / "short.txt").write_text("only a few words")
+    (root / "empty.txt").write_text("")
+    (root / "plain.txt").write_text("not a model")
+    (root / "binary.bin").write_bytes(bytes(range(256)) * 64)
+    (root / "exists").mkdir()
+    (root / "exists" / "keep.txt").write_text("the user's file")
+    (root / "good.yaml").write_text("bits: 4\ngroup-size: 64\n")
+    (root / "list.yaml").write_text("- bits\n- 4\n")
+    (root / "badkey.yaml").write_text("bitz: 3\n")
+    (root / "badtype.yaml").write_text("bits: four\n")
+    (root / "invalid.yaml").write_text("bits: [4\n")
+    (root / "bad.jsonl").write_text('{"text": "a fine row"}\n{"text": "cut short\n')
+    (root / "noresp.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c"}\n')
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(
+        GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=2, n_positions=256)
+    )
+    gpt2.save_pretrained(root / "gpt2")
+    tokenizer.save_pretrained(root / "gpt2")
+    bert = BertForMaskedLM(
+        BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=128,
+        )
+    )
+    bert.save_pretrained(root / "bert")
+    tokenizer.save_pretrained(root / "bert")
+
+    shutil.copytree(tiny, root / "broken-config")
+    (root / "broken-config" / "config.json").write_text("{not json")
+    shutil.copytree(tiny, root / "truncated")
+    weights = root / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    shutil.copytree(tiny, root / "missing-tensor")
+    state = load_file(root / "missing-tensor" / "model.safetensors")
+    state.pop("model.layers.1.mlp.down_proj.weight")
+    save_file(state, root / "missing-tensor" / "model.safetensors", metadata={"format": "pt"})
+
+    made = [
+        (["quantize", "--model", "tiny", "--method", "rtn", "--output", "ckpt", "--quiet"], "ckpt"),
+        (["eval", "tiny", "--tasks", "efficiency", "--ctx", "64", "--report", "report", "--quiet"], "report"),
+        (
+            [
+                "finetune",
+                "--model",
+                "tiny",
+                "--data",
+                "text.txt",
+                "--max-steps",
+                "1",
+                "--no-compile",
+                "--seqlen",
+                "64",
+                "--eval-split",
+                "0",
+                "--output",
+                "adapter",
+                "--quiet",
+            ],
+            "adapter",
+        ),
+    ]
+    for argv, name in made:
+        outcome = run(argv, root)
+        assert outcome.code == 0 and (root / name).is_dir(), outcome.stderr + (outcome.traceback or "")
+
+    shutil.copytree(root / "ckpt", root / "bad-scales")
+    state = load_file(root / "bad-scales" / "model.safetensors")
+    name = next(k for k in state if k.endswith(".scales"))
+    state[name] = state[name][:, :-1].contiguous()
+    save_file(state, root / "bad-scales" / "model.safetensors", metadata={"format": "pt"})
+    shutil.copytree(root / "ckpt", root / "bad-bits")
+    config = json.loads((root / "bad-bits" / "config.json").read_text())
+    config["quantization_config"]["bits"] = 5
+    (root / "bad-bits" / "config.json").write_text(json.dumps(config))
+
+    for name, change in (("report-nomodels", "models"), ("report-notjson", None)):
+        shutil.copytree(root / "report", root / name)
+        report = root / name / "report.json"
+        if change is None:
+            report.write_text("{not json")
+        else:
+            data = json.loads(report.read_text())
+            data.pop(change)
+            report.write_text(json.dumps(data))
+    shutil.copytree(root / "adapter", root / "adapter-truncated")
+    weights = root / "adapter-truncated" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    shutil.copytree(root / "adapter", root / "adapter-badconfig")
+    (root / "adapter-badconfig" / "adapter_config.json").write_text('{"peft_type": "NONESUCH"}')
+    return root
+
+
+def check(name: str, root: Path) -> Outcome:
+    """Run one case; raise AssertionError naming what it got wrong."""
+    argv, needles = CASES[name]
+    before = snapshot(root)
+    outcome = run(argv, root)
+    after = snapshot(root)
+    assert outcome.traceback is None, outcome.traceback
+    assert outcome.code == 2, f"exit {outcome.code}: {outcome.stderr}"
+    assert len(outcome.errors) == 1, outcome.stderr
+    missing = [n for n in needles if n not in outcome.errors[0]]
+    assert not missing, f"{outcome.errors[0]!r} does not name {missing}"
+    changed = sorted(set(before.items()) ^ set(after.items()))
+    assert not changed, f"files changed: {changed}"
+    return outcome
+
+
+def write_doc(root: Path, doc: Path) -> None:
+    """The table of docs/errors.md: every case, its exit code and its one line."""
+    rows, bad = [], 0
+    for name in CASES:
+        argv, _ = CASES[name]
+        try:
+            outcome = check(name, root)
+            status, line = "ok", outcome.errors[0]
+        except AssertionError as e:
+            bad += 1
+            outcome = run(argv, root)
+            status, line = "**FAILED**", str(e).splitlines()[0]
+        shown = " ".join(a if a and " " not in a else repr(a) for a in ["llmlite", *argv])
+        rows.append(f"| {name} | `{shown}` | {outcome.code} | {status} | {line.replace('|', '/')} |")
+    text = doc.read_text()
+    start, end = "<!-- cases -->", "<!-- /cases -->"
+    head, _, rest = text.partition(start)
+    _, _, tail = rest.partition(end)
+    table = "\n".join(
+        ["| case | command | exit | checks | message |", "| --- | --- | --- | --- | --- |", *rows]
+    )
+    summary = f"{len(CASES)} inputs, {len(CASES) - bad} handled as promised, {bad} not."
+    doc.write_text(f"{head}{start}\n{summary}\n\n{table}\n{end}{tail}")
+    print(summary)
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import make_tiny
+    from transformers import AutoTokenizer
+
+    from llmlite.models import resolve_model
+
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+        tiny = Path(scratch) / "tiny-source"
+        make_tiny(tokenizer).save_pretrained(tiny)
+        tokenizer.save_pretrained(tiny)
+        root = build_workspace(Path(scratch) / "workspace", tiny)
+        write_doc(root, Path(__file__).parents[1] / "docs" / "errors.md")
