@@ -11,7 +11,7 @@ DEMO := runs/smollm2-gptq-w4g128
 REPORT_LIMIT ?= wikitext=16,calibration=16,piqa=500
 REPORTS := docs/reports
 
-.PHONY: setup demo test bench bench-blas bench-eval bench-finetune finetune-example bench-kvcache bench-gqa report
+.PHONY: setup demo test errors-doc bench bench-blas bench-eval bench-finetune finetune-example bench-kvcache bench-gqa report
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -29,6 +29,10 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/pytest -q
+
+# docs/errors.md: every bad input of tests/bad_inputs.py with its exit code and message
+errors-doc: setup
+	$(PY) tests/bad_inputs.py
 
 bench: setup
 	$(PY) benchmarks/quantize.py

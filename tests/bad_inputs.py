@@ -16,10 +16,14 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+
+LLMLITE = str(Path(sys.executable).parent / "llmlite")
 
 # name -> (verb and arguments, texts the error line must hold); paths are relative to the workspace,
 # which is the current folder of every run
@@ -165,7 +169,10 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "eval: --ppl with --tasks": ([*R, "--ppl", "text.txt"], ["--ppl", "report option"]),
     "eval: --kv-bits with --tasks": ([*R, "--kv-bits", "4"], ["--kv-bits", "report option"]),
     "eval: --json with --report": ([*R, "--json", "r.json", "--report", "r"], ["--json"]),
-    "eval: --report --ctx above the model": ([*R, "--ctx", "100000"], ["--ctx 100000"]),
+    "eval: --report --ctx above the model": (
+        ["eval", "tiny", "--tasks", "wikitext", "--ctx", "100000", "--quiet"],
+        ["--ctx 100000"],
+    ),
     "eval: binary recipe": ([*E, "--recipe", "binary.bin"], ["recipe binary.bin"]),
     "eval: recipe of another verb": ([*E, "--recipe", "good.yaml"], ["good.yaml", "bits"]),
     "eval: --ctx x": ([*E, "--ctx", "x"], ["--ctx", "invalid int"]),
@@ -487,7 +494,71 @@ def check(name: str, root: Path) -> Outcome:
     return outcome
 
 
-def write_doc(root: Path, doc: Path) -> None:
+def start_quantize(out: Path, *extra: str) -> subprocess.Popen:
+    """``llmlite quantize`` of the bundled model (GPTQ, long enough to be stopped) as a process."""
+    command = [LLMLITE, "quantize", "--output", str(out), "--samples", "64", "--quiet", *extra]
+    return subprocess.Popen(command, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:  # as in a terminal (a shell's background job inherits it ignored)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def wait_for_stage(folder: Path, name: str, proc: subprocess.Popen) -> Path:
+    """The run's temporary folder, which the guard creates before loading the model."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        stage = folder / f".{name}.partial-{proc.pid}"
+        if stage.exists():
+            return stage
+        if proc.poll() is not None:
+            raise AssertionError(proc.stderr.read())
+        time.sleep(0.05)
+    raise AssertionError("the run never staged its output")
+
+
+def signal_probe(folder: Path, tiny: Path) -> list[tuple[str, str, int | None, str, list[str]]]:
+    """Stop real runs on the bundled model: (case, when, exit code, last stderr line, what is left
+    in the folder afterwards)."""
+    rows = []
+
+    def left() -> list[str]:
+        return sorted(p.name for p in folder.iterdir())
+
+    def last(text: str) -> str:
+        return (text.strip().splitlines() or [""])[-1]
+
+    out = folder / "out"
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        proc = start_quantize(out)
+        wait_for_stage(folder, "out", proc)
+        time.sleep(3)  # into the model loading or GPTQ
+        proc.send_signal(signum)
+        code = proc.wait(120)
+        rows.append((signal.Signals(signum).name, "during quantize", code, last(proc.stderr.read()), left()))
+    proc = start_quantize(out)
+    wait_for_stage(folder, "out", proc)
+    rtn = [LLMLITE, "quantize", "--model", str(tiny), "--method", "rtn", "--output", str(out), "--quiet"]
+    second = subprocess.run([*rtn, "--overwrite"], capture_output=True, text=True, timeout=300)
+    rows.append(
+        (
+            "a second run, same --output",
+            "while the first runs",
+            second.returncode,
+            last(second.stderr),
+            left(),
+        )
+    )
+    proc.kill()
+    code = 128 - proc.wait(60)  # Popen's -9 is what a shell reports as 137
+    rows.append(("SIGKILL (kill -9)", "during quantize", code, "(none: nothing runs after SIGKILL)", left()))
+    rerun = subprocess.run(rtn, capture_output=True, text=True, timeout=300)
+    removed = next((line for line in rerun.stderr.splitlines() if "removed" in line), last(rerun.stderr))
+    rows.append(("the next run", "after kill -9", rerun.returncode, removed, left()))
+    return rows
+
+
+def write_doc(root: Path, doc: Path, signal_rows: list) -> None:
     """The table of docs/errors.md: every case, its exit code and its one line."""
     rows, bad = [], 0
     for name in CASES:
@@ -508,9 +579,25 @@ def write_doc(root: Path, doc: Path) -> None:
     table = "\n".join(
         ["| case | command | exit | checks | message |", "| --- | --- | --- | --- | --- |", *rows]
     )
-    summary = f"{len(CASES)} inputs, {len(CASES) - bad} handled as promised, {bad} not."
-    doc.write_text(f"{head}{start}\n{summary}\n\n{table}\n{end}{tail}")
+    import platform
+
+    import torch
+    import transformers
+
+    summary = (
+        f"{len(CASES)} inputs, {len(CASES) - bad} handled as promised, {bad} not (Python "
+        f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__})."
+    )
+    stops = "\n".join(
+        [
+            "| stop | when | exit | last line on stderr | left in the folder |",
+            "| --- | --- | --- | --- | --- |",
+            *(f"| {a} | {b} | {c} | {d} | {', '.join(e) or 'nothing'} |" for a, b, c, d, e in signal_rows),
+        ]
+    )
+    doc.write_text(f"{head}{start}\n{summary}\n\n{table}\n\n{stops}\n{end}{tail}")
     print(summary)
+    print(stops)
 
 
 if __name__ == "__main__":
@@ -528,4 +615,6 @@ if __name__ == "__main__":
         make_tiny(tokenizer).save_pretrained(tiny)
         tokenizer.save_pretrained(tiny)
         root = build_workspace(Path(scratch) / "workspace", tiny)
-        write_doc(root, Path(__file__).parents[1] / "docs" / "errors.md")
+        stops = Path(scratch) / "stops"
+        stops.mkdir()
+        write_doc(root, Path(__file__).parents[1] / "docs" / "errors.md", signal_probe(stops, tiny))

@@ -65,7 +65,9 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, tiny_dir, data):
     assert_user_error(result, "no adapter_config.json")
 
 
-def test_ctrl_c_keeps_the_last_checkpoint_and_resume_finishes(tmp_path, tiny_dir, data):
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_keeps_the_last_checkpoint_and_resume_finishes(tmp_path, tiny_dir, data, signum, code):
+    """Ctrl-C, and SIGTERM the same way (what timeout, docker stop and schedulers send)."""
     out = tmp_path / "run"
     args = ["finetune", "--model", str(tiny_dir), "--data", str(data / "wiki.txt"), "--output", str(out),
             "--max-steps", "400", "--save-steps", "2", "--eval-split", "0", *FAST]  # fmt: skip
@@ -76,11 +78,11 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_resume_finishes(tmp_path, tiny_dir
     deadline = time.time() + 300
     while not list(checkpoints.glob("step-*")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == code, stderr
     assert "Traceback" not in stderr and "--resume" in stderr
-    assert not out.exists()
+    assert not out.exists() and not list(tmp_path.glob(".run.partial-*"))  # no stage left
     done = list(checkpoints.glob("step-*"))
     assert done and all((p / "trainable.safetensors").is_file() for p in done)
     result = run(*args, "--resume")

@@ -121,7 +121,7 @@ def test_inputs_are_never_replaced_or_written_into(tmp_path, monkeypatch, output
 def test_unwritable_places_fail_before_the_work(tmp_path):
     file = tmp_path / "file"
     file.write_text("x")
-    refused(file / "out", "cannot create --output", "choose a writable place")
+    refused(file / "out", "--output", "lies under", "which is a file")
     refused("/proc/llmlite-out", "--output", "choose a writable place")
     assert tree(tmp_path) == ["file"]
 

@@ -6,34 +6,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from bad_inputs import LLMLITE, start_quantize, wait_for_stage
 
-LLMLITE = str(Path(sys.executable).parent / "llmlite")
 pytestmark = pytest.mark.slow
-
-
-def start_quantize(out: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [LLMLITE, "quantize", "--output", str(out), "--samples", "64", "--quiet"],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def wait_for_stage(folder: Path, name: str, proc: subprocess.Popen) -> Path:
-    """The run's temporary folder, which the guard creates before loading the model."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        stages = list(folder.glob(f".{name}.partial-{proc.pid}"))
-        if stages:
-            return stages[0]
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.05)
-    pytest.fail("the run never staged its output")
 
 
 def entries(folder: Path) -> list[str]:

@@ -192,9 +192,7 @@ def evaluate_model(source: str, cfg: ReportConfig, progress: bool = True) -> dic
     """Every task of ``cfg`` on one model: ``{"model", "fingerprint", "metrics": {task: {...}},
     "details": {task: {...}}}``, each task from the cache when it was run before."""
     from llmlite.evaluation import tasks as runners
-    from llmlite.models import check_window, load_config
 
-    check_window(load_config(source), cfg.ctx, "--ctx")  # every task, cached or not: efficiency too
     loaded = _Loaded(source, cfg.ctx)
     entry: dict = {"model": source, "fingerprint": fingerprint(source), "metrics": {}, "details": {}}
     for task in cfg.tasks:
