@@ -11,7 +11,7 @@ DEMO := runs/smollm2-gptq-w4g128
 REPORT_LIMIT ?= wikitext=16,calibration=16,piqa=500
 REPORTS := docs/reports
 
-.PHONY: setup demo test errors-doc bench bench-blas bench-eval bench-finetune finetune-example bench-kvcache bench-gqa report
+.PHONY: setup demo test test-fast lint errors-doc bench bench-blas bench-eval bench-finetune finetune-example bench-kvcache bench-gqa report
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -29,6 +29,14 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/pytest -q
+
+# the unit tier: no bundled model weights, processes, training or compiling (under 5 minutes here)
+test-fast: setup
+	$(VENV)/bin/pytest -q -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # docs/errors.md: every bad input of tests/bad_inputs.py with its exit code and message
 errors-doc: setup

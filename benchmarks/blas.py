@@ -99,7 +99,7 @@ def median_run(runs: list[dict]) -> dict:
 
 def write(runs: dict, a) -> None:
     sys.path.insert(0, str(ROOT))
-    from llmlite.api import environment
+    from llmlite.runinfo import environment
 
     off, on = runs["MKL as shipped"], runs["with the shim"]
     lines = [

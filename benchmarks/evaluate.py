@@ -26,10 +26,10 @@ from lm_eval.tasks import TaskManager
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from llmlite.api import environment  # noqa: E402
 from llmlite.data import load_text  # noqa: E402
 from llmlite.evaluation.harness import TASKS_DIR, LlmliteLM  # noqa: E402
 from llmlite.models import load_model, resolve_model  # noqa: E402
+from llmlite.runinfo import environment  # noqa: E402
 
 CTX = 2048
 

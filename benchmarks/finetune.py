@@ -119,7 +119,7 @@ def run_trainer(base: str, a, data: str, out: Path, tokens: list[int], grouped: 
 
 def one(base: str, impl: str, data: str, a) -> None:
     """Run one configuration in this process and print its figures as JSON."""
-    from llmlite.evaluation.metrics import _rss_peak_bytes
+    from llmlite.memory import rss_peak_bytes
 
     tokens: list[int] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,7 +132,7 @@ def one(base: str, impl: str, data: str, a) -> None:
     measured = sum(tokens[1 : len(stamps)])  # the batches of steps 2..N (one batch per step)
     print(json.dumps({
         "base": base, "impl": impl, "data": data, "tokens_per_second": measured / (stamps[-1] - stamps[0]),
-        "seconds_per_step": (stamps[-1] - stamps[0]) / (len(stamps) - 1), "peak_rss_bytes": _rss_peak_bytes(),
+        "seconds_per_step": (stamps[-1] - stamps[0]) / (len(stamps) - 1), "peak_rss_bytes": rss_peak_bytes(),
         "trainable_params": r["trainable"], "tokens_measured": measured,
     }))  # fmt: skip
 
@@ -174,7 +174,7 @@ def main() -> None:
 def write(rows: list[dict], a) -> None:
     from statistics import median
 
-    from llmlite.api import environment
+    from llmlite.runinfo import environment
 
     env = environment()
     runs: dict[tuple, list[dict]] = {}

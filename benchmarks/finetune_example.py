@@ -31,8 +31,8 @@ def generate(model, tokenizer, prompt: str) -> str:
 
 def main() -> None:
     import llmlite
-    from llmlite.api import environment
-    from llmlite.config import read_recipe
+    from llmlite.recipes import read_recipe
+    from llmlite.runinfo import environment
     from llmlite.training.data import piqa_instructions, split
 
     p = argparse.ArgumentParser()

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from llmlite.api import environment
 from llmlite.data import DEFAULT_CALIBRATION, calibration_windows, eval_windows, load_text, tokenize
 from llmlite.evaluation.perplexity import perplexity
 from llmlite.gqa import convert_gqa, kv_cache_bytes_per_token, uptrain
 from llmlite.models import load_model
+from llmlite.runinfo import environment
 
 ROOT = Path(__file__).resolve().parent.parent  # not put on sys.path: its kernels/ would shadow a package
 OUT = ROOT / "docs" / "benchmarks"

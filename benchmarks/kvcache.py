@@ -206,10 +206,10 @@ def main() -> None:
 
     from importlib.metadata import version
 
-    from llmlite.api import environment
     from llmlite.data import eval_windows, load_text, tokenize
     from llmlite.kvcache.evaluate import cached_perplexity
     from llmlite.models import load_model
+    from llmlite.runinfo import environment
 
     BENCH.mkdir(exist_ok=True)
     store = BENCH / "kvcache-results.json"

@@ -20,9 +20,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from llmlite.api import environment, quantize  # noqa: E402
+from llmlite.api import quantize  # noqa: E402
 from llmlite.data import load_text, tokenize  # noqa: E402
 from llmlite.quant.linear import QuantLinear  # noqa: E402
+from llmlite.runinfo import environment  # noqa: E402
 
 NOTE = """
 Every checkpoint loads with weights equal to the last bit. The logits differ by GPTQModel's

@@ -26,10 +26,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from llmlite import blas  # noqa: E402
-from llmlite.api import environment  # noqa: E402
 from llmlite.data import calibration_windows, eval_windows, load_text, tokenize  # noqa: E402
 from llmlite.evaluation.perplexity import perplexity  # noqa: E402
 from llmlite.models import load_model, resolve_model  # noqa: E402
+from llmlite.runinfo import environment  # noqa: E402
 
 BENCH = ROOT / ".bench"
 LLMLITE = [sys.executable, "-m", "llmlite.cli"]  # the llmlite on sys.path (PYTHONPATH wins)

@@ -4,24 +4,25 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from llmlite.config import EvalConfig, QuantizeConfig, build, kv_spec
+from llmlite.config import EvalConfig, QuantizeConfig
 from llmlite.data import calibration_windows, eval_windows, load_text, tokenize
 from llmlite.errors import LlmliteError
-from llmlite.evaluation.metrics import RunStats, measure, memory_bytes, param_count, size_on_disk
+from llmlite.evaluation.metrics import memory_bytes, param_count, size_on_disk
 from llmlite.evaluation.perplexity import perplexity
-from llmlite.kvcache.cache import kv_cache_for
+from llmlite.kvcache.cache import kv_cache_for, kv_spec
 from llmlite.kvcache.evaluate import cached_perplexity
+from llmlite.memory import RunStats, measure
 from llmlite.models import check_window, load_model, local_source, model_path, own_weights
 from llmlite.quant.checkpoint import gptq_config, round_unquantized, save_gptq_checkpoint
 from llmlite.quant.driver import QuantReport, QuantSettings, check_quantizable, quantize_model
-from llmlite.runinfo import staged_output
+from llmlite.recipes import build
+from llmlite.runinfo import environment, staged_output
 
 log = logging.getLogger("llmlite")
 
@@ -184,31 +185,3 @@ def _evaluate_one(cfg: EvalConfig, source: str, text: str, model, tokenizer, pro
         **kv,
         "environment": environment(),
     }
-
-
-def environment() -> dict:
-    import transformers
-
-    from llmlite import __version__, blas
-
-    return {
-        "llmlite": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpu": _cpu_name(),
-        "threads": torch.get_num_threads(),
-        "mkl_avx2_shim": blas.state,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"

@@ -254,9 +254,9 @@ def _convert_gqa_parser(verbs) -> None:
 
 
 def _convert_gqa(args: argparse.Namespace) -> int:
-    from llmlite.config import build
     from llmlite.errors import LlmliteError
     from llmlite.gqa import GQAConfig, convert_gqa_model
+    from llmlite.recipes import build
 
     options, recipe, progress = _options(args)
     config = build(GQAConfig, recipe, **options)
@@ -385,8 +385,9 @@ def _options(args: argparse.Namespace) -> tuple[dict, str | None, bool]:
 
 def _quantize(args: argparse.Namespace) -> int:
     from llmlite.api import quantize
-    from llmlite.config import QuantizeConfig, build
+    from llmlite.config import QuantizeConfig
     from llmlite.errors import LlmliteError
+    from llmlite.recipes import build
 
     options, recipe, progress = _options(args)
     config = build(QuantizeConfig, recipe, **options)

@@ -1,18 +1,9 @@
-"""Option dataclasses shared by the CLI, the Python API and YAML recipes.
-
-A recipe is a YAML mapping whose keys are the command's long options (``group-size`` or
-``group_size``). Precedence: the defaults below < the recipe < options given explicitly.
-"""
+"""The options of ``quantize`` and ``eval``, shared by the CLI, the Python API and YAML recipes
+(``llmlite.recipes.build``: the defaults below < the recipe < options given explicitly)."""
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import types
-import typing
-from dataclasses import dataclass, fields
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
 from llmlite.data import DEFAULT_CALIBRATION, DEFAULT_EVAL_TEXT
 from llmlite.errors import LlmliteError
@@ -117,7 +108,9 @@ class EvalConfig:
         if self.batch_size < 1:
             raise LlmliteError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.kv_bits is not None:
-            kv_spec(self).validate()
+            from llmlite.kvcache.cache import kv_spec
+
+            kv_spec(self)
             if self.kv_residual > self.ctx:
                 raise LlmliteError(
                     f"--kv-residual {self.kv_residual} is longer than the context (--ctx {self.ctx}), so "
@@ -130,140 +123,3 @@ class EvalConfig:
             if self.batch_size != 1:
                 raise LlmliteError("--batch-size applies to plain perplexity; leave it out with --kv-bits")
         return self
-
-
-@dataclass
-class GenerateConfig:
-    """Options of ``llmlite generate`` / ``llmlite.generate``."""
-
-    prompt: str = ""
-    model: str = DEFAULT_MODEL
-    max_new_tokens: int = 64
-    kv_bits: int | None = None  # None: transformers' default (unquantized) cache
-    kv_group_size: int = KV_DEFAULTS["group_size"]
-    kv_residual: int | None = None  # None: the default window, never an error on short contexts
-    kv_sinks: int = KV_DEFAULTS["sinks"]
-    kv_scheme: str = KV_DEFAULTS["scheme"]
-    kv_salient: float = KV_DEFAULTS["salient"]
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    seed: int = 0
-    chat: bool = False  # wrap the prompt in the model's chat template
-
-    def validate(self) -> GenerateConfig:
-        if not self.prompt:
-            raise LlmliteError("generate needs a PROMPT (the text to continue)")
-        if self.max_new_tokens < 1:
-            raise LlmliteError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise LlmliteError("--temperature must be 0 (greedy) or more and --top-p in (0, 1]")
-        if self.kv_residual is not None and (
-            isinstance(self.kv_residual, bool) or not isinstance(self.kv_residual, int)
-        ):
-            raise LlmliteError(f"option kv-residual must be a whole number, got {self.kv_residual!r}")
-        if self.kv_bits is not None:
-            kv_spec(self).validate()
-        return self
-
-
-def kv_spec(config: EvalConfig | GenerateConfig):
-    """The KV-cache settings of an eval or generate config, checked (``auto`` resolved)."""
-    from llmlite.kvcache.cache import KVSpec
-
-    residual = KV_DEFAULTS["residual"] if config.kv_residual is None else config.kv_residual
-    return KVSpec(
-        config.kv_bits,
-        config.kv_group_size,
-        residual,
-        config.kv_sinks,
-        scheme=config.kv_scheme,
-        salient=config.kv_salient,
-    ).validate()
-
-
-def read_recipe(path: str | Path) -> dict[str, Any]:
-    """The options in a YAML recipe, keys normalised to Python names."""
-    import yaml
-
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LlmliteError(f"no such recipe: {path}") from None
-    except IsADirectoryError:
-        raise LlmliteError(f"recipe {path} is a folder; pass a YAML file of option: value") from None
-    except UnicodeDecodeError:
-        raise LlmliteError(
-            f"recipe {path} is not a text file (not UTF-8); pass a YAML file of option: value"
-        ) from None
-    except (OSError, yaml.YAMLError) as e:
-        raise LlmliteError(f"cannot read recipe {path}: {_yaml_problem(e)}; fix the YAML") from None
-    if not isinstance(data, dict):
-        found = "empty" if data is None else f"a {type(data).__name__}"
-        raise LlmliteError(f"recipe {path} is {found}; it must be a mapping of option: value")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
-
-
-def _yaml_problem(e: Exception) -> str:
-    """A YAML error on one line: the problem and where (``line 2, column 8``)."""
-    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
-    if problem and mark is not None:
-        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
-    return " ".join(str(e).split())
-
-
-def build(cls: type, recipe: str | Path | None = None, **options: Any):
-    """An options object from the defaults, an optional recipe, then ``options``."""
-    names = {f.name for f in fields(cls)}
-    merged = read_recipe(recipe) if recipe else {}
-    unknown = sorted(set(merged) - names)
-    if unknown:
-        valid = ", ".join(sorted(n.replace("_", "-") for n in names))
-        shown = ", ".join(k if k.isprintable() else repr(k) for k in unknown)
-        raise LlmliteError(f"recipe {recipe}: unknown option(s) {shown}; valid: {valid}")
-    unknown = sorted(set(options) - names)
-    if unknown:
-        raise TypeError(f"unknown option(s) {', '.join(unknown)} for {cls.__name__}")
-    merged.update(options)
-    try:
-        config = cls(**merged)
-    except TypeError as e:
-        raise LlmliteError(f"bad recipe option: {e}") from None
-    _check_types(config, recipe)
-    return config.validate()
-
-
-def _check_types(config: Any, recipe: Any) -> None:
-    """Each option's value against its field's type hint (a recipe can hold any YAML value)."""
-    hints = typing.get_type_hints(type(config))
-    for f in dataclasses.fields(config):
-        value, hint = getattr(config, f.name), hints.get(f.name, Any)
-        if not _matches(value, hint):
-            name = f.name.replace("_", "-")
-            raise LlmliteError(f"option {name} must be {_describe(hint)}, got {value!r}")
-
-
-def _matches(value: Any, hint: Any) -> bool:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return any(_matches(value, arg) for arg in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:  # NaN and infinity are no settings
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if typing.get_origin(hint) is list:
-        (item,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_matches(v, item) for v in value)
-    return isinstance(value, hint) if isinstance(hint, type) else True
-
-
-def _describe(hint: Any) -> str:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(hint) if a is not type(None))
-    if typing.get_origin(hint) is list:
-        return f"a list of {_describe(typing.get_args(hint)[0])}"
-    names = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
-    return names.get(hint, getattr(hint, "__name__", str(hint)))

@@ -3,8 +3,6 @@ or a quantized checkpoint in the GPTQ layout (llmlite's own or another tool's)."
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import importlib.util
 import json
 import logging
@@ -31,6 +29,7 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from llmlite.errors import LlmliteError
+from llmlite.quant.checkpoint import load_gptq_checkpoint, quantized_error
 from llmlite.runinfo import staged_output
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -46,18 +45,6 @@ log = logging.getLogger("llmlite")
 # from_pretrained's loading info, mismatched shapes included (reported by check_loading_info)
 _CHECKED = {"output_loading_info": True, "ignore_mismatched_sizes": True}
 _READ_ERRORS = (OSError, ValueError, RuntimeError, KeyError, json.JSONDecodeError, SafetensorError)
-try:
-    _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    _LIBC.malloc_trim  # noqa: B018  (glibc only)
-except (OSError, AttributeError):
-    _LIBC = None
-
-
-def trim_heap() -> None:
-    """Hand freed heap memory back to the OS (glibc keeps it otherwise, and the peak RSS creeps up
-    as large buffers are freed and reallocated)."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
 
 
 def cache_dir() -> Path:
@@ -114,10 +101,16 @@ def load_model(
     where = resolve_model(source)
     if isinstance(where, Path) and where.suffix == ".gguf":
         model, tokenizer = _load_gguf(where, dtype)
-    elif isinstance(where, Path) and is_gptq_checkpoint(where):
-        from llmlite.quant.checkpoint import load_gptq_checkpoint
-
-        model, tokenizer = load_gptq_checkpoint(where, dtype, backend)
+    elif isinstance(where, Path) and quantization_config(where):
+        qc = quantization_config(where)
+        if qc.get("quant_method") != "gptq":
+            raise LlmliteError(
+                f"{source} is a checkpoint quantized with {qc.get('quant_method')!r}; llmlite reads float "
+                "models and GPTQ-layout checkpoints (quant_method 'gptq'): pass one of those"
+            )
+        config = load_config(str(where))
+        check_causal_lm(config, where)
+        model, tokenizer = load_gptq_checkpoint(where, qc, config, dtype, backend)
     elif isinstance(where, Path):
         model, tokenizer = _load_hf(where, dtype)
     else:
@@ -205,17 +198,6 @@ def refuse_quantized(source: str, verb: str) -> None:
     qc = quantization_config(folder)
     if qc:
         raise quantized_error(source, qc, verb)
-
-
-def quantized_error(source: str, qc: dict, verb: str) -> LlmliteError:
-    """The refusal ``SOURCE is already a 4-bit GPTQ checkpoint; VERB the float model it came from``."""
-    method = str(qc.get("quant_method", "quantized"))
-    bits = qc.get("bits")
-    kind = f"{bits}-bit {method.upper()}" if isinstance(bits, int) else method.upper()
-    meta = qc.get("meta")
-    origin = meta.get("source_model") if isinstance(meta, dict) else None
-    hint = f" (--model {origin})" if origin else ""
-    return LlmliteError(f"{source} is already a {kind} checkpoint; {verb} the float model it came from{hint}")
 
 
 def model_path(model: PreTrainedModel) -> Path | None:

@@ -1,4 +1,5 @@
-"""A run's outputs, written safely: checked, locked and staged before the work starts.
+"""What every run shares: its record (``environment``) and its outputs, written safely (checked,
+locked and staged before the work starts).
 
 Every verb that writes (``--output``, ``--report``, ``--json``, the bundled model's cache) goes
 through ``staged_output``:
@@ -21,6 +22,7 @@ import errno
 import fcntl
 import logging
 import os
+import platform
 import re
 import shutil
 from collections.abc import Iterable, Iterator
@@ -226,3 +228,33 @@ def _remove(path: Path) -> None:
 
 def _reason(e: OSError) -> str:
     return e.strerror or errno.errorcode.get(e.errno or 0, type(e).__name__)
+
+
+def environment() -> dict:
+    """What a result was measured with: versions, CPU, threads, the MKL shim's state, the GPU."""
+    import torch
+    import transformers
+
+    from llmlite import __version__, blas
+
+    return {
+        "llmlite": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu": _cpu_name(),
+        "threads": torch.get_num_threads(),
+        "mkl_avx2_shim": blas.state,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

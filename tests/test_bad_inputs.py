@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 from bad_inputs import CASES, build_workspace, check
 
+pytestmark = pytest.mark.slow  # builds a workspace by quantizing, training and reporting
+
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tiny_dir):

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # runs the llmlite command as processes
+
 LLMLITE = str(Path(sys.executable).parent / "llmlite")
 
 

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from llmlite.config import EvalConfig, GenerateConfig, QuantizeConfig, build
+from llmlite.config import EvalConfig, QuantizeConfig
 from llmlite.errors import LlmliteError
+from llmlite.kvcache.generate import GenerateConfig
+from llmlite.recipes import build
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 

@@ -10,13 +10,13 @@ import torch
 from conftest import make_tiny
 from torch import nn
 
+from llmlite.arch import decoder_layers
 from llmlite.quant import driver
 from llmlite.quant.driver import (
     QuantSettings,
     _fp16_scale,
     _groups,
     _stats,
-    decoder_layers,
     quantize_model,
 )
 from llmlite.quant.gptq import accumulate_hessian, finish_hessian, gptq

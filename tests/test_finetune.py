@@ -15,6 +15,8 @@ from transformers import AutoModelForCausalLM
 from llmlite.training.adapters import add_adapters, load_base
 from llmlite.training.train import CausalLMLoss, TrainingInterrupted, finetune
 
+pytestmark = pytest.mark.slow  # trains and compiles
+
 WIKI = Path(__file__).resolve().parents[1] / "llmlite" / "corpora" / "wikitext-2" / "wiki.valid.tokens"
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from test_cli import LLMLITE, assert_user_error, ctrl_c_able, leftovers, run
 
+pytestmark = pytest.mark.slow  # runs the llmlite command as processes
+
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--no-compile", "--seqlen", "32", "--batch-size", "2", "--quiet"]
 

@@ -15,11 +15,13 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from llmlite.cli import main
-from llmlite.config import EvalConfig, GenerateConfig, QuantizeConfig, build
+from llmlite.config import EvalConfig, QuantizeConfig
 from llmlite.errors import LlmliteError
 from llmlite.evaluation.report import ReportConfig
 from llmlite.gqa import GQAConfig
-from llmlite.quant.checkpoint import load_gptq_checkpoint
+from llmlite.kvcache.generate import GenerateConfig
+from llmlite.models import load_model
+from llmlite.recipes import build
 from llmlite.training.config import FinetuneConfig
 
 CONFIGS = [QuantizeConfig, EvalConfig, GenerateConfig, ReportConfig, FinetuneConfig, GQAConfig]
@@ -99,7 +101,7 @@ def checkpoint(tmp_path_factory, tiny_dir) -> Path:
 
 def load(folder: Path) -> None:
     try:
-        load_gptq_checkpoint(folder)
+        load_model(str(folder))
     except LlmliteError as e:
         assert "\n" not in str(e), str(e)
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from test_cli import assert_user_error, run
 
+pytestmark = pytest.mark.slow  # runs the llmlite command as processes
+
 RECIPES = Path(__file__).parent.parent / "recipes"
 
 

@@ -11,6 +11,8 @@ import pytest
 from conftest import make_tiny
 from test_cli import assert_user_error, leftovers, run
 
+pytestmark = pytest.mark.slow  # runs reports and lm-eval as processes
+
 FAST = ["--tasks", "wikitext,piqa,calibration,efficiency", "--limit", "2", "--ctx", "64", "--quiet"]
 
 

@@ -15,7 +15,7 @@ import torch
 import transformers.modeling_outputs
 from torch import nn
 
-from llmlite.evaluation.metrics import measure
+from llmlite.memory import measure
 from llmlite.quant.linear import QuantLinear
 
 RAPL = Path("/sys/class/powercap/intel-rapl:0/energy_uj")

@@ -10,6 +10,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from llmlite.ops import logsumexp_, token_nll
+
 _HEAD_CHUNK = 512  # tokens per lm_head slice, so the full [ctx, vocab] logits never exist at once
 
 
@@ -22,26 +24,6 @@ class Perplexity:
     ctx: int
 
 
-def logsumexp_(logits: Tensor, top: Tensor | None = None) -> Tensor:
-    """``logits.logsumexp(-1)``, the same steps (max, shifted exponentials, cascade sum) done in
-    place: ``logits`` is overwritten, and no second ``[.., vocab]`` tensor is allocated. ``top``:
-    the row maxima, when already known."""
-    top = logits.amax(-1) if top is None else top
-    top = top.masked_fill(top.isinf(), 0)  # as torch's: a row of -inf gives -inf, not nan
-    return logits.sub_(top[..., None]).exp_().sum(-1).log_().add_(top)
-
-
-def _nll(logits: Tensor, targets: Tensor) -> Tensor:
-    """Per-token NLL ``[b, t]`` as ``logsumexp − logit of the target``; overwrites ``logits``.
-
-    On the CPU (torch 2.13) ``log_softmax`` and ``cross_entropy`` sum the 49k exponentials of a
-    vocabulary in float32 lanes, ~1e-5 nats per token off float64; ``logsumexp`` is ~100× closer
-    (tested against float64 on the real model).
-    """
-    picked = logits.gather(-1, targets[..., None])[..., 0]
-    return logsumexp_(logits) - picked
-
-
 @torch.no_grad()
 def window_nll(model: nn.Module, window: Tensor) -> Tensor:
     """Summed next-token NLL (float64) of each row of ``window`` ``[b, ctx]``."""
@@ -51,12 +33,12 @@ def window_nll(model: nn.Module, window: Tensor) -> Tensor:
     targets = window[:, 1:]
     if head is None or body is None or body is model or softcap:
         logits = model(window).logits[:, :-1].float()  # ours to overwrite
-        return _nll(logits, targets).double().sum(1)
+        return token_nll(logits, targets).double().sum(1)
     hidden = body(window).last_hidden_state[:, :-1]
     total = torch.zeros(window.shape[0], dtype=torch.float64)
     for i in range(0, hidden.shape[1], _HEAD_CHUNK):
         logits = head(hidden[:, i : i + _HEAD_CHUNK]).float()
-        total += _nll(logits, targets[:, i : i + _HEAD_CHUNK]).double().sum(1)
+        total += token_nll(logits, targets[:, i : i + _HEAD_CHUNK]).double().sum(1)
     return total
 
 

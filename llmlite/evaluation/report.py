@@ -220,11 +220,10 @@ def report(
 
     Options are ``ReportConfig``'s fields, or a ready ``config``; ``recipe`` names a YAML file of
     options that ``options`` override."""
-    from llmlite.api import environment
-    from llmlite.config import build
     from llmlite.evaluation import render
     from llmlite.models import local_source
-    from llmlite.runinfo import staged_output
+    from llmlite.recipes import build
+    from llmlite.runinfo import environment, staged_output
 
     cfg = config.validate() if config is not None else build(ReportConfig, recipe, **options)
     baseline = cfg.baseline or default_baseline(cfg.model)

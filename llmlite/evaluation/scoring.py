@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from llmlite.evaluation.perplexity import logsumexp_
+from llmlite.ops import logsumexp_
 
 Request = tuple[Sequence[int], Sequence[int]]  # (context tokens, continuation tokens)
 _HEAD_CHUNK = 512

@@ -89,8 +89,8 @@ def convert_gqa_model(
     Options are ``GQAConfig``'s fields (``convert_gqa_model(kv_heads=1, output="out")``) or a ready
     ``config``; ``recipe`` names a YAML file of options that ``options`` override.
     """
-    from llmlite.api import environment
-    from llmlite.config import build
+    from llmlite.recipes import build
+    from llmlite.runinfo import environment
 
     cfg = config.validate() if config is not None else build(GQAConfig, recipe, **options)
     inputs = [("--model", local_source(cfg.model)), ("--calibration", cfg.calibration), ("--recipe", recipe)]

@@ -10,13 +10,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from llmlite.arch import LLAMA, attention_modules
 from llmlite.errors import LlmliteError
 from llmlite.gqa.heads import align_keys, align_values, key_weights, pool_heads, repeat_heads, value_weights
-from llmlite.models import quantized_error
+from llmlite.quant.checkpoint import quantized_error
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 METHODS = ("mean", "weighted", "aligned")
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def check_target(config, kv_heads: int) -> tuple[int, int]:
@@ -45,14 +45,17 @@ def attention_layers(model: nn.Module) -> list[nn.Module]:
     qc = getattr(model, "llmlite_quantization", None)
     if qc:
         raise quantized_error(getattr(model, "llmlite_source", type(model).__name__), qc, "convert")
-    layers = [m for m in model.modules() if hasattr(m, "num_key_value_groups") and hasattr(m, "k_proj")]
+    try:
+        layers = [m for m in attention_modules(model) if hasattr(m, "num_key_value_groups")]
+    except LlmliteError:  # no decoder layers at all: the message below says what is needed
+        layers = []
     if not layers:
         raise LlmliteError(
             f"found no attention layers with k_proj/v_proj in {type(model).__name__}; convert-gqa "
             "converts Llama, Mistral and Qwen2-style models"
         )
     for i, attn in enumerate(layers):
-        for name in PROJECTIONS:
+        for name in LLAMA.attention_projections:
             module = getattr(attn, name)
             if type(module) is not nn.Linear:
                 raise LlmliteError(

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from llmlite.arch import LLAMA
 from llmlite.errors import LlmliteError
-from llmlite.gqa.convert import PROJECTIONS, attention_layers, decoder
+from llmlite.gqa.convert import attention_layers, decoder
 
 UPTRAIN_PARAMS = ("attention", "all")
 _KL_ROWS = 1024  # positions per lm_head slice: the full [batch, seq, vocab] logits never exist
@@ -23,7 +24,9 @@ def trainable_parameters(model: nn.Module, params: str = "attention") -> list[nn
     if params == "all":
         return list(model.parameters())
     layers = attention_layers(model)
-    return [p for attn in layers for name in PROJECTIONS for p in getattr(attn, name).parameters()]
+    return [
+        p for attn in layers for name in LLAMA.attention_projections for p in getattr(attn, name).parameters()
+    ]
 
 
 def uptrain(

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from llmlite.arch import LLAMA, attention_modules
 from llmlite.errors import LlmliteError
 from llmlite.kvcache.defaults import KV_DEFAULTS
 from llmlite.kvcache.quant import SUPPORTED_BITS, QuantizedTensor, TorchBackend, concat, select
@@ -361,15 +362,6 @@ class QuantizedKVCache(Cache):
         }
 
 
-def _decoder_layers(model) -> list | None:
-    inner = getattr(model, "model", model)
-    inner = getattr(inner, "language_model", inner)
-    layers = getattr(inner, "layers", None)
-    if layers is None or not all(hasattr(getattr(layer, "self_attn", None), "q_proj") for layer in layers):
-        return None
-    return list(layers)
-
-
 _QUERY_ENERGY: WeakKeyDictionary = WeakKeyDictionary()  # model -> {calibration tokens: energies}
 
 
@@ -382,8 +374,8 @@ def query_energy(model, tokenizer, tokens: int = 512) -> list[Tensor] | None:
     known = _QUERY_ENERGY.setdefault(model, {})
     if tokens in known:
         return known[tokens]
-    layers = _decoder_layers(model)
-    if layers is None:
+    layers = _attention_or_none(model)
+    if not layers:
         return None
     from llmlite.data import DEFAULT_CALIBRATION, load_text, tokenize
 
@@ -396,7 +388,7 @@ def query_energy(model, tokenizer, tokens: int = 512) -> list[Tensor] | None:
     def hook(index):
         return lambda module, args, out: sums.__setitem__(index, out.detach().float().pow(2).mean((0, 1)))
 
-    hooks = [layer.self_attn.q_proj.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    hooks = [getattr(attn, LLAMA.q).register_forward_hook(hook(i)) for i, attn in enumerate(layers)]
     try:
         model(ids[None].to(next(model.parameters()).device), use_cache=False)
     finally:
@@ -444,3 +436,25 @@ def kv_cache_for(model, spec: KVSpec, tokenizer=None) -> Cache:
         salient=spec.salient,
         query_weights=weights,
     )
+
+
+def kv_spec(config) -> KVSpec:
+    """The KV-cache settings of an eval or generate config (its ``kv_*`` fields), checked
+    (``auto`` resolved)."""
+    residual = KV_DEFAULTS["residual"] if config.kv_residual is None else config.kv_residual
+    return KVSpec(
+        config.kv_bits,
+        config.kv_group_size,
+        residual,
+        config.kv_sinks,
+        scheme=config.kv_scheme,
+        salient=config.kv_salient,
+    ).validate()
+
+
+def _attention_or_none(model) -> list:
+    """Each decoder layer's attention (Llama layout), or nothing for another layout."""
+    try:
+        return attention_modules(model)
+    except LlmliteError:
+        return []

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers.cache_utils import Cache
 
-from llmlite.evaluation.perplexity import _nll
+from llmlite.ops import token_nll
 
 
 @dataclass
@@ -42,7 +42,7 @@ def cached_window_nll(model: nn.Module, window: Tensor, cache: Cache, prefill: i
     for start in range(prefill, ctx, chunk):
         piece = window[:, start : start + chunk]
         logits = torch.cat([last, model(piece, cache=cache, use_cache=True).logits.float()], 1)
-        total += _nll(logits[:, :-1], piece).double().sum(1).cpu()
+        total += token_nll(logits[:, :-1], piece).double().sum(1).cpu()
         last = logits[:, -1:]
     return total
 

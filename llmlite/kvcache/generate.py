@@ -8,11 +8,46 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from llmlite.config import GenerateConfig, build, kv_spec
 from llmlite.errors import LlmliteError
-from llmlite.kvcache.cache import kv_cache_for
+from llmlite.kvcache.cache import kv_cache_for, kv_spec
+from llmlite.kvcache.defaults import KV_DEFAULTS
 from llmlite.kvcache.evaluate import cache_memory, float16_cache_bytes
-from llmlite.models import load_model
+from llmlite.models import DEFAULT_MODEL, load_model
+from llmlite.recipes import build
+
+
+@dataclass
+class GenerateConfig:
+    """Options of ``llmlite generate`` / ``llmlite.generate``."""
+
+    prompt: str = ""
+    model: str = DEFAULT_MODEL
+    max_new_tokens: int = 64
+    kv_bits: int | None = None  # None: transformers' default (unquantized) cache
+    kv_group_size: int = KV_DEFAULTS["group_size"]
+    kv_residual: int | None = None  # None: the default window, never an error on short contexts
+    kv_sinks: int = KV_DEFAULTS["sinks"]
+    kv_scheme: str = KV_DEFAULTS["scheme"]
+    kv_salient: float = KV_DEFAULTS["salient"]
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+    chat: bool = False  # wrap the prompt in the model's chat template
+
+    def validate(self) -> GenerateConfig:
+        if not self.prompt:
+            raise LlmliteError("generate needs a PROMPT (the text to continue)")
+        if self.max_new_tokens < 1:
+            raise LlmliteError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise LlmliteError("--temperature must be 0 (greedy) or more and --top-p in (0, 1]")
+        if self.kv_residual is not None and (
+            isinstance(self.kv_residual, bool) or not isinstance(self.kv_residual, int)
+        ):
+            raise LlmliteError(f"option kv-residual must be a whole number, got {self.kv_residual!r}")
+        if self.kv_bits is not None:
+            kv_spec(self)
+        return self
 
 
 @dataclass

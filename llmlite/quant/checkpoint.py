@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from llmlite import __version__
 from llmlite.errors import LlmliteError
@@ -101,22 +101,28 @@ def save_gptq_checkpoint(
     tokenizer.save_pretrained(folder)
 
 
-def load_gptq_checkpoint(folder: Path, dtype: torch.dtype = torch.float32, backend: str = "torch"):
-    """Load a GPTQ-layout checkpoint (v1 zero-points) into a model with ``QuantLinear`` layers;
-    every quantized tensor is checked against the config's shapes first."""
-    from llmlite.models import check_causal_lm, quantization_config
+def quantized_error(source: str, qc: dict, verb: str) -> LlmliteError:
+    """The refusal ``SOURCE is already a 4-bit GPTQ checkpoint; VERB the float model it came from``."""
+    method = str(qc.get("quant_method", "quantized"))
+    bits = qc.get("bits")
+    kind = f"{bits}-bit {method.upper()}" if isinstance(bits, int) else method.upper()
+    meta = qc.get("meta")
+    origin = meta.get("source_model") if isinstance(meta, dict) else None
+    hint = f" (--model {origin})" if origin else ""
+    return LlmliteError(f"{source} is already a {kind} checkpoint; {verb} the float model it came from{hint}")
 
-    qc = quantization_config(folder)
+
+def load_gptq_checkpoint(
+    folder: Path, qc: dict, config, dtype: torch.dtype = torch.float32, backend: str = "torch"
+):
+    """Load a GPTQ-layout checkpoint (v1 zero-points) into a model with ``QuantLinear`` layers;
+    every tensor is checked against the shapes of ``config`` (the folder's transformers config,
+    ``qc`` its ``quantization_config``) first."""
     bits, group_size = _grid(folder, qc)
     layout = qc.get("checkpoint_format", "gptq")
     if layout != "gptq":
         raise LlmliteError(f"{folder}: checkpoint_format '{layout}' unsupported; llmlite reads 'gptq' (v1)")
     state = _read_weights(folder)
-    try:
-        config = AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError, KeyError) as e:
-        raise LlmliteError(f"cannot read {folder / 'config.json'} ({e}); re-create the checkpoint") from None
-    check_causal_lm(config, folder)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -32,8 +32,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from llmlite.arch import LLAMA, decoder_layers
 from llmlite.errors import LlmliteError
-from llmlite.models import quantized_error, trim_heap
+from llmlite.memory import trim_heap
+from llmlite.quant.checkpoint import quantized_error
 from llmlite.quant.gptq import accumulate_drift, accumulate_hessian, finish_hessian, gptq
 from llmlite.quant.grid import QuantizedWeight
 from llmlite.quant.linear import QuantLinear
@@ -41,7 +43,6 @@ from llmlite.quant.rtn import rtn
 
 log = logging.getLogger("llmlite")
 CHUNK_TOKENS = 2048  # calibration tokens per forward call (bounds the temporaries)
-_LLAMA_CHILDREN = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
 SUPPORTED = "Llama-style decoder-only models (Llama, Mistral, Qwen2/3, SmolLM...) with nn.Linear projections"
 
 
@@ -95,18 +96,6 @@ class QuantReport:
 
 class _Stop(Exception):
     """Raised by a hook to end a forward pass early once the wanted input has been seen."""
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's list of decoder layers (the ModuleList as long as ``num_hidden_layers``)."""
-    n = getattr(model.config, "num_hidden_layers", None)
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
-            return module
-    raise LlmliteError(
-        f"cannot find the decoder layers of {_architecture(model)} (no list of num_hidden_layers "
-        f"layers); llmlite quantizes {SUPPORTED}"
-    )
 
 
 def check_quantizable(model: nn.Module) -> nn.ModuleList:
@@ -385,14 +374,13 @@ def _quantize_head(model, head: nn.Linear, settings, inputs: Iterable[Tensor] | 
 
 
 def _is_llama_style(layer: nn.Module) -> bool:
+    """Whether ``layer`` has exactly the Llama layout (``arch.LLAMA``), so the staged path fits."""
     children = set(dict(layer.named_children()))
-    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    attn, mlp = getattr(layer, LLAMA.attention, None), getattr(layer, LLAMA.mlp, None)
     return (
-        children == _LLAMA_CHILDREN
-        and all(
-            isinstance(getattr(attn, p, None), nn.Linear) for p in ("q_proj", "k_proj", "v_proj", "o_proj")
-        )
-        and all(isinstance(getattr(mlp, p, None), nn.Linear) for p in ("gate_proj", "up_proj", "down_proj"))
+        children == LLAMA.children
+        and all(isinstance(getattr(attn, p, None), nn.Linear) for p in LLAMA.attention_projections)
+        and all(isinstance(getattr(mlp, p, None), nn.Linear) for p in LLAMA.mlp_projections)
         and hasattr(mlp, "act_fn")
     )
 
@@ -421,10 +409,8 @@ def _llama_layer(
     def pairs(fn: Callable, float_fn: Callable):
         return (fn(h) for h in hidden), None if fl is None else (float_fn(g) for g in hidden_float)
 
-    quantize(
-        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-        *pairs(layer.input_layernorm, fl and fl.input_layernorm),
-    )
+    qkv, o, gate_up, down = LLAMA.groups()
+    quantize(qkv, *pairs(layer.input_layernorm, fl and fl.input_layernorm))
 
     attn_in = _buffer(buffers, hidden, attn.o_proj.in_features, hidden[0].dtype)
     for a, h, kw in zip(attn_in, hidden, kwargs, strict=True):
@@ -437,16 +423,13 @@ def _llama_layer(
         ]
         for g, a in zip(hidden_float, attn_in_float, strict=True):
             g += fl.self_attn.o_proj(a)
-    quantize(["self_attn.o_proj"], attn_in, attn_in_float)
+    quantize(o, attn_in, attn_in_float)
     for h, a in zip(hidden, attn_in, strict=True):
         h += attn.o_proj(a)
     del attn_in, attn_in_float
     trim_heap()
 
-    quantize(
-        ["mlp.gate_proj", "mlp.up_proj"],
-        *pairs(layer.post_attention_layernorm, fl and fl.post_attention_layernorm),
-    )
+    quantize(gate_up, *pairs(layer.post_attention_layernorm, fl and fl.post_attention_layernorm))
 
     def inner(layer: nn.Module, h: Tensor) -> Tensor:
         x = layer.post_attention_layernorm(h)
@@ -470,7 +453,7 @@ def _llama_layer(
             g += fl.mlp.down_proj(m)
             yield m
 
-    quantize(["mlp.down_proj"], down_inputs(), None if fl is None else down_inputs_float())
+    quantize(down, down_inputs(), None if fl is None else down_inputs_float())
     for h, m, scale in zip(hidden, kept, scales, strict=True):
         h += mlp.down_proj(m.float().mul_(scale) if compact else m)
 

@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llmlite.arch import LORA_TARGETS
 from llmlite.errors import LlmliteError
-from llmlite.models import is_gptq_checkpoint, load_model, resolve_model, trim_heap
+from llmlite.memory import trim_heap
+from llmlite.models import is_gptq_checkpoint, load_model, resolve_model
 from llmlite.quant.linear import QuantLinear
 from llmlite.training.fused_lora import fuse_lora_layers
 from llmlite.training.nf4 import dequantize_nf4, reuse_dequantization_buffer
@@ -23,27 +25,6 @@ log = logging.getLogger("llmlite")
 # bitsandbytes (imported by peft) logs a warning when the optional `kernels` package is missing;
 # its CPU code works without it.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-
-# Attention and MLP projections by family: Llama / Mistral / Qwen2 (and most of their kin), GPT-2,
-# Phi-3 style fused projections, GPT-NeoX / Falcon.
-PROJECTIONS = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-    "c_attn",
-    "c_proj",
-    "c_fc",
-    "qkv_proj",
-    "gate_up_proj",
-    "query_key_value",
-    "dense",
-    "dense_h_to_4h",
-    "dense_4h_to_h",
-)
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -151,7 +132,7 @@ def target_modules(model: nn.Module, requested: list[str] | None) -> list[str]:
                 f"--target-modules may name: {', '.join(available)}"
             )
         return requested
-    found = [n for n in PROJECTIONS if n in available]
+    found = [n for n in LORA_TARGETS if n in available]
     if not found:
         raise LlmliteError(
             f"cannot find attention/MLP projections in {type(model).__name__}; name them with "

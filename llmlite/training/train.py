@@ -107,7 +107,7 @@ def finetune(
     """Fine-tune ``config.model`` on ``config.data`` and write the adapter (peft's format) or, for
     ``method="full"``, the whole model to ``config.output``. ``on_step(step)`` runs after each
     optimizer step (and its checkpoint)."""
-    from llmlite.config import build
+    from llmlite.recipes import build
 
     config = config.validate() if config is not None else build(FinetuneConfig, recipe, **options)
     inputs = [("--model", local_source(config.model)), ("--data", config.data), ("--recipe", recipe)]
@@ -339,7 +339,7 @@ def compile_layers(model: nn.Module) -> bool:
     sequence length). Fuses the elementwise work around the matrix products (norms, rotary
     embeddings, activations, adapter scaling) and keeps fewer activations for the backward pass.
     Skipped, with a note, where no C++ compiler is found for the CPU."""
-    from llmlite.quant.driver import decoder_layers
+    from llmlite.arch import decoder_layers
 
     device = next(model.parameters()).device
     if device.type == "cpu" and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
@@ -359,9 +359,9 @@ def peak_memory(device: torch.device) -> int:
     """The CUDA allocator's peak on a GPU, else the process's peak resident set (bytes)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    from llmlite.evaluation.metrics import _rss_peak_bytes
+    from llmlite.memory import rss_peak_bytes
 
-    return _rss_peak_bytes()
+    return rss_peak_bytes()
 
 
 @torch.no_grad()
@@ -515,7 +515,7 @@ def _load_checkpoint(
 
 
 def _write_output(folder: Path, config: FinetuneConfig, model: nn.Module, tokenizer, result) -> None:
-    from llmlite.api import environment
+    from llmlite.runinfo import environment
 
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -1,0 +1,106 @@
+"""Options from three places, one precedence: a config's defaults < a YAML recipe < explicit options.
+
+A recipe is a YAML mapping whose keys are the command's long options (``group-size`` or
+``group_size``). ``build`` checks every value against its field's type hint and runs the config's
+own ``validate``, so the Python API, a recipe and the CLI give the same one-line errors. A leaf.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from llmlite.errors import LlmliteError
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """The options in a YAML recipe, keys normalised to Python names."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LlmliteError(f"no such recipe: {path}") from None
+    except IsADirectoryError:
+        raise LlmliteError(f"recipe {path} is a folder; pass a YAML file of option: value") from None
+    except UnicodeDecodeError:
+        raise LlmliteError(
+            f"recipe {path} is not a text file (not UTF-8); pass a YAML file of option: value"
+        ) from None
+    except (OSError, yaml.YAMLError) as e:
+        raise LlmliteError(f"cannot read recipe {path}: {_yaml_problem(e)}; fix the YAML") from None
+    if not isinstance(data, dict):
+        found = "empty" if data is None else f"a {type(data).__name__}"
+        raise LlmliteError(f"recipe {path} is {found}; it must be a mapping of option: value")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _yaml_problem(e: Exception) -> str:
+    """A YAML error on one line: the problem and where (``line 2, column 8``)."""
+    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(e).split())
+
+
+def build(cls: type, recipe: str | Path | None = None, **options: Any):
+    """An options object from the defaults, an optional recipe, then ``options``."""
+    names = {f.name for f in fields(cls)}
+    merged = read_recipe(recipe) if recipe else {}
+    unknown = sorted(set(merged) - names)
+    if unknown:
+        valid = ", ".join(sorted(n.replace("_", "-") for n in names))
+        shown = ", ".join(k if k.isprintable() else repr(k) for k in unknown)
+        raise LlmliteError(f"recipe {recipe}: unknown option(s) {shown}; valid: {valid}")
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(unknown)} for {cls.__name__}")
+    merged.update(options)
+    try:
+        config = cls(**merged)
+    except TypeError as e:
+        raise LlmliteError(f"bad recipe option: {e}") from None
+    _check_types(config, recipe)
+    return config.validate()
+
+
+def _check_types(config: Any, recipe: Any) -> None:
+    """Each option's value against its field's type hint (a recipe can hold any YAML value)."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value, hint = getattr(config, f.name), hints.get(f.name, Any)
+        if not _matches(value, hint):
+            name = f.name.replace("_", "-")
+            raise LlmliteError(f"option {name} must be {_describe(hint)}, got {value!r}")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:  # NaN and infinity are no settings
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is list:
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
