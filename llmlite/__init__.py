@@ -9,6 +9,7 @@ Public API (imported lazily so that ``llmlite --help`` starts fast)::
     llmlite.merge("out/adapter", output="out/merged")
     print(llmlite.generate(prompt="The capital of France is", kv_bits=4).text)
     out = llmlite.report(model="out/w4g128", tasks=["wikitext", "piqa"], limit=50, report="out/report")
+    table = llmlite.compare(["out/report", "out/other-report"], output="out/compare")
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ _EXPORTS = {
     "EvalConfig": "llmlite.config",
     "report": "llmlite.evaluation.report",
     "ReportConfig": "llmlite.evaluation.report",
+    "compare": "llmlite.evaluation.report",
     "LlmliteError": "llmlite.errors",
     "QuantLinear": "llmlite.quant.linear",
     "finetune": "llmlite.training.train",

@@ -466,14 +466,10 @@ def _report(options: dict, recipe: str | None, progress: bool) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from llmlite.evaluation.render import compare, compare_markdown, write_compare
-    from llmlite.runinfo import staged_output
+    from llmlite.evaluation.render import compare_markdown
+    from llmlite.evaluation.report import compare
 
-    inputs = [("REPORT", r) for r in args.reports]
-    with staged_output(args.output, overwrite=args.overwrite, inputs=inputs) as tmp:
-        out = compare(args.reports)
-        if tmp is not None:
-            write_compare(out, tmp)
+    out = compare(args.reports, output=args.output, overwrite=args.overwrite)
     print(compare_markdown(out), end="")
     if args.output:
         print(f"comparison written to {args.output}")

@@ -60,7 +60,8 @@ def build(cls: type, recipe: str | Path | None = None, **options: Any):
         raise LlmliteError(f"recipe {recipe}: unknown option(s) {shown}; valid: {valid}")
     unknown = sorted(set(options) - names)
     if unknown:
-        raise TypeError(f"unknown option(s) {', '.join(unknown)} for {cls.__name__}")
+        valid = ", ".join(sorted(names))
+        raise LlmliteError(f"unknown option(s) {', '.join(unknown)} for {cls.__name__}; valid: {valid}")
     merged.update(options)
     try:
         config = cls(**merged)

@@ -97,3 +97,13 @@ def test_bad_recipes(tmp_path, text, message):
 def test_missing_recipe():
     with pytest.raises(LlmliteError, match="no such recipe"):
         build(QuantizeConfig, "nope.yaml")
+
+
+def test_an_unknown_api_option_is_a_one_line_error_naming_the_valid_ones():
+    """``llmlite.evaluate(tasks=...)`` used to raise a TypeError where the CLI gives one line."""
+    import llmlite
+
+    with pytest.raises(LlmliteError, match=r"unknown option\(s\) tasks for EvalConfig; valid: .*max_windows"):
+        llmlite.evaluate(tasks="wikitext")
+    with pytest.raises(LlmliteError, match=r"unknown option\(s\) bitz for QuantizeConfig"):
+        llmlite.quantize(bitz=3)

@@ -11,6 +11,9 @@ import pytest
 from conftest import make_tiny
 from test_cli import assert_user_error, leftovers, run
 
+import llmlite
+from llmlite.errors import LlmliteError
+
 pytestmark = pytest.mark.slow  # runs reports and lm-eval as processes
 
 FAST = ["--tasks", "wikitext,piqa,calibration,efficiency", "--limit", "2", "--ctx", "64", "--quiet"]
@@ -77,6 +80,12 @@ def test_report_writes_table_plots_and_caches(tmp_path, tiny_pair, eval_cache):
     assert merged.returncode == 0, merged.stderr[-3000:]
     table = (tmp_path / "cmp" / "compare.md").read_text()
     assert base.name in table and model.name in table and (tmp_path / "cmp" / "pareto_size.png").exists()
+    # the same verb through the Python API: the same merged result, the same files
+    api = llmlite.compare([str(report), str(other)], output=str(tmp_path / "cmp-api"))
+    assert json.loads(json.dumps(api)) == json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert (tmp_path / "cmp-api" / "compare.md").read_text() == table
+    with pytest.raises(LlmliteError, match="lies inside REPORT"):
+        llmlite.compare([str(report)], output=str(report / "c"))
 
 
 def test_report_bad_input(tmp_path, tiny_dir, eval_cache):

@@ -160,7 +160,7 @@ def _short(name: str) -> str:
     return Path(name).name or name
 
 
-def compare(folders: list[str]) -> dict:
+def merge_reports(folders: list[str]) -> dict:
     """Merge earlier reports: every model once (the latest report wins), one table, Pareto points."""
     models: dict[str, dict] = {}
     for folder in folders:

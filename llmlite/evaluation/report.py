@@ -246,3 +246,20 @@ def report(
         if tmp is not None:
             render.write(out, tmp)
     return out
+
+
+def compare(reports: list[str], *, output: str | None = None, overwrite: bool = False) -> dict:
+    """Merge earlier report folders (``llmlite eval --report``) into one table with Pareto points,
+    every model once (the latest report wins); with ``output``, also write ``compare.json``,
+    ``compare.md`` and the Pareto plots there (checked, locked and staged like every output)."""
+    from llmlite.evaluation import render
+    from llmlite.runinfo import staged_output
+
+    if not reports:
+        raise LlmliteError("compare needs at least one report folder (written by llmlite eval --report)")
+    inputs = [("REPORT", r) for r in reports]
+    with staged_output(output, overwrite=overwrite, inputs=inputs) as tmp:
+        out = render.merge_reports(reports)
+        if tmp is not None:
+            render.write_compare(out, tmp)
+    return out
