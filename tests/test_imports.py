@@ -20,21 +20,39 @@ def unit(module: str) -> str:
 
 
 def imports() -> list[tuple[str, str, str]]:
-    """(importing module, imported module, name) for every ``llmlite`` import in the package."""
+    """(importing module, imported module, name) for every ``llmlite`` import in the package, lazy
+    ones included; ``from llmlite.x import y`` names module ``llmlite.x.y`` where y is a module.
+    Imports under ``if TYPE_CHECKING:`` are left out (they never run)."""
     found = []
     for file in sorted(PACKAGE.rglob("*.py")):
         parts = file.relative_to(PACKAGE.parent).with_suffix("").parts
         module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-        for node in ast.walk(ast.parse(file.read_text())):
+        for node in _runtime_nodes(ast.parse(file.read_text())):
             if (
                 isinstance(node, ast.ImportFrom)
                 and node.level == 0
                 and (node.module or "").startswith("llmlite")
             ):
-                found += [(module, node.module, alias.name) for alias in node.names]
+                found += [(module, _submodule(node.module, a.name), a.name) for a in node.names]
             elif isinstance(node, ast.Import):
                 found += [(module, a.name, "") for a in node.names if a.name.startswith("llmlite")]
     return found
+
+
+def _runtime_nodes(tree: ast.AST):
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for child in node.orelse:
+                yield child
+                yield from _runtime_nodes(child)
+            continue
+        yield node
+        yield from _runtime_nodes(node)
+
+
+def _submodule(module: str, name: str) -> str:
+    path = PACKAGE.parent.joinpath(*module.split("."), name)
+    return f"{module}.{name}" if path.with_suffix(".py").exists() or path.is_dir() else module
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -77,3 +95,11 @@ def test_no_private_name_crosses_a_package():
         if name.startswith("_") and not name.startswith("__") and unit(source) != unit(target)
     ]
     assert crossing == []
+
+
+def test_no_cycle_between_modules():
+    graph: dict[str, set[str]] = defaultdict(set)
+    for source, target, _ in imports():
+        if source != target:
+            graph[source].add(target)
+    assert cycles(graph) == []

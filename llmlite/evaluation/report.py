@@ -10,19 +10,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from llmlite.errors import LlmliteError
+from llmlite.evaluation import tasks as runners
+from llmlite.evaluation.tasks import ALL_TASKS, DEFAULT_TASKS
 
 log = logging.getLogger(__name__)
 
-LM_EVAL_TASKS = {  # our names -> the lm-eval task configs under evals/
-    "wikitext": "llmlite_wikitext",
-    "piqa": "llmlite_piqa",
-    "passkey": "llmlite_passkey",
-    "needle": "llmlite_needle",
-    "ppl_by_position": "llmlite_ppl_by_position",
-}
-NATIVE_TASKS = ("calibration", "efficiency", "kv_cache")
-DEFAULT_TASKS = ("wikitext", "piqa", "calibration", "efficiency")
-ALL_TASKS = (*LM_EVAL_TASKS, *NATIVE_TASKS)
 CACHE_VERSION = 1
 
 
@@ -191,8 +183,6 @@ class _Loaded:
 def evaluate_model(source: str, cfg: ReportConfig, progress: bool = True) -> dict:
     """Every task of ``cfg`` on one model: ``{"model", "fingerprint", "metrics": {task: {...}},
     "details": {task: {...}}}``, each task from the cache when it was run before."""
-    from llmlite.evaluation import tasks as runners
-
     loaded = _Loaded(source, cfg.ctx)
     entry: dict = {"model": source, "fingerprint": fingerprint(source), "metrics": {}, "details": {}}
     for task in cfg.tasks:

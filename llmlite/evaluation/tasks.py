@@ -6,10 +6,23 @@ Each returns ``{"metrics": {name: value}, "details": {...}}``, JSON-ready (detai
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 from llmlite.errors import LlmliteError
-from llmlite.evaluation.report import LM_EVAL_TASKS, ReportConfig
 
+if TYPE_CHECKING:
+    from llmlite.evaluation.report import ReportConfig
+
+LM_EVAL_TASKS = {  # our names -> the lm-eval task configs under evals/
+    "wikitext": "llmlite_wikitext",
+    "piqa": "llmlite_piqa",
+    "passkey": "llmlite_passkey",
+    "needle": "llmlite_needle",
+    "ppl_by_position": "llmlite_ppl_by_position",
+}
+NATIVE_TASKS = ("calibration", "efficiency", "kv_cache")
+DEFAULT_TASKS = ("wikitext", "piqa", "calibration", "efficiency")
+ALL_TASKS = (*LM_EVAL_TASKS, *NATIVE_TASKS)
 NEEDS_SAMPLES = {"piqa", "passkey", "needle"}
 
 
