@@ -101,8 +101,7 @@ def load_model(
     where = resolve_model(source)
     if isinstance(where, Path) and where.suffix == ".gguf":
         model, tokenizer = _load_gguf(where, dtype)
-    elif isinstance(where, Path) and quantization_config(where):
-        qc = quantization_config(where)
+    elif isinstance(where, Path) and (qc := quantization_config(where)):
         if qc.get("quant_method") != "gptq":
             raise LlmliteError(
                 f"{source} is a checkpoint quantized with {qc.get('quant_method')!r}; llmlite reads float "
