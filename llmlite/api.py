@@ -12,7 +12,6 @@ import torch
 
 from llmlite.config import EvalConfig, QuantizeConfig
 from llmlite.data import calibration_windows, eval_windows, load_text, tokenize
-from llmlite.errors import LlmliteError
 from llmlite.evaluation.metrics import memory_bytes, param_count, size_on_disk
 from llmlite.evaluation.perplexity import perplexity
 from llmlite.kvcache.cache import kv_cache_for, kv_spec
@@ -154,11 +153,7 @@ def _evaluate_one(cfg: EvalConfig, source: str, text: str, model, tokenizer, pro
     with measure() as stats:
         if model is None:
             model, tokenizer = load_model(source)
-        max_positions = getattr(model.config, "max_position_embeddings", None)
-        if max_positions and cfg.ctx > max_positions:
-            raise LlmliteError(
-                f"--ctx {cfg.ctx} is above the model's maximum of {max_positions} tokens; lower it"
-            )
+        check_window(model.config, cfg.ctx, "--ctx")
         windows = eval_windows(tokenize(tokenizer, text), cfg.ctx, cfg.max_windows)
         if cfg.kv_bits is None:
             result = perplexity(model, windows, cfg.batch_size, progress=progress)

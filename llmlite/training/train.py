@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from llmlite.errors import LlmliteError
-from llmlite.models import load_config, load_tokenizer, local_source
+from llmlite.models import check_window, load_config, load_tokenizer, local_source
 from llmlite.runinfo import check_output, staged_output
 from llmlite.training.adapters import add_adapters, load_base, pick_dtype, target_modules
 from llmlite.training.config import FinetuneConfig
@@ -113,7 +113,7 @@ def finetune(
     inputs = [("--model", local_source(config.model)), ("--data", config.data), ("--recipe", recipe)]
     output = check_output(config.output, overwrite=True, inputs=inputs)  # resolved, never an input
     work = output.with_name(f".{output.name}.partial")  # checkpoints, kept for --resume
-    _check_folders(output, work, config, inputs)
+    _check_folders(output, work, config)
     accelerator = _accelerator()
     staged = config.output if accelerator.is_main_process else None
     # checked, locked and staged before the work: a bad --output fails in the first second
@@ -136,7 +136,7 @@ def _train(
     torch.manual_seed(config.seed)
 
     tokenizer = load_tokenizer(config.model)
-    _check_seqlen(load_config(config.model), config.seqlen)  # before the data is cut to --seqlen
+    check_window(load_config(config.model), config.seqlen, "--seqlen")  # before the data is cut to it
     examples, fmt = load_examples(config.data, tokenizer, config.seqlen, config.format)
     train, held_out = split(examples, config.eval_split, config.seed)
     dtype = pick_dtype(config.dtype, device)
@@ -381,16 +381,17 @@ def _eval_loss(
     return total / max(count, 1)
 
 
-def _check_folders(output: Path, work: Path, config: FinetuneConfig, inputs) -> None:
+def _check_folders(output: Path, work: Path, config: FinetuneConfig) -> None:
+    """The output (already checked against the inputs) and its checkpoints for this start or
+    resume: a finished run is not resumed, an interrupted one not silently restarted."""
     if config.resume:
         if output.exists():
             raise LlmliteError(
                 f"{output} is already a finished run; nothing to resume (choose another --output)"
             )
-        check_output(output, inputs=inputs)
         _latest(work)
         return
-    check_output(output, config.overwrite, inputs)
+    check_output(output, config.overwrite)
     if work.exists():
         if not config.overwrite:
             raise LlmliteError(
@@ -398,17 +399,6 @@ def _check_folders(output: Path, work: Path, config: FinetuneConfig, inputs) -> 
                 "--overwrite to start again"
             )
         shutil.rmtree(work)
-
-
-def _check_seqlen(model_config, seqlen: int) -> None:
-    """Refuse a ``--seqlen`` above the model's positions (a transformers config)."""
-    limit = getattr(model_config, "max_position_embeddings", None) or getattr(
-        model_config, "n_positions", None
-    )
-    if limit and seqlen > limit:
-        raise LlmliteError(
-            f"--seqlen {seqlen} is above the model's maximum of {limit} positions; lower --seqlen"
-        )
 
 
 def _pad_id(tokenizer) -> int:
