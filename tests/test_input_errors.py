@@ -380,7 +380,7 @@ def test_finetune_seqlen_above_the_model_limit(capsys, tmp_path, tiny_dir):
     line = cli_error(
         capsys,
         [*args, "--seqlen", "1000000", "--quiet"],
-        "--seqlen 1000000 is above the model's maximum of 512 positions; lower --seqlen",
+        "--seqlen 1000000 is above the model's maximum of 512 positions; lower it",
     )
     assert "no usable rows" not in line
     nothing_written(tmp_path, "out")
