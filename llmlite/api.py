@@ -20,6 +20,7 @@ from llmlite.memory import RunStats, measure
 from llmlite.models import check_window, load_model, local_source, model_path, own_weights
 from llmlite.quant.checkpoint import gptq_config, round_unquantized, save_gptq_checkpoint
 from llmlite.quant.driver import QuantReport, QuantSettings, check_quantizable, quantize_model
+from llmlite.quant.methods import get as get_method
 from llmlite.recipes import build
 from llmlite.runinfo import environment, staged_output
 
@@ -55,7 +56,8 @@ class QuantizeResult:
 def quantize(
     config: QuantizeConfig | None = None, *, recipe: str | None = None, progress: bool = True, **options
 ) -> QuantizeResult:
-    """Quantize a model with RTN or GPTQ and, when ``output`` is set, save a GPTQ-layout checkpoint.
+    """Quantize a model with a method of ``llmlite/quant/methods`` (RTN, GPTQ, ...) and, when
+    ``output`` is set, save a GPTQ-layout checkpoint.
 
     Options are ``QuantizeConfig``'s fields (``llmlite.quantize(bits=3, output="out")``), or a
     ready ``config``; ``recipe`` names a YAML file of options that ``options`` override (with a
@@ -70,7 +72,7 @@ def quantize(
             check_quantizable(model)  # before any calibration work
             own_weights(model)  # so that replaced float weights are really freed
             windows = None
-            if cfg.method == "gptq":
+            if get_method(cfg.method).calibrated:
                 check_window(model.config, cfg.seqlen, "--seqlen")
                 ids = tokenize(tokenizer, load_text(cfg.calibration))
                 windows = calibration_windows(ids, cfg.samples, cfg.seqlen, cfg.seed)

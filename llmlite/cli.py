@@ -21,6 +21,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     from llmlite import __version__
+    from llmlite.quant.methods import METHODS
 
     root = _Parser(prog="llmlite", description="Quantize, fine-tune and evaluate LLMs.")
     root.add_argument("--version", action="version", version=f"llmlite {__version__}")
@@ -28,13 +29,17 @@ def _parser() -> argparse.ArgumentParser:
 
     q = verbs.add_parser(
         "quantize",
-        help="quantize a model (RTN or GPTQ) and save a GPTQ-layout checkpoint",
+        help=f"quantize a model ({', '.join(METHODS)}) and save a GPTQ-layout checkpoint",
         argument_default=argparse.SUPPRESS,
         description="Quantize the linear layers of every decoder layer; with no options: the bundled "
         "smollm2-135m, GPTQ 4-bit, group 128, symmetric, act-order, 128 calibration windows of 512 tokens.",
     )
     q.add_argument("--model", help="bundled name, local folder, .gguf file or hub id (default smollm2-135m)")
-    q.add_argument("--method", choices=["rtn", "gptq"], help="default gptq")
+    q.add_argument(
+        "--method",
+        choices=list(METHODS),
+        help="; ".join(f"{m.name}: {m.help}" for m in METHODS.values()) + " (default gptq)",
+    )
     q.add_argument("--bits", type=int, help="2, 3, 4 (default) or 8")
     q.add_argument("--group-size", type=int, help="columns per scale (default 128); -1 = per output channel")
     sym = q.add_mutually_exclusive_group()

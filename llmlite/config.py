@@ -10,9 +10,15 @@ from llmlite.errors import LlmliteError
 from llmlite.kvcache.defaults import KV_DEFAULTS
 from llmlite.models import DEFAULT_MODEL, refuse_quantized
 from llmlite.quant.grid import SUPPORTED_BITS
+from llmlite.quant.methods import METHODS, get
 
-METHODS = ("rtn", "gptq")
 DTYPES = ("float16", "bfloat16", "float32")
+# The settings only some methods read (``Method.options``), and what each does, for the refusal.
+OPTION_HELP = {
+    "mse": "searches each group's clipping range on the weights",
+    "refit": "fits scales to calibration outputs",
+    "v2": "corrects GPTQ's target and needs calibration",
+}
 
 
 @dataclass
@@ -45,8 +51,7 @@ class QuantizeConfig:
     overwrite: bool = False
 
     def validate(self) -> QuantizeConfig:
-        if self.method not in METHODS:
-            raise LlmliteError(f"unknown method '{self.method}'; use one of: {', '.join(METHODS)}")
+        method = get(self.method)
         if self.bits not in SUPPORTED_BITS:
             raise LlmliteError(f"{self.bits}-bit weights are not supported; use --bits 2, 3, 4 or 8")
         if self.group_size == 0 or self.group_size < -1:
@@ -61,19 +66,18 @@ class QuantizeConfig:
         if not 0 < self.v2_alpha <= 1:
             raise LlmliteError(f"--v2-alpha {self.v2_alpha} is out of range; use a value in (0, 1]")
         if self.v2 is None:
-            self.v2 = self.method == "gptq"
-        if not isinstance(self.v2, bool):
-            raise LlmliteError(f"option v2 must be true or false, got {self.v2!r}")
+            self.v2 = "v2" in method.options
+        if self.refit is None:
+            self.refit = "refit" in method.options
+        for option in ("v2", "refit"):
+            if not isinstance(getattr(self, option), bool):
+                raise LlmliteError(f"option {option} must be true or false, got {getattr(self, option)!r}")
         if self.v2_windows < 0:
             raise LlmliteError(f"--v2-windows {self.v2_windows} is invalid; use 0 (all windows) or more")
-        if self.refit is None:
-            self.refit = self.method == "gptq"
-        if not isinstance(self.refit, bool):
-            raise LlmliteError(f"option refit must be true or false, got {self.refit!r}")
-        if self.refit and self.method != "gptq":
-            raise LlmliteError("--refit fits scales to calibration outputs; use it with --method gptq")
-        if self.v2 and self.method != "gptq":
-            raise LlmliteError("--v2 corrects GPTQ's target and needs calibration; use it with --method gptq")
+        for option, what in OPTION_HELP.items():
+            if getattr(self, option) and option not in method.options:
+                readers = [m.name for m in METHODS.values() if option in m.options]
+                raise LlmliteError(f"--{option} {what}; use it with --method {' or '.join(readers)}")
         if not 0 < self.damp <= 1:
             raise LlmliteError(f"--damp {self.damp} is out of range; use a value in (0, 1], e.g. 0.01")
         refuse_quantized(self.model, "quantize")  # before any work: there is no float weight left

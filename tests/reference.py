@@ -168,3 +168,26 @@ def refit_scales(target, x, codes, scale, zero, group_size):
         empty = ~b.any(0)
         out[r, empty] = scale[r, empty]
     return out
+
+
+def clip_rtn(w: np.ndarray, x: np.ndarray, bits: int, group_size: int, sym: bool, ratios):
+    """RTN whose range per row and column group is ``c · [min, max]``, ``c`` the ratio of least
+    ``‖X_g (ŵ_g − w_g)‖²`` over the group's inputs ``X_g`` (the tokens, not their Hessian).
+    Returns the codes and the dequantized weight; ``errors[r, g]`` is the least error found."""
+    cols = w.shape[1]
+    g = cols if group_size == -1 else group_size
+    codes, deq = np.zeros_like(w), np.zeros_like(w)
+    errors = np.zeros((w.shape[0], -(-cols // g)))
+    for k, start in enumerate(range(0, cols, g)):
+        sl = slice(start, start + g)
+        lo, hi = np.minimum(w[:, sl].min(1), 0.0), np.maximum(w[:, sl].max(1), 0.0)
+        for r in range(w.shape[0]):
+            best = None
+            for c in ratios:
+                s, z = range_grid(np.array([c * lo[r]]), np.array([c * hi[r]]), bits, sym)
+                q, dq = quant(w[r, sl], s, z, bits)
+                err = float(np.sum((x[:, sl] @ (dq - w[r, sl])) ** 2))
+                if best is None or err < best[0]:
+                    best = (err, q, dq)
+            errors[r, k], codes[r, sl], deq[r, sl] = best
+    return codes, deq, errors

@@ -135,13 +135,14 @@ def test_stats_drift_over_the_float_chunks_only(out):
     x = [torch.randn(2, 5, 12) for _ in range(3)]
     x_float = [c + 0.1 * torch.randn_like(c) for c in x[:2]]
     w = torch.randn(out, 12)
-    h, wd = _stats(x, x_float, w)
+    stats = _stats(x, x_float, w)
+    h, wd = stats.hessian, stats.drift
     flat = torch.cat([c.reshape(-1, 12) for c in x]).double()
     paired = flat[:20]
     diff = torch.cat([c.reshape(-1, 12) for c in x_float]).double() - paired
     torch.testing.assert_close(h.double(), 2 * flat.T @ flat / 30, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(wd.double(), w.double() @ (2 * diff.T @ paired / 20), rtol=1e-4, atol=1e-6)
-    assert _stats(x, None, w)[1] is None
+    assert _stats(x, None, w).drift is None
 
 
 def test_v2_windows_limits_the_float_stream(tokenizer, monkeypatch):
@@ -165,7 +166,7 @@ def test_v2_windows_limits_the_float_stream(tokenizer, monkeypatch):
 def test_rtn_needs_no_data_and_quantizes_every_layer_linear(tokenizer):
     model = make_tiny(tokenizer)
     report = quantize_model(model, QuantSettings("rtn", 4, 64), None, progress=False)
-    assert report.path == "rtn" and len(report.modules) == 14
+    assert report.path == "weights-only" and len(report.modules) == 14
     assert set(quantized_modules(model)) == {
         f"model.layers.{i}.{p}"
         for i in range(2)

@@ -1,9 +1,11 @@
-"""Walk a model's decoder layers and quantize every Linear in them with RTN or GPTQ.
+"""Walk a model's decoder layers and quantize every Linear in them with a method of
+``llmlite/quant/methods`` (RTN, GPTQ, ...; see ``llmlite.quant.method`` for what a method is).
 
-GPTQ runs *sequentially*: each layer is calibrated on the outputs of the already-quantized layers
-before it, and *true-sequentially* inside a layer: linears that read the same input (q/k/v, then
-o, then gate/up, then down) are quantized as a group, and later groups see the outputs of the
-quantized earlier ones. Only one layer's activations for the calibration set are held at a time.
+A calibrated method (GPTQ) runs *sequentially*: each layer is calibrated on the outputs of the
+already-quantized layers before it, and *true-sequentially* inside a layer: linears that read the
+same input (q/k/v, then o, then gate/up, then down) are quantized as a group, and later groups see
+the outputs of the quantized earlier ones. Only one layer's activations for the calibration set
+are held at a time.
 
 Two ways through a layer, with identical results (``compact_mlp=False``):
 
@@ -36,36 +38,15 @@ from llmlite.arch import LLAMA, decoder_layers
 from llmlite.errors import LlmliteError
 from llmlite.memory import trim_heap
 from llmlite.quant.checkpoint import quantized_error
-from llmlite.quant.gptq import accumulate_drift, accumulate_hessian, finish_hessian, gptq
+from llmlite.quant.gptq import accumulate_drift, accumulate_hessian, finish_hessian
 from llmlite.quant.grid import QuantizedWeight
 from llmlite.quant.linear import QuantLinear
-from llmlite.quant.rtn import rtn
+from llmlite.quant.method import GroupStats, Method, QuantSettings
+from llmlite.quant.methods import get
 
 log = logging.getLogger("llmlite")
 CHUNK_TOKENS = 2048  # calibration tokens per forward call (bounds the temporaries)
 SUPPORTED = "Llama-style decoder-only models (Llama, Mistral, Qwen2/3, SmolLM...) with nn.Linear projections"
-
-
-@dataclass
-class QuantSettings:
-    method: str = "gptq"
-    bits: int = 4
-    group_size: int = 128
-    sym: bool = True
-    act_order: bool = False
-    damp: float = 0.01
-    mse: bool = False
-    refit: bool = False  # re-solve each group's scale for the least layer-output error after GPTQ
-    quantize_head: bool = False
-    v2_alpha: float = 0.0  # GPTAQ's correction towards the float model's outputs; 0: plain GPTQ
-    # Calibration windows that also run through the float model for GPTAQ's drift (the first ones,
-    # rounded up to whole chunks of CHUNK_TOKENS); 0: all of them. The Hessian always sees all.
-    v2_windows: int = 0
-    # Keep the MLP's inner activations (the largest calibration buffer) in float16 between the
-    # down projection's Hessian, which sees them in float32, and its outputs, which see them
-    # rounded (relative 2⁻¹¹, far below the quantization error): half the bytes of the largest
-    # buffer. False: every activation in float32 (bit-identical to the hooks path).
-    compact_mlp: bool = True
 
 
 @dataclass
@@ -81,7 +62,7 @@ class ModuleRecord:
 class QuantReport:
     settings: QuantSettings
     modules: list[ModuleRecord] = field(default_factory=list)
-    path: str = ""  # "llama-staged", "generic-hooks" or "rtn"
+    path: str = ""  # "llama-staged", "generic-hooks" or "weights-only" (a method without calibration)
     seconds: float = 0.0  # wall time of the quantization itself (model loading excluded)
 
     def to_dict(self) -> dict:
@@ -151,34 +132,35 @@ def quantize_model(
     ``path`` forces "generic-hooks" (for tests); by default Llama-style models take the staged path.
     """
     report = QuantReport(settings=settings)
+    method = get(settings.method)
     layers = check_quantizable(model)  # before calibration, not after it
     head = model.get_output_embeddings() if settings.quantize_head else None
-    if settings.method == "rtn":
-        report.path = "rtn"
-        for i, layer in enumerate(tqdm(layers, desc="rtn", unit="layer", disable=not progress)):
+    if not method.calibrated:
+        report.path = "weights-only"
+        for i, layer in enumerate(tqdm(layers, desc=method.name, unit="layer", disable=not progress)):
             for name, module in linears(layer).items():
-                _rtn_swap(layer, name, module, settings, report, f"layers.{i}.{name}")
+                _quantize_alone(layer, name, module, method, settings, report, f"layers.{i}.{name}")
         if head is not None:
-            _quantize_head(model, head, settings, None, report)
+            _quantize_head(model, head, method, settings, None, report)
         return report
     if calibration is None:
-        raise ValueError("GPTQ needs calibration token windows")
+        raise ValueError(f"{method.name} needs calibration token windows")
     hidden, kwargs = _capture_layer_inputs(model, layers[0], calibration)
     hidden = _one_block(hidden)
     hidden_float = None
-    if settings.v2_alpha > 0:
+    if settings.v2_alpha > 0 and "drift" in method.needs:
         hidden_float = _one_block(hidden[: _float_chunks(hidden, settings.v2_windows)])
     buffers: dict[str, Tensor] = {}  # the staged path's activation buffers, reused by every layer
     trim_heap()  # the captured chunks, now copied into one block
     staged = path is None and all(_is_llama_style(layer) for layer in layers)
     report.path = "llama-staged" if staged else "generic-hooks"
-    bar = tqdm(layers, desc="gptq", unit="layer", disable=not progress)
+    bar = tqdm(layers, desc=method.name, unit="layer", disable=not progress)
     for i, layer in enumerate(bar):
         done: dict[str, QuantLinear] = {}
 
         def quantize_group(names: list[str], inputs, float_inputs=None, layer=layer, i=i, done=done) -> None:
             prefix = f"layers.{i}."
-            done.update(_quantize_group(layer, names, inputs, float_inputs, settings, report, prefix))
+            done.update(_quantize_group(layer, names, inputs, float_inputs, method, settings, report, prefix))
 
         count = len(linears(layer))
         if staged:
@@ -196,7 +178,7 @@ def quantize_model(
             raise LlmliteError(
                 f"--quantize-head needs a final `norm` module in {type(model).__name__}; drop the option"
             )
-        _quantize_head(model, head, settings, (norm(c) for c in hidden), report)
+        _quantize_head(model, head, method, settings, (norm(c) for c in hidden), report)
     return report
 
 
@@ -261,12 +243,19 @@ def _buffer(buffers: dict[str, Tensor], like: list[Tensor], width: int, dtype) -
     return list(block[:nbytes].view(dtype).view(shape).split([c.shape[0] for c in like]))
 
 
-def _stats(inputs: Iterable[Tensor], float_inputs: Iterable[Tensor] | None = None, w: Tensor | None = None):
+def _stats(
+    inputs: Iterable[Tensor],
+    float_inputs: Iterable[Tensor] | None = None,
+    w: Tensor | None = None,
+    keep_inputs: bool = False,
+) -> GroupStats:
     """The Hessian ``H`` of a group's ``inputs`` and, given the float model's inputs to the same
     group for the first chunks (``v2_windows``) and the group's weight ``w`` ``[out, in]``, the drift
-    of its outputs ``W·D`` (``D`` as in ``gptq.drift_target``; ``None`` without float inputs)."""
+    of its outputs ``W·D`` (``D`` as in ``gptq.drift_target``; ``None`` without float inputs);
+    with ``keep_inputs``, the inputs themselves as ``[tokens, in]`` chunks."""
     h = d = None
     tokens = float_tokens = 0
+    kept: list[Tensor] | None = [] if keep_inputs else None
     floats = None if float_inputs is None else iter(float_inputs)
     direct = w is not None and 2 * w.shape[0] < w.shape[1]  # W(X̃−X)ᵀX costs less than D, then W·D
     for x in inputs:
@@ -276,6 +265,8 @@ def _stats(inputs: Iterable[Tensor], float_inputs: Iterable[Tensor] | None = Non
             d_rows = w.shape[0] if direct else x.shape[1]
             d = None if floats is None else torch.zeros(d_rows, x.shape[1], dtype=h.dtype, device=x.device)
         accumulate_hessian(h, x)
+        if kept is not None:
+            kept.append(x.clone())  # the staged path reuses its buffers
         x_float = None if floats is None else next(floats, None)
         if x_float is not None:
             accumulate_drift(d, x, x_float.reshape(x.shape), w if direct else None)
@@ -284,7 +275,7 @@ def _stats(inputs: Iterable[Tensor], float_inputs: Iterable[Tensor] | None = Non
     if d is not None:
         d = d / max(float_tokens, 1)
         d = d if direct else w.to(d.dtype) @ d
-    return finish_hessian(h, tokens), d
+    return GroupStats(finish_hessian(h, tokens), d, kept)
 
 
 def _quantize_group(
@@ -292,12 +283,14 @@ def _quantize_group(
     names: list[str],
     inputs: Iterable[Tensor],
     float_inputs: Iterable[Tensor] | None,
+    method: Method,
     settings: QuantSettings,
     report: QuantReport,
     prefix: str,
 ) -> dict[str, QuantLinear]:
-    """GPTQ on linears that share ``inputs`` (one Hessian): their weights are stacked by rows.
-    Given the float model's inputs to them too, GPTQ aims at the float model's outputs (GPTAQ).
+    """``method`` on linears that share ``inputs`` (one Hessian): their weights are stacked by rows.
+    Given the float model's inputs to them too, the method may aim at the float model's outputs
+    (GPTAQ).
 
     The float modules stay in place, their weights set to exactly what the ``QuantLinear``
     computes with, so that the rest of the layer's calibration runs at full speed; the returned
@@ -305,14 +298,10 @@ def _quantize_group(
     """
     modules = [parent.get_submodule(n) for n in names]
     w = torch.cat([m.weight.detach().float() for m in modules])
-    h, drift = _stats(inputs, float_inputs, w)
+    stats = _stats(inputs, float_inputs, w, keep_inputs="inputs" in method.needs)
     start = time.perf_counter()
-    s = settings
-    shift = None if drift is None else s.v2_alpha * drift
-    result = gptq(
-        w, h, s.bits, s.group_size, s.sym, s.act_order, s.damp, mse=s.mse, shift=shift, refit=s.refit
-    )
-    if result.damp != settings.damp:
+    result = method.run(w, stats, settings)
+    if result.damp is not None and result.damp != settings.damp:
         log.warning(
             "%s: Hessian not positive definite at damp %g; used %g",
             prefix + names[0],
@@ -329,7 +318,7 @@ def _quantize_group(
         module.weight.data = part.dequantize(module.weight.dtype)  # QuantLinear's values, bit for bit
         if module.bias is not None:
             module.bias.data = qlinear.bias.to(module.bias.dtype)
-        error = relative_output_error(w[rows], module.weight.detach().float(), h)
+        error = relative_output_error(w[rows], module.weight.detach().float(), stats.hessian)
         report.modules.append(
             ModuleRecord(prefix + name, tuple(module.weight.shape), seconds, result.damp, error)
         )
@@ -337,12 +326,19 @@ def _quantize_group(
     return quantized
 
 
-def _rtn_swap(
-    parent: nn.Module, name: str, module: nn.Linear, settings: QuantSettings, report, full_name: str
+def _quantize_alone(
+    parent: nn.Module,
+    name: str,
+    module: nn.Linear,
+    method: Method,
+    settings: QuantSettings,
+    report: QuantReport,
+    full_name: str,
 ) -> None:
+    """A method without calibration on one linear, replaced at once."""
     start = time.perf_counter()
-    qw = rtn(module.weight.detach(), settings.bits, settings.group_size, settings.sym, settings.mse)
-    qlinear = _quant_linear(module, qw, settings)
+    result = method.run(module.weight.detach().float(), GroupStats(), settings)
+    qlinear = _quant_linear(module, result.weight, settings)
     report.modules.append(ModuleRecord(full_name, tuple(module.weight.shape), time.perf_counter() - start))
     _install(parent, {name: qlinear})
 
@@ -357,17 +353,20 @@ def _install(parent: nn.Module, quantized: dict[str, QuantLinear]) -> None:
         parent.set_submodule(name, qlinear)
 
 
-def _quantize_head(model, head: nn.Linear, settings, inputs: Iterable[Tensor] | None, report) -> None:
-    """Quantize the output head (GPTQ given its ``inputs``, else RTN); a head tied to the input
-    embeddings is untied first."""
+def _quantize_head(
+    model, head: nn.Linear, method: Method, settings, inputs: Iterable[Tensor] | None, report
+) -> None:
+    """Quantize the output head (a calibrated method given its ``inputs``); a head tied to the
+    input embeddings is untied first."""
     if model.get_input_embeddings().weight is head.weight:
         head.weight = nn.Parameter(head.weight.detach().clone())
         model.config.tie_word_embeddings = False
     parent_name = next(n for n, m in model.named_modules() if m is head)
     if inputs is None:
-        _rtn_swap(model, parent_name, head, settings, report, parent_name)
+        _quantize_alone(model, parent_name, head, method, settings, report, parent_name)
     else:
-        _install(model, _quantize_group(model, [parent_name], inputs, None, settings, report, prefix=""))
+        quantized = _quantize_group(model, [parent_name], inputs, None, method, settings, report, prefix="")
+        _install(model, quantized)
 
 
 # --- the two ways through a layer ---------------------------------------------------------------

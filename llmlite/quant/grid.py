@@ -44,13 +44,13 @@ def grid_params(w: Tensor, bits: int, sym: bool, mse: bool = False) -> tuple[Ten
     """
     xmin = w.amin(-1).clamp(max=0)
     xmax = w.amax(-1).clamp(min=0)
-    best = _range_params(xmin, xmax, bits, sym)
+    best = range_params(xmin, xmax, bits, sym)
     if not mse:
         return best
     best_err = torch.full_like(xmin, float("inf"))
     for i in range(int(MSE_MAX_SHRINK * MSE_STEPS)):
         shrink = 1 - i / MSE_STEPS
-        scale, zero = _range_params(shrink * xmin, shrink * xmax, bits, sym)
+        scale, zero = range_params(shrink * xmin, shrink * xmax, bits, sym)
         s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
         err = (dequantize_codes(quantize_codes(w, s, z, bits), s, z) - w).abs_().pow_(MSE_NORM).sum(-1)
         better = err < best_err
@@ -59,7 +59,7 @@ def grid_params(w: Tensor, bits: int, sym: bool, mse: bool = False) -> tuple[Ten
     return best
 
 
-def _range_params(xmin: Tensor, xmax: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
+def range_params(xmin: Tensor, xmax: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
     """Grid covering ``[xmin, xmax]`` (``xmin ≤ 0 ≤ xmax``) with llmlite's conventions."""
     maxq = max_code(bits)
     if sym:
@@ -130,3 +130,12 @@ def group_params(
     g = cols if group_size == -1 else group_size
     pairs = [grid_params(w[:, i : i + g], bits, sym, mse) for i in range(0, cols, g)]
     return torch.stack([p[0] for p in pairs], 1), torch.stack([p[1] for p in pairs], 1)
+
+
+def on_grid(w: Tensor, scale: Tensor, zero: Tensor, group_size: int, bits: int) -> QuantizedWeight:
+    """``w`` ``[out, in]`` rounded onto the grids of contiguous column groups, given each group's
+    ``scale`` and ``zero`` ``[out, groups]``."""
+    g_idx = group_index(w.shape[1], group_size)
+    g = g_idx.long()
+    codes = quantize_codes(w, scale[:, g], zero[:, g], bits)
+    return QuantizedWeight(codes.to(torch.uint8), scale.float(), zero.to(torch.uint8), g_idx, bits)
