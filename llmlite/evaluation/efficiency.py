@@ -16,7 +16,7 @@ import transformers.modeling_outputs
 from torch import nn
 
 from llmlite.memory import measure
-from llmlite.quant.linear import QuantLinear
+from llmlite.quant.compressed import is_compressed
 
 RAPL = Path("/sys/class/powercap/intel-rapl:0/energy_uj")
 
@@ -35,9 +35,8 @@ def macs_per_token(model: nn.Module, context: int) -> dict:
     ``linear``: every linear layer (quantized ones as their logical ``in × out``), the output head
     included; ``attention``: the score and value products, 2 · heads · head_dim · context per layer.
     """
-    linear = sum(
-        m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear | QuantLinear)
-    )
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) or is_compressed(m)]
+    linear = sum(m.in_features * m.out_features for m in linears)
     cfg = model.config
     heads = getattr(cfg, "num_attention_heads", 0)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // max(heads, 1)

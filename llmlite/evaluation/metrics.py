@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
-from llmlite.quant.linear import QuantLinear
+from llmlite.quant.compressed import is_compressed
 
 
 def param_count(model: nn.Module) -> int:
@@ -19,7 +19,7 @@ def param_count(model: nn.Module) -> int:
             seen.add(id(p))
             total += p.numel()
     for m in model.modules():
-        if isinstance(m, QuantLinear):
+        if is_compressed(m):
             total += m.in_features * m.out_features + (0 if m.bias is None else m.out_features)
     return total
 

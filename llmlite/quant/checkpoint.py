@@ -8,6 +8,7 @@ each quantized Linear, everything else as is), ``config.json`` with ``quantizati
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from llmlite import __version__
 from llmlite.errors import LlmliteError
+from llmlite.quant.formats import CODECS, GPTQ, Codec
 from llmlite.quant.grid import SUPPORTED_BITS
 from llmlite.quant.linear import QuantLinear
 
@@ -74,22 +76,32 @@ def round_unquantized(model: PreTrainedModel, dtype: torch.dtype) -> None:
 
 
 def save_gptq_checkpoint(
-    model: PreTrainedModel, tokenizer, folder: Path, qconfig: dict, dtype: torch.dtype = torch.float16
+    model: PreTrainedModel,
+    tokenizer,
+    folder: Path,
+    qconfig: dict,
+    dtype: torch.dtype = torch.float16,
+    codec: Codec = GPTQ,
 ) -> None:
-    """Write ``model`` (with ``QuantLinear`` layers) and its tokenizer into ``folder``; tensors that
-    are not quantized are stored in ``dtype`` (call ``round_unquantized`` first for exactness)."""
-    packed = {
-        f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, QuantLinear) for b in ("scales", "bias")
-    }
+    """Write ``model`` (with ``QuantLinear`` layers, each written by ``codec``) and its tokenizer
+    into ``folder``; tensors that are not quantized are stored in ``dtype`` (call
+    ``round_unquantized`` first for exactness). A module whose bits or group size differ from
+    ``qconfig``'s is listed in its ``dynamic`` block (GPTQModel's and vLLM's per-module overrides)."""
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     state = {
-        k: v if k in packed or not v.is_floating_point() else v.to(dtype)
+        k: v if not v.is_floating_point() else v.to(dtype)
         for k, v in model.state_dict().items()
+        if k.rpartition(".")[0] not in quantized
     }
+    for name, layer in quantized.items():
+        for key, tensor in codec.write(layer.quantized_weight(), layer.bias).items():
+            state[f"{name}.{key}"] = tensor
     head = model.get_output_embeddings()
     if head is not None and head.weight is model.get_input_embeddings().weight:
         head_name = next(n for n, m in model.named_modules() if m is head)
         state.pop(f"{head_name}.weight", None)  # tied: loaders re-tie it to the embeddings
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / WEIGHTS), metadata={"format": "pt"})
+    qconfig = {**qconfig, "checkpoint_format": codec.name, **_dynamic(quantized, qconfig)}
     config = model.config.to_dict()
     config["quantization_config"] = qconfig
     config["dtype"] = str(dtype).removeprefix("torch.")
@@ -99,6 +111,17 @@ def save_gptq_checkpoint(
     if model.generation_config is not None:
         model.generation_config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+def _dynamic(quantized: dict[str, QuantLinear], qconfig: dict) -> dict:
+    """``{"dynamic": {"+:^NAME$": {"bits": b, "group_size": g}, ...}}`` for the modules whose grid
+    differs from the checkpoint's, else nothing."""
+    overrides = {
+        f"+:^{re.escape(name)}$": {"bits": m.bits, "group_size": m.group_size}
+        for name, m in quantized.items()
+        if (m.bits, m.group_size) != (qconfig["bits"], qconfig["group_size"])
+    }
+    return {"dynamic": {**qconfig.get("dynamic", {}), **overrides}} if overrides else {}
 
 
 def quantized_error(source: str, qc: dict, verb: str) -> LlmliteError:
@@ -115,19 +138,26 @@ def quantized_error(source: str, qc: dict, verb: str) -> LlmliteError:
 def load_gptq_checkpoint(
     folder: Path, qc: dict, config, dtype: torch.dtype = torch.float32, backend: str = "torch"
 ):
-    """Load a GPTQ-layout checkpoint (v1 zero-points) into a model with ``QuantLinear`` layers;
-    every tensor is checked against the shapes of ``config`` (the folder's transformers config,
-    ``qc`` its ``quantization_config``) first."""
-    bits, group_size = _grid(folder, qc)
+    """Load a checkpoint of a layout in ``formats.CODECS`` (GPTQ v1) into a model with
+    ``QuantLinear`` layers set to ``backend``; every tensor is checked against the shapes of
+    ``config`` (the folder's transformers config, ``qc`` its ``quantization_config``, whose
+    ``dynamic`` block may give a module other bits or another group size) first."""
+    grid = _grid(folder, qc, "quantization_config")
     layout = qc.get("checkpoint_format", "gptq")
-    if layout != "gptq":
-        raise LlmliteError(f"{folder}: checkpoint_format '{layout}' unsupported; llmlite reads 'gptq' (v1)")
+    codec = CODECS.get(layout)
+    if codec is None:
+        raise LlmliteError(
+            f"{folder}: checkpoint_format '{layout}' unsupported; llmlite reads {', '.join(CODECS)} (v1)"
+        )
     state = _read_weights(folder)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for name in sorted(k[: -len(".qweight")] for k in state if k.endswith(".qweight")):
-        model.set_submodule(name, _quant_layer(model, name, state, bits, group_size, backend, folder))
+    marker = f".{codec.marker}"
+    names = sorted(k[: -len(marker)] for k in state if k.endswith(marker))
+    for name in names:
+        module_grid = _module_grid(folder, name, grid, qc.get("dynamic"))
+        model.set_submodule(name, _quant_layer(model, name, state, module_grid, codec, backend, folder))
     expected = model.state_dict()
     for key, tensor in state.items():
         want = expected.get(key)
@@ -138,7 +168,8 @@ def load_gptq_checkpoint(
             )
     missing, unexpected = model.load_state_dict(state, strict=False)
     model.tie_weights()
-    missing = [k for k in missing if not _is_tied(model, k)]
+    done = set(names)
+    missing = [k for k in missing if not _is_tied(model, k) and k.rpartition(".")[0] not in done]
     if missing or unexpected:
         raise LlmliteError(
             f"{folder} does not match its config ({len(missing)} tensors missing, "
@@ -154,9 +185,10 @@ def load_gptq_checkpoint(
     return model, tokenizer
 
 
-def _grid(folder: Path, qc: dict) -> tuple[int, int]:
-    """``bits`` and ``group_size`` of a ``quantization_config``, checked."""
-    where = f"{folder / 'config.json'}: quantization_config"
+def _grid(folder: Path, qc: dict, where: str) -> tuple[int, int]:
+    """``bits`` and ``group_size`` of a ``quantization_config`` (or one of its ``dynamic``
+    entries, named by ``where``), checked."""
+    where = f"{folder / 'config.json'}: {where}"
     bits, group_size = qc.get("bits"), qc.get("group_size", -1)
     if isinstance(bits, bool) or not isinstance(bits, int):
         raise LlmliteError(f"{where}.bits must be a whole number, got {bits!r}; re-create the checkpoint")
@@ -170,51 +202,68 @@ def _grid(folder: Path, qc: dict) -> tuple[int, int]:
     return bits, group_size
 
 
+def _module_grid(folder: Path, name: str, grid: tuple[int, int], dynamic) -> tuple[int, int]:
+    """The bits and group size of module ``name``: the first ``dynamic`` pattern (``+:REGEX``
+    or a bare regex, GPTQModel's convention) that matches it overrides the checkpoint's."""
+    if not isinstance(dynamic, dict):
+        return grid
+    for pattern, override in dynamic.items():
+        if pattern.startswith("-:") or not isinstance(override, dict):
+            continue
+        if re.match(pattern.removeprefix("+:"), name):
+            merged = {"bits": grid[0], "group_size": grid[1], **override}
+            return _grid(folder, merged, f"quantization_config.dynamic[{pattern!r}]")
+    return grid
+
+
 def _quant_layer(
     model: PreTrainedModel,
     name: str,
     state: dict[str, torch.Tensor],
-    bits: int,
-    group_size: int,
+    grid: tuple[int, int],
+    codec: Codec,
     backend: str,
     folder: Path,
 ) -> QuantLinear:
-    """The ``QuantLinear`` that replaces the Linear ``name``, its tensors in ``state`` checked
-    against the shapes the Linear's features and the grid imply."""
+    """The ``QuantLinear`` that replaces the Linear ``name``, read by ``codec`` from its tensors
+    in ``state`` (taken out of it) once they are checked against the shapes and dtypes the
+    Linear's features and the grid imply."""
     try:
         linear = model.get_submodule(name)
     except AttributeError:
         linear = None
     if not isinstance(linear, nn.Linear):
         raise LlmliteError(
-            f"{folder}: {name}.qweight belongs to no linear layer of {type(model).__name__}; "
+            f"{folder}: {name}.{codec.marker} belongs to no linear layer of {type(model).__name__}; "
             "re-create the checkpoint"
         )
+    bits, group_size = grid
     bias = f"{name}.bias" in state
-    layer = QuantLinear(linear.in_features, linear.out_features, bits, group_size, bias, backend)
-    for buffer in ("qweight", "qzeros", "scales", "g_idx", *(("bias",) if bias else ())):
-        key, expected = f"{name}.{buffer}", getattr(layer, buffer)
-        found = state.get(key)
-        grid = f"{bits}-bit, group size {group_size}, {linear.in_features} -> {linear.out_features} features"
+    sizes = f"{bits}-bit, group size {group_size}, {linear.in_features} -> {linear.out_features} features"
+    tensors = {}
+    for key, want in codec.layout(linear.in_features, linear.out_features, bits, group_size, bias).items():
+        found = state.pop(f"{name}.{key}", None)
         if found is None:
-            raise LlmliteError(f"{folder}: {key} is missing ({grid}); re-create the checkpoint")
-        if found.shape != expected.shape:
+            raise LlmliteError(f"{folder}: {name}.{key} is missing ({sizes}); re-create the checkpoint")
+        if found.shape != want.shape:
             raise LlmliteError(
-                f"{folder}: {key} has shape {list(found.shape)}, expected {list(expected.shape)} "
-                f"({grid}); re-create the checkpoint"
+                f"{folder}: {name}.{key} has shape {list(found.shape)}, expected {list(want.shape)} "
+                f"({sizes}); re-create the checkpoint"
             )
-        if found.is_floating_point() != expected.is_floating_point():
+        if found.is_floating_point() != want.is_floating_point():
             raise LlmliteError(
-                f"{folder}: {key} is {str(found.dtype).removeprefix('torch.')}, expected "
-                f"{str(expected.dtype).removeprefix('torch.')}; re-create the checkpoint"
+                f"{folder}: {name}.{key} is {str(found.dtype).removeprefix('torch.')}, expected "
+                f"{str(want.dtype).removeprefix('torch.')}; re-create the checkpoint"
             )
-    g_idx, groups = state[f"{name}.g_idx"], layer.scales.shape[0]
-    if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+        tensors[key] = found
+    weight = codec.read(tensors, bits)
+    groups = weight.scale.shape[1]
+    if weight.g_idx.numel() and (int(weight.g_idx.min()) < 0 or int(weight.g_idx.max()) >= groups):
         raise LlmliteError(
             f"{folder}: {name}.g_idx holds groups outside 0..{groups - 1} (group size {group_size}); "
             "re-create the checkpoint"
         )
-    return layer
+    return QuantLinear.from_weight(weight, tensors.get("bias"), group_size, backend)
 
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -38,6 +38,7 @@ from llmlite.arch import LLAMA, decoder_layers
 from llmlite.errors import LlmliteError
 from llmlite.memory import trim_heap
 from llmlite.quant.checkpoint import quantized_error
+from llmlite.quant.compressed import is_compressed
 from llmlite.quant.gptq import accumulate_drift, accumulate_hessian, finish_hessian
 from llmlite.quant.grid import QuantizedWeight
 from llmlite.quant.linear import QuantLinear
@@ -83,7 +84,7 @@ def check_quantizable(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of ``model``, refused when there is nothing llmlite can quantize in them:
     the model is quantized already, or its projections are not ``nn.Linear`` (GPT-2's Conv1D)."""
     qc = getattr(model, "llmlite_quantization", None)
-    if qc or any(isinstance(m, QuantLinear) for m in model.modules()):
+    if qc or any(is_compressed(m) for m in model.modules()):
         source = getattr(model, "llmlite_source", None) or _architecture(model)
         raise quantized_error(source, qc or {"quant_method": "gptq"}, "quantize")
     layers = decoder_layers(model)

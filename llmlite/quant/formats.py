@@ -1,4 +1,5 @@
-"""Pack and unpack the on-disk layouts of quantized weights.
+"""File layouts of quantized weights as pure codecs: ``QuantizedWeight`` (the one in-memory form)
+to a module's tensors and back. ``CODECS`` lists them by the ``checkpoint_format`` they write.
 
 GPTQ layout (what transformers + GPTQModel, vLLM, TGI and exllama read), b bits per value:
 
@@ -17,11 +18,13 @@ Lengths that do not fill whole words are padded with zero bits; the true lengths
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from llmlite.quant.grid import QuantizedWeight
+from llmlite.quant.grid import QuantizedWeight, group_index, num_groups
 
 _MASK32 = 0xFFFFFFFF
 
@@ -95,11 +98,39 @@ def from_gptq(tensors: dict[str, Tensor], bits: int) -> QuantizedWeight:
     scales = tensors["scales"]
     out_features = scales.shape[1]
     codes = unpack(tensors["qweight"], bits, len(g_idx)).T
-    zeros = unpack(tensors["qzeros"].T, bits, out_features).to(torch.int64) + 1
+    zeros = unpack(tensors["qzeros"].T, bits, out_features).to(torch.int16) + 1  # 2**8 fits
     return QuantizedWeight(
         codes=codes.contiguous(),
         scale=scales.float().T.contiguous(),
-        zero=zeros.to(torch.uint8).contiguous(),
+        zero=zeros.contiguous(),
         g_idx=g_idx,
         bits=bits,
     )
+
+
+@dataclass(frozen=True)
+class Codec:
+    """A file layout of one quantized linear: ``write(weight, bias)`` gives its tensors by name
+    (saved under the module's name), ``read(tensors, bits)`` the ``QuantizedWeight`` back;
+    ``marker`` is the tensor whose presence marks a module as quantized in this layout."""
+
+    name: str
+    write: Callable[[QuantizedWeight, Tensor | None], dict[str, Tensor]]
+    read: Callable[[dict[str, Tensor], int], QuantizedWeight]
+    marker: str
+
+    def layout(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool):
+        """The tensors (shapes and dtypes, zero-filled) one module of these sizes has in a file."""
+        groups = num_groups(in_features, group_size)
+        empty = QuantizedWeight(
+            codes=torch.zeros(out_features, in_features, dtype=torch.uint8),
+            scale=torch.zeros(out_features, groups),
+            zero=torch.ones(out_features, groups, dtype=torch.uint8),
+            g_idx=group_index(in_features, group_size),
+            bits=bits,
+        )
+        return self.write(empty, torch.zeros(out_features) if bias else None)
+
+
+GPTQ = Codec("gptq", to_gptq, from_gptq, marker="qweight")
+CODECS = {codec.name: codec for codec in (GPTQ,)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -11,16 +12,26 @@ from torch import Tensor, nn
 from llmlite.quant.formats import from_gptq, packed_length, to_gptq, unpack
 from llmlite.quant.grid import QuantizedWeight, num_groups
 
-Backend = Callable[["QuantLinear", Tensor], Tensor]
+
+@dataclass(frozen=True)
+class Backend:
+    """How a ``QuantLinear`` computes: ``forward(layer, x) -> y``, after ``prepare(layer)`` has
+    repacked the layer's codes once (at load time) into whatever the kernel reads."""
+
+    forward: Callable[[QuantLinear, Tensor], Tensor]
+    prepare: Callable[[QuantLinear], None] | None = None
+
+
 BACKENDS: dict[str, Backend] = {}
 
 
-def register_backend(name: str) -> Callable[[Backend], Backend]:
-    """Register ``fn(layer, x) -> y`` as a compute backend for ``QuantLinear``."""
+def register_backend(name: str, prepare: Callable[[QuantLinear], None] | None = None):
+    """Register ``forward(layer, x) -> y`` (the decorated function) as the compute backend
+    ``name``; ``prepare(layer)``, if given, runs once when a layer is set to the backend."""
 
-    def wrap(fn: Backend) -> Backend:
-        BACKENDS[name] = fn
-        return fn
+    def wrap(forward: Callable[[QuantLinear, Tensor], Tensor]):
+        BACKENDS[name] = Backend(forward, prepare)
+        return forward
 
     return wrap
 
@@ -56,7 +67,8 @@ class _DequantizedLinear(torch.autograd.Function):
 
 class QuantLinear(nn.Module):
     """``y = x Wᵀ + b`` with ``W`` held as packed integer codes (buffers ``qweight``, ``qzeros``,
-    ``scales``, ``g_idx``, ``bias``: the GPTQ checkpoint tensors, so ``state_dict`` is the file)."""
+    ``scales``, ``g_idx``, ``bias``, packed as in the GPTQ layout: the torch backend's form, which
+    peft's GPTQ LoRA also reads). Files are written and read by the codecs of ``formats.py``."""
 
     def __init__(
         self,
@@ -81,13 +93,27 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_weight(
-        cls, weight: QuantizedWeight, bias: Tensor | None = None, group_size: int = -1
+        cls, weight: QuantizedWeight, bias: Tensor | None = None, group_size: int = -1, backend: str = "torch"
     ) -> QuantLinear:
         out_features, in_features = weight.shape
         layer = cls(in_features, out_features, weight.bits, group_size, bias is not None)
         for name, tensor in to_gptq(weight, bias).items():
             getattr(layer, name).copy_(tensor)
-        return layer
+        return layer.set_backend(backend)
+
+    def set_backend(self, name: str) -> QuantLinear:
+        """Compute with backend ``name`` from now on (its ``prepare`` step runs here, once)."""
+        if name not in BACKENDS:
+            raise ValueError(f"unknown QuantLinear backend {name!r}; registered: {', '.join(BACKENDS)}")
+        self.backend = name
+        if BACKENDS[name].prepare is not None:
+            BACKENDS[name].prepare(self)
+        return self
+
+    def stored_bytes(self) -> int:
+        """Bytes of the packed weight, its grid and its bias (the checkpoint's tensors)."""
+        tensors = (self.qweight, self.qzeros, self.scales, self.g_idx, self.bias)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     @property
     def infeatures(self) -> int:  # AutoGPTQ's names, which peft reads
@@ -123,7 +149,7 @@ class QuantLinear(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> Tensor:
-        return BACKENDS[self.backend](self, x)
+        return BACKENDS[self.backend].forward(self, x)
 
     def extra_repr(self) -> str:
         return (

@@ -17,6 +17,7 @@ from llmlite.arch import LORA_TARGETS
 from llmlite.errors import LlmliteError
 from llmlite.memory import trim_heap
 from llmlite.models import is_gptq_checkpoint, load_model, resolve_model
+from llmlite.quant.compressed import is_compressed
 from llmlite.quant.linear import QuantLinear
 from llmlite.training.fused_lora import fuse_lora_layers
 from llmlite.training.nf4 import dequantize_nf4, reuse_dequantization_buffer
@@ -44,7 +45,7 @@ def load_base(source: str, method: str, dtype: torch.dtype, device: torch.device
         model, tokenizer = _load_nf4(source, dtype, device)  # placed on the device by transformers
     else:
         model, tokenizer = load_model(source, dtype=dtype)
-        if method == "full" and any(isinstance(m, QuantLinear) for m in model.modules()):
+        if method == "full" and any(is_compressed(m) for m in model.modules()):
             raise LlmliteError(
                 f"{source} is a quantized checkpoint and cannot be fully fine-tuned; use --method lora "
                 "(LoRA on its 4-bit weights) or the unquantized model"
@@ -116,8 +117,11 @@ def linear_names(model: nn.Module) -> list[str]:
     """Leaf names of the linear-like modules of ``model`` (what ``--target-modules`` may name)."""
     from transformers.pytorch_utils import Conv1D
 
-    kinds: tuple[type, ...] = (nn.Linear, Conv1D, QuantLinear)
-    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, kinds)}
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear | Conv1D) or is_compressed(m)
+    }
     return sorted(names)
 
 
@@ -167,7 +171,7 @@ def add_adapters(
     from peft.tuners.lora.gptq import GPTQLoraLinear
     from transformers.pytorch_utils import Conv1D
 
-    quantized = any(isinstance(m, QuantLinear) for m in model.modules())
+    quantized = any(is_compressed(m) for m in model.modules())
     if quantized and method == "dora":
         raise LlmliteError("DoRA on a GPTQ base is not supported by peft; use --method lora on it")
     if method == "qlora":
@@ -223,7 +227,7 @@ def dequantize_to_float(model: nn.Module) -> bool:
 
 
 def _float_weight(module: nn.Module) -> torch.Tensor | None:
-    if isinstance(module, QuantLinear):
+    if is_compressed(module):
         return module.dequantize(torch.float32)
     if type(module).__name__ != "Linear4bit":
         return None
