@@ -5,16 +5,15 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from llmlite.arch import LLAMA
 from llmlite.errors import LlmliteError
-from llmlite.gqa.convert import attention_layers, decoder
+from llmlite.gqa.convert import attention_layers
+from llmlite.training.distill import DistillationKL
+from llmlite.training.loop import train
 
 UPTRAIN_PARAMS = ("attention", "all")
-_KL_ROWS = 1024  # positions per lm_head slice: the full [batch, seq, vocab] logits never exist
 
 
 def trainable_parameters(model: nn.Module, params: str = "attention") -> list[nn.Parameter]:
@@ -42,9 +41,10 @@ def uptrain(
     """Distil ``teacher`` into ``student`` over token ``windows`` ``[n, seqlen]``, one pass in order.
 
     Loss: KL(teacher ‖ student) of the next-token distributions at every position, temperature 1,
-    unscaled, averaged over positions. AdamW (no weight decay), cosine decay from ``lr`` to 0, no
-    warm-up, gradient norm clipped to 1. ``params``: "attention" trains q/k/v/o only, "all" every
-    parameter. Returns the loss of each step; ``student`` ends in eval mode with its flags restored.
+    unscaled, averaged over positions (``DistillationKL``). AdamW (no weight decay), cosine decay
+    from ``lr`` to 0, no warm-up, gradient norm clipped to 1, through the shared training loop.
+    ``params``: "attention" trains q/k/v/o only, "all" every parameter. Returns the loss of each
+    step; ``student`` ends in eval mode with its flags restored.
     """
     trainable = trainable_parameters(student, params)
     torch.manual_seed(seed)
@@ -57,58 +57,36 @@ def uptrain(
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     cosine = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     device = next(student.parameters()).device
-    losses: list[float] = []
+
+    def batches(step: int) -> list[dict]:
+        return [{"input_ids": windows[step * batch_size : (step + 1) * batch_size].to(device)}]
+
     student.train()
-    bar = tqdm(total=steps, desc="uptrain", unit="step", disable=not progress)
     try:
-        for step in range(steps):
-            batch = windows[step * batch_size : (step + 1) * batch_size].to(device)
-            losses.append(_distil(student, teacher, batch, backward=True))
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
-            cosine.step()
-            optimizer.zero_grad(set_to_none=True)
-            bar.set_postfix(kl=f"{losses[-1]:.4f}")
-            bar.update()
+        return train(
+            DistillationKL(student, teacher),
+            batches,
+            optimizer,
+            cosine,
+            trainable,
+            steps,
+            max_grad_norm=1.0,
+            desc="uptrain" if progress else None,
+            on_step=lambda s: {"kl": f"{s.loss:.4f}"},
+        )
     finally:
-        bar.close()
         student.eval()
         for p, flag in flags:
             p.requires_grad_(flag)
-    return losses
 
 
 @torch.no_grad()
 def distillation_kl(student: nn.Module, teacher: nn.Module, windows: Tensor, batch_size: int = 4) -> float:
     """Mean KL(teacher ‖ student) of the next-token distributions over every position of ``windows``."""
     device = next(student.parameters()).device
+    loss = DistillationKL(student, teacher)
     total = 0.0
     for i in range(0, len(windows), batch_size):
         batch = windows[i : i + batch_size].to(device)
-        total += _distil(student, teacher, batch, backward=False) * batch.numel()
+        total += float(loss(batch)) * batch.numel()
     return total / windows.numel()
-
-
-def _distil(student: nn.Module, teacher: nn.Module, batch: Tensor, backward: bool) -> float:
-    """KL(teacher ‖ student) averaged over the positions of ``batch``, and with ``backward`` its
-    gradient. The logits are made ``_KL_ROWS`` positions at a time; each slice's loss is
-    backpropagated to the final hidden states, which carry the summed gradient through the body once."""
-    with torch.no_grad():
-        target = decoder(teacher)(batch, use_cache=False).last_hidden_state.flatten(0, 1)
-    with torch.set_grad_enabled(backward):
-        hidden = decoder(student)(batch, use_cache=False).last_hidden_state.flatten(0, 1)
-    cut = hidden.detach().requires_grad_(backward)
-    s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
-    total = 0.0
-    for i in range(0, len(cut), _KL_ROWS):
-        with torch.no_grad():
-            t_logp = F.log_softmax(t_head(target[i : i + _KL_ROWS]).float(), -1)
-        with torch.set_grad_enabled(backward):
-            s_logp = F.log_softmax(s_head(cut[i : i + _KL_ROWS]).float(), -1)
-            kl = (t_logp.exp() * (t_logp - s_logp)).sum() / len(cut)
-        if backward:
-            kl.backward()
-        total += float(kl.detach())
-    if backward:
-        hidden.backward(cut.grad)
-    return total

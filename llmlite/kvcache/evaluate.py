@@ -1,20 +1,16 @@
-"""Perplexity read back through a KV cache. A single forward pass over a window never reads the
-cache, so it cannot see the cache's error: here each window's first ``prefill`` tokens fill the
-cache, and the rest is scored ``chunk`` tokens at a time, every chunk attending to the cache
-(``chunk=1`` is token-by-token decoding)."""
+"""Perplexity read back through a KV cache, with the memory the cache held. The scoring is
+``llmlite.nll.perplexity`` with a cache factory: each window's first ``prefill`` tokens fill a fresh
+cache and the rest is scored ``chunk`` tokens at a time, every chunk attending to the cache."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
-import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 from transformers.cache_utils import Cache
 
-from llmlite.ops import token_nll
+from llmlite.nll import perplexity
 
 
 @dataclass
@@ -32,21 +28,6 @@ class CachedPerplexity:
     ratio_to_float16: float | None
 
 
-@torch.no_grad()
-def cached_window_nll(model: nn.Module, window: Tensor, cache: Cache, prefill: int, chunk: int) -> Tensor:
-    """Summed NLL (float64) of ``window[:, prefill:]`` ``[b, ctx]``, each chunk read through ``cache``."""
-    out = model(window[:, :prefill], cache=cache, use_cache=True, logits_to_keep=1)
-    last = out.logits[:, -1:].float()  # predicts the first scored token
-    total = torch.zeros(window.shape[0], dtype=torch.float64)
-    ctx = window.shape[1]
-    for start in range(prefill, ctx, chunk):
-        piece = window[:, start : start + chunk]
-        logits = torch.cat([last, model(piece, cache=cache, use_cache=True).logits.float()], 1)
-        total += token_nll(logits[:, :-1], piece).double().sum(1).cpu()
-        last = logits[:, -1:]
-    return total
-
-
 def cached_perplexity(
     model: nn.Module,
     windows: Tensor,
@@ -56,34 +37,27 @@ def cached_perplexity(
     progress: bool = True,
 ) -> CachedPerplexity:
     """Perplexity of ``windows`` ``[n, ctx]`` scored through a fresh ``make_cache()`` per window."""
-    n, ctx = windows.shape
-    if not 1 <= prefill < ctx:
-        raise ValueError(f"prefill must be in [1, {ctx}), got {prefill}")
-    device = next(model.parameters()).device
-    total, memories = 0.0, []
-    bar = tqdm(total=n, desc="perplexity through the cache", unit="window", disable=not progress)
-    for window in windows:
-        cache = make_cache()
-        total += float(cached_window_nll(model, window[None].to(device), cache, prefill, chunk).sum())
-        memories.append(cache_memory(cache))
-        bar.update(1)
-    bar.close()
-    tokens = n * (ctx - prefill)
-    nll = total / tokens
-    held = sum(m["bytes"] for m in memories) // n
-    fp16 = float16_cache_bytes(model.config, ctx)
-    return CachedPerplexity(
-        perplexity=math.exp(nll),
-        nll=nll,
-        windows=n,
-        tokens=tokens,
-        ctx=ctx,
+    held: list[int] = []
+    result = perplexity(
+        model,
+        windows,
+        1,
+        progress,
+        make_cache=make_cache,
         prefill=prefill,
         chunk=chunk,
-        cache_bytes=held,
-        cache_bytes_per_token=held / ctx,
+        on_cache=lambda cache: held.append(cache_memory(cache)["bytes"]),
+    )
+    mean = sum(held) // len(held)
+    fp16 = float16_cache_bytes(model.config, result.ctx)
+    return CachedPerplexity(
+        **asdict(result),
+        prefill=prefill,
+        chunk=chunk,
+        cache_bytes=mean,
+        cache_bytes_per_token=mean / result.ctx,
         float16_bytes=fp16,
-        ratio_to_float16=fp16 / held if held else None,
+        ratio_to_float16=fp16 / mean if mean else None,
     )
 
 

@@ -6,13 +6,15 @@ made, turned into the loss and into the gradient ``(softmax − onehot)`` in pla
 into ``∂h`` (and ``∂W`` when the head trains), and freed. The backward pass only scales those saved
 gradients. A [tokens × vocab] float32 tensor (400 MB for 2,048 tokens of a 49k vocabulary) and the
 several passes over it that ``log_softmax`` and its backward make are never needed, and rows whose
-target is ignored (prompt tokens, padding) never reach the head at all.
+target is ignored (prompt tokens, padding) never reach the head at all. ``CausalLMLoss``, the loss
+``finetune`` trains with through the shared loop (``training.loop``), is built on it.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 IGNORE = -100
 
@@ -103,3 +105,30 @@ def linear_cross_entropy(
 def shift_targets(labels: Tensor) -> Tensor:
     """Position ``t`` predicts token ``t+1``: labels shifted left, the last position ignored."""
     return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)
+
+
+class CausalLMLoss(nn.Module):
+    """Summed next-token loss of a causal LM divided by ``normaliser``. It runs the decoder and
+    takes the loss straight from the hidden states (``linear_cross_entropy``) when the head is a
+    plain bias-free linear layer, else it goes through the model's logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+        head = hf.get_output_embeddings()
+        capped = any(getattr(hf.config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
+        decoder = hf.get_decoder() if hasattr(hf, "get_decoder") else None
+        self.fused = type(head) is nn.Linear and head.bias is None and not capped and decoder is not None
+        self.decoder, self.head = (decoder, head) if self.fused else (None, None)
+
+    def forward(self, input_ids: Tensor, labels: Tensor, normaliser: float) -> Tensor:
+        targets = shift_targets(labels)
+        if self.fused:
+            hidden = self.decoder(input_ids=input_ids, use_cache=False).last_hidden_state
+            return linear_cross_entropy(hidden, self.head.weight, targets, normaliser)
+        logits = self.model(input_ids=input_ids, use_cache=False).logits
+        loss = F.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum"
+        )
+        return loss / normaliser

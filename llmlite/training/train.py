@@ -18,23 +18,25 @@ import pickle
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from llmlite.errors import LlmliteError
 from llmlite.models import check_window, load_config, load_tokenizer, local_source
+from llmlite.results import Result
 from llmlite.runinfo import check_output, staged_output
 from llmlite.training.adapters import add_adapters, load_base, pick_dtype, target_modules
 from llmlite.training.config import FinetuneConfig
 from llmlite.training.data import Example, collate, epoch_batches, load_examples, split
-from llmlite.training.loss import IGNORE, linear_cross_entropy, shift_targets
+from llmlite.training.loop import Local, Step
+from llmlite.training.loop import train as run_loop
+from llmlite.training.loss import IGNORE, CausalLMLoss, shift_targets
 
 log = logging.getLogger("llmlite")
 SUMMARY = "llmlite_finetune.json"
@@ -43,9 +45,11 @@ SUMMARY = "llmlite_finetune.json"
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during training; the message says where the last checkpoint is."""
 
+    resumable = True  # the CLI prints the message instead of "no output was written"
+
 
 @dataclass
-class FinetuneResult:
+class FinetuneResult(Result):
     output: str
     method: str
     data_format: str
@@ -68,32 +72,8 @@ class FinetuneResult:
         out.pop("log")
         return out
 
-
-class CausalLMLoss(nn.Module):
-    """Summed next-token loss of a causal LM divided by ``normaliser``. It runs the decoder and
-    takes the loss straight from the hidden states (``linear_cross_entropy``) when the head is a
-    plain bias-free linear layer, else it goes through the model's logits."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-        head = hf.get_output_embeddings()
-        capped = any(getattr(hf.config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
-        decoder = hf.get_decoder() if hasattr(hf, "get_decoder") else None
-        self.fused = type(head) is nn.Linear and head.bias is None and not capped and decoder is not None
-        self.decoder, self.head = (decoder, head) if self.fused else (None, None)
-
-    def forward(self, input_ids: Tensor, labels: Tensor, normaliser: float) -> Tensor:
-        targets = shift_targets(labels)
-        if self.fused:
-            hidden = self.decoder(input_ids=input_ids, use_cache=False).last_hidden_state
-            return linear_cross_entropy(hidden, self.head.weight, targets, normaliser)
-        logits = self.model(input_ids=input_ids, use_cache=False).logits
-        loss = F.cross_entropy(
-            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum"
-        )
-        return loss / normaliser
+    def to_dict(self) -> dict:
+        return self.summary()
 
 
 def finetune(
@@ -129,7 +109,7 @@ def finetune(
 def _train(
     config: FinetuneConfig, work: Path, accelerator, progress: bool, on_step: Callable[[int], None] | None
 ) -> tuple[FinetuneResult, nn.Module, object]:
-    """The training loop: setup, resume, steps, checkpoints into ``work``, held-out loss."""
+    """Setup, resume, the steps (``training.loop``), checkpoints into ``work``, held-out loss."""
     device = accelerator.device
     if accelerator.num_processes > 1:
         log.info("process %d of %d on %s", accelerator.process_index + 1, accelerator.num_processes, device)
@@ -197,68 +177,76 @@ def _train(
         return loss
 
     main = accelerator.is_main_process
+    show = progress and main
     eval_every = config.eval_steps or config.save_steps
     before = next((h["eval_loss"] for h in history if h.get("step") == 0 and "eval_loss" in h), None)
     if step == 0 and held_out:
         before = evaluate()
         history.append({"step": 0, "eval_loss": before})
-    bar = _bar(total, step, progress and main)
     tokens = window_tokens = 0
     start = window_start = time.perf_counter() - paused
+
+    def micro_batches(s: int) -> list[dict]:
+        """Step ``s``'s micro-batches as ``CausalLMLoss``'s arguments, each loss divided by the
+        target tokens of the whole step (so that the step's gradient is their mean)."""
+        nonlocal tokens, window_tokens
+        micro = [collate(batch_at(s * config.grad_accum + j), pad_id) for j in range(config.grad_accum)]
+        normaliser = sum(int((shift_targets(b["labels"]) != IGNORE).sum()) for b in micro)
+        real = sum(int(b["lengths"].sum()) for b in micro)
+        tokens, window_tokens = tokens + real, window_tokens + real
+        return [
+            {
+                "input_ids": b["input_ids"].to(device),
+                "labels": b["labels"].to(device),
+                "normaliser": max(normaliser, 1),
+            }
+            for b in micro
+        ]
+
+    def after_step(done: Step) -> dict:
+        """Log, evaluate, checkpoint and call ``on_step`` after a step; the progress bar's postfix."""
+        nonlocal step, window_tokens, window_start
+        step = done.step
+        lr = scheduler.get_last_lr()[0]
+        entry = None
+        if step % config.log_steps == 0 or step == total:
+            now = time.perf_counter() - paused
+            entry = {
+                "step": step,
+                "loss": done.loss,
+                "lr": lr,
+                "tokens_per_second": window_tokens / max(now - window_start, 1e-9),
+                "peak_memory_bytes": peak_memory(device),
+            }
+            window_tokens, window_start = 0, now
+        if held_out and (step % eval_every == 0 or step == total):
+            entry = {**(entry or {"step": step}), "eval_loss": evaluate()}
+            if show:
+                tqdm.write(f"step {step}: eval loss {entry['eval_loss']:.4f}")
+        if entry:
+            history.append(entry)
+        speed = tokens / (time.perf_counter() - paused - start)
+        postfix = {"loss": f"{done.loss:.3f}", "lr": f"{lr:.2e}", "tok_s": f"{speed:.0f}"}
+        if main and step % config.save_steps == 0 and step < total:
+            _save_checkpoint(work, step, trainable, optimizer, scheduler, history, config.keep_checkpoints)
+        if on_step is not None:
+            on_step(step)
+        return postfix
+
     try:
-        while step < total:
-            micro = [
-                collate(batch_at(step * config.grad_accum + j), pad_id) for j in range(config.grad_accum)
-            ]
-            normaliser = sum(int((shift_targets(b["labels"]) != IGNORE).sum()) for b in micro)
-            step_loss = 0.0
-            for j, batch in enumerate(micro):
-                sync = nullcontext() if j == len(micro) - 1 else accelerator.no_sync(loss_module)
-                with sync:
-                    loss = loss_module(
-                        batch["input_ids"].to(device), batch["labels"].to(device), max(normaliser, 1)
-                    )
-                    accelerator.backward(loss)
-                step_loss += loss.item()
-                real = int(batch["lengths"].sum())
-                tokens += real
-                window_tokens += real
-            if config.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(list(trainable.values()), config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            entry = None
-            if step % config.log_steps == 0 or step == total:
-                now = time.perf_counter() - paused
-                entry = {
-                    "step": step,
-                    "loss": step_loss,
-                    "lr": scheduler.get_last_lr()[0],
-                    "tokens_per_second": window_tokens / max(now - window_start, 1e-9),
-                    "peak_memory_bytes": peak_memory(device),
-                }
-                window_tokens, window_start = 0, now
-            if held_out and (step % eval_every == 0 or step == total):
-                entry = {**(entry or {"step": step}), "eval_loss": evaluate()}
-                if bar is not None:
-                    bar.write(f"step {step}: eval loss {entry['eval_loss']:.4f}")
-            if entry:
-                history.append(entry)
-            if bar is not None:
-                bar.set_postfix(
-                    loss=f"{step_loss:.3f}",
-                    lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                    tok_s=f"{tokens / (time.perf_counter() - paused - start):.0f}",
-                )
-                bar.update(1)
-            if main and step % config.save_steps == 0 and step < total:
-                _save_checkpoint(
-                    work, step, trainable, optimizer, scheduler, history, config.keep_checkpoints
-                )
-            if on_step is not None:
-                on_step(step)
+        run_loop(
+            loss_module,
+            micro_batches,
+            optimizer,
+            scheduler,
+            list(trainable.values()),
+            total,
+            start=step,
+            max_grad_norm=config.max_grad_norm,
+            backend=accelerator,
+            desc="finetune" if show else None,
+            on_step=after_step,
+        )
     except KeyboardInterrupt:
         last = _latest(work, required=False)
         where = (
@@ -267,9 +255,6 @@ def _train(
             else ("no checkpoint was written yet; rerun to start again")
         )
         raise TrainingInterrupted(f"training interrupted at step {step} of {total}: {where}") from None
-    finally:
-        if bar is not None:
-            bar.close()
     seconds = time.perf_counter() - paused - start
     after = next(
         (h["eval_loss"] for h in reversed(history) if h.get("step") == total and "eval_loss" in h), None
@@ -296,8 +281,8 @@ def _train(
     return result, accelerator.unwrap_model(loss_module).model, tokenizer
 
 
-class _SingleProcess:
-    """The few ``accelerate.Accelerator`` methods the loop uses, for one process: no wrapping, no
+class _SingleProcess(Local):
+    """The few ``accelerate.Accelerator`` methods ``finetune`` uses, for one process: no wrapping, no
     hooks (accelerate's own single-process path costs ~250 MB of peak memory here)."""
 
     num_processes, process_index, is_main_process = 1, 0, True
@@ -307,15 +292,6 @@ class _SingleProcess:
 
     def prepare(self, *objects):
         return objects
-
-    def backward(self, loss: Tensor) -> None:
-        loss.backward()
-
-    def no_sync(self, module: nn.Module):
-        return nullcontext()
-
-    def clip_grad_norm_(self, params, max_norm: float):
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
     def wait_for_everyone(self) -> None:
         pass
@@ -436,14 +412,6 @@ def _scheduler(config: FinetuneConfig, optimizer, total: int):
     name = "constant_with_warmup" if config.schedule == "constant" else config.schedule
     warmup = round(config.warmup_ratio * total)
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
-
-
-def _bar(total: int, initial: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="finetune", unit="step", dynamic_ncols=True)
 
 
 def _latest(work: Path, required: bool = True) -> Path | None:
