@@ -64,6 +64,7 @@ for _bits in (4, 3):
         _sym = _grid == "sym"
         RUNS += [
             (f"rtn-w{_bits}g128-{_grid}", "llmlite", "rtn", _bits, 128, _sym, "plain"),
+            (f"rtn-clip-w{_bits}g128-{_grid}", "llmlite", "rtn-clip", _bits, 128, _sym, "plain"),
             (f"gptq-w{_bits}g128-{_grid}", "llmlite", "gptq", _bits, 128, _sym, "plain"),
             (f"gptq-v2w16-w{_bits}g128-{_grid}", "llmlite", "gptq", _bits, 128, _sym, "default"),
             (f"gptq-v2-w{_bits}g128-{_grid}", "llmlite", "gptq", _bits, 128, _sym, "v2-all"),
@@ -299,12 +300,14 @@ def write_report(cache: dict, n_windows: int, n_tokens: int) -> None:
         "GPTQ plus GPTAQ's drift correction (α 0.25) measured on the first 16 calibration windows, "
         "then each group's scale refit to the layer's output (`--refit`); plain = `--no-v2 --no-refit`; "
         "v2 all = `--v2 --v2-windows 0 --no-refit` (the correction measured on all 128 windows, "
-        "GPTQModel's v2). Times are in the speed table below, where every row ran on the same day "
+        "GPTQModel's v2). rtn-clip = `--method rtn-clip`: RTN with each group's range clipped for the "
+        "least layer-output error on the same calibration data (no error compensation). "
+        "Times are in the speed table below, where every row ran on the same day "
         "on an otherwise idle machine.",
         "",
-        "| bits | grid | RTN ppl | default ppl | gap closed | plain ppl | gap closed "
-        "| v2 all ppl | gap closed |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| bits | grid | RTN ppl | rtn-clip ppl | gap closed | default ppl | gap closed | plain ppl "
+        "| gap closed | v2 all ppl | gap closed |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for bits in (4, 3):
         for grid in ("sym", "asym"):
@@ -312,7 +315,7 @@ def write_report(cache: dict, n_windows: int, n_tokens: int) -> None:
             if not r:
                 continue
             cells = [str(bits), grid, f"{r['perplexity']:.3f}"]
-            for prefix in ("gptq-v2w16", "gptq", "gptq-v2"):
+            for prefix in ("rtn-clip", "gptq-v2w16", "gptq", "gptq-v2"):
                 g = rows[f"{prefix}-w{bits}g128-{grid}"]
                 if not g:
                     cells += ["–"] * 2

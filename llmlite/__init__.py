@@ -10,6 +10,10 @@ Public API (imported lazily so that ``llmlite --help`` starts fast)::
     print(llmlite.generate(prompt="The capital of France is", kv_bits=4).text)
     out = llmlite.report(model="out/w4g128", tasks=["wikitext", "piqa"], limit=50, report="out/report")
     table = llmlite.compare(["out/report", "out/other-report"], output="out/compare")
+    result = llmlite.convert_gqa(kv_heads=1, output="out/mqa")
+
+Every verb takes an optional config (``QuantizeConfig``, ...), ``recipe=`` (a YAML file) and the
+config's fields as keyword options, and returns a result dataclass (``result.to_dict()``).
 """
 
 from __future__ import annotations
@@ -20,21 +24,21 @@ from llmlite.blas import enable_mkl_avx2
 
 enable_mkl_avx2()
 
+API_VERBS = ("quantize", "evaluate", "report", "compare", "finetune", "merge", "generate", "convert_gqa")
+
 _EXPORTS = {
     "load_model": "llmlite.models",
-    "quantize": "llmlite.api",
-    "evaluate": "llmlite.api",
+    **{verb: "llmlite.api" for verb in API_VERBS},
     "QuantizeConfig": "llmlite.config",
     "EvalConfig": "llmlite.config",
-    "report": "llmlite.evaluation.report",
     "ReportConfig": "llmlite.evaluation.report",
-    "compare": "llmlite.evaluation.report",
+    "CompareConfig": "llmlite.evaluation.report",
+    "FinetuneConfig": "llmlite.training.config",
+    "MergeConfig": "llmlite.training.merge",
+    "GenerateConfig": "llmlite.kvcache.generate",
+    "GQAConfig": "llmlite.gqa.api",
     "LlmliteError": "llmlite.errors",
     "QuantLinear": "llmlite.quant.linear",
-    "finetune": "llmlite.training.train",
-    "FinetuneConfig": "llmlite.training.config",
-    "merge": "llmlite.training.merge",
-    "generate": "llmlite.kvcache.generate",
     "QuantizedKVCache": "llmlite.kvcache.cache",
     "convert_gqa_model": "llmlite.gqa",
 }

@@ -1,4 +1,6 @@
-"""The Python API: ``quantize`` and ``evaluate``. The CLI verbs are thin wrappers over these."""
+"""The Python API: one function per verb, each taking an optional config, ``recipe=`` and keyword
+options (the config's fields) and returning a result dataclass. The CLI is generated from the same
+configs (``llmlite.cli``). ``quantize`` and ``evaluate`` live here; the others beside their method."""
 
 from __future__ import annotations
 
@@ -13,22 +15,31 @@ import torch
 from llmlite.config import EvalConfig, QuantizeConfig
 from llmlite.data import calibration_windows, eval_windows, load_text, tokenize
 from llmlite.evaluation.metrics import memory_bytes, param_count, size_on_disk
-from llmlite.evaluation.perplexity import perplexity
+from llmlite.evaluation.perplexity import Perplexity, perplexity
+from llmlite.evaluation.report import compare, report
+from llmlite.gqa.api import convert_gqa_model
 from llmlite.kvcache.cache import kv_cache_for, kv_spec
-from llmlite.kvcache.evaluate import cached_perplexity
+from llmlite.kvcache.evaluate import CachedPerplexity, cached_perplexity
+from llmlite.kvcache.generate import generate
 from llmlite.memory import RunStats, measure
 from llmlite.models import check_window, load_model, local_source, model_path, own_weights
 from llmlite.quant.checkpoint import gptq_config, round_unquantized, save_gptq_checkpoint
 from llmlite.quant.driver import QuantReport, QuantSettings, check_quantizable, quantize_model
 from llmlite.quant.methods import get as get_method
 from llmlite.recipes import build
+from llmlite.results import Result
 from llmlite.runinfo import environment, staged_output
+from llmlite.training.merge import merge
+from llmlite.training.train import finetune
+
+__all__ = ["compare", "convert_gqa", "evaluate", "finetune", "generate", "merge", "quantize", "report"]
+convert_gqa = convert_gqa_model
 
 log = logging.getLogger("llmlite")
 
 
 @dataclass
-class QuantizeResult:
+class QuantizeResult(Result):
     model: Any
     tokenizer: Any
     config: QuantizeConfig
@@ -51,6 +62,47 @@ class QuantizeResult:
             "peak_rss_bytes": self.stats.peak_rss_bytes,
             "size_bytes": size_on_disk(self.output),
         }
+
+    def to_dict(self) -> dict:
+        return self.summary()
+
+
+@dataclass
+class EvalResult(Result):
+    """``evaluate``'s result: a model's perplexity and efficiency (and its baseline's, with the
+    ratios in ``change``). ``to_dict()`` is what ``--json`` writes."""
+
+    model: str
+    text: str
+    measured: Perplexity | CachedPerplexity
+    params: int
+    size_bytes: int | None
+    memory_bytes: int
+    seconds: float
+    peak_rss_bytes: int | None
+    peak_rss_scope: str | None
+    peak_gpu_bytes: int | None
+    quantization: dict | None
+    environment: dict
+    kv_cache: dict | None = None
+    baseline: EvalResult | None = None
+    change: dict | None = None
+
+    @property
+    def perplexity(self) -> float:
+        return self.measured.perplexity
+
+    def to_dict(self) -> dict:
+        out = {"model": self.model, "text": self.text, **asdict(self.measured)}
+        for name in ("params", "size_bytes", "memory_bytes", "seconds", "peak_rss_bytes", "peak_rss_scope"):
+            out[name] = getattr(self, name)
+        out["peak_gpu_bytes"], out["quantization"] = self.peak_gpu_bytes, self.quantization
+        if self.kv_cache is not None:
+            out["kv_cache"] = self.kv_cache
+        out["environment"] = self.environment
+        if self.baseline is not None:
+            out["baseline"], out["change"] = self.baseline.to_dict(), self.change
+        return out
 
 
 def quantize(
@@ -115,7 +167,7 @@ def evaluate(
     progress: bool = True,
     tokenizer=None,
     **options,
-) -> dict:
+) -> EvalResult:
     """Perplexity of a model on a text with the papers' window protocol, plus efficiency metrics.
 
     ``model`` is a name or path, or a model object in memory (e.g. ``quantize(...).model``) given
@@ -139,19 +191,16 @@ def evaluate(
         text = load_text(cfg.ppl)
         out = _evaluate_one(cfg, cfg.model, text, model, tokenizer, progress)
         if cfg.baseline:
-            base = _evaluate_one(cfg, cfg.baseline, text, None, None, progress)
-            out["baseline"] = base
-            out["change"] = {
-                k: out[k] / base[k]
-                for k in ("perplexity", "size_bytes", "memory_bytes", "seconds")
-                if out[k] and base[k]
-            }
+            out.baseline = base = _evaluate_one(cfg, cfg.baseline, text, None, None, progress)
+            new, old = out.to_dict(), base.to_dict()
+            keys = ("perplexity", "size_bytes", "memory_bytes", "seconds")
+            out.change = {k: new[k] / old[k] for k in keys if new[k] and old[k]}
         if tmp is not None:
-            tmp.write_text(json.dumps(out, indent=2) + "\n")
+            tmp.write_text(json.dumps(out.to_dict(), indent=2) + "\n")
     return out
 
 
-def _evaluate_one(cfg: EvalConfig, source: str, text: str, model, tokenizer, progress: bool) -> dict:
+def _evaluate_one(cfg: EvalConfig, source: str, text: str, model, tokenizer, progress: bool) -> EvalResult:
     with measure() as stats:
         if model is None:
             model, tokenizer = load_model(source)
@@ -164,21 +213,21 @@ def _evaluate_one(cfg: EvalConfig, source: str, text: str, model, tokenizer, pro
             result = cached_perplexity(
                 model, windows, lambda: kv_cache_for(model, spec, tokenizer), cfg.prefill, cfg.chunk, progress
             )
-    kv = {}
+    kv = None
     if cfg.kv_bits is not None:
-        kv = {"kv_cache": {k: v for k, v in asdict(spec).items() if k != "storage_dtype"}}
-    return {
-        "model": source,
-        "text": cfg.ppl,
-        **asdict(result),
-        "params": param_count(model),
-        "size_bytes": size_on_disk(model_path(model)),
-        "memory_bytes": memory_bytes(model),
-        "seconds": round(stats.seconds, 3),
-        "peak_rss_bytes": stats.peak_rss_bytes,
-        "peak_rss_scope": stats.peak_rss_scope,
-        "peak_gpu_bytes": stats.peak_gpu_bytes,
-        "quantization": getattr(model, "llmlite_quantization", None),
-        **kv,
-        "environment": environment(),
-    }
+        kv = {k: v for k, v in asdict(spec).items() if k != "storage_dtype"}
+    return EvalResult(
+        model=source,
+        text=cfg.ppl,
+        measured=result,
+        params=param_count(model),
+        size_bytes=size_on_disk(model_path(model)),
+        memory_bytes=memory_bytes(model),
+        seconds=round(stats.seconds, 3),
+        peak_rss_bytes=stats.peak_rss_bytes,
+        peak_rss_scope=stats.peak_rss_scope,
+        peak_gpu_bytes=stats.peak_gpu_bytes,
+        quantization=getattr(model, "llmlite_quantization", None),
+        kv_cache=kv,
+        environment=environment(),
+    )

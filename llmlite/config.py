@@ -3,16 +3,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import ClassVar
 
 from llmlite.data import DEFAULT_CALIBRATION, DEFAULT_EVAL_TEXT
 from llmlite.errors import LlmliteError
-from llmlite.kvcache.defaults import KV_DEFAULTS
+from llmlite.kvcache.defaults import KV_DEFAULTS, KV_HELP
 from llmlite.models import DEFAULT_MODEL, refuse_quantized
 from llmlite.quant.grid import SUPPORTED_BITS
 from llmlite.quant.methods import METHODS, get
+from llmlite.recipes import option
 
 DTYPES = ("float16", "bfloat16", "float32")
+KV_OPTIONS = ("kv_group_size", "kv_residual", "kv_sinks", "kv_scheme", "kv_salient", "prefill", "chunk")
 # The settings only some methods read (``Method.options``), and what each does, for the refusal.
 OPTION_HELP = {
     "mse": "searches each group's clipping range on the weights",
@@ -21,34 +24,59 @@ OPTION_HELP = {
 }
 
 
+MODEL_HELP = "bundled name, local folder, .gguf file, hub id or llmlite checkpoint"
+
+
 @dataclass
 class QuantizeConfig:
     """Options of ``llmlite quantize`` / ``llmlite.quantize``."""
 
-    model: str = DEFAULT_MODEL
-    method: str = "gptq"
-    bits: int = 4
-    group_size: int = 128  # -1: one group per output channel
-    sym: bool = True
-    act_order: bool = True  # static groups: no cost at inference; llm-compressor's default too
-    calibration: str = DEFAULT_CALIBRATION
-    samples: int = 128
-    seqlen: int = 512
-    seed: int = 0
-    damp: float = 0.01
-    mse: bool = False
+    VERB: ClassVar[str] = "quantize"
+    ABOUT: ClassVar[str] = (
+        "Quantize the linear layers of every decoder layer and save a GPTQ-layout checkpoint; with no "
+        "options: the bundled smollm2-135m, GPTQ 4-bit, group 128, symmetric, act-order, 128 "
+        "calibration windows of 512 tokens."
+    )
+
+    model: str = option(DEFAULT_MODEL, "bundled name, local folder, .gguf file or hub id")
+    method: str = option(
+        "gptq", "; ".join(f"{m.name}: {m.help}" for m in METHODS.values()), choices=tuple(METHODS)
+    )
+    bits: int = option(4, "bits per weight: 2, 3, 4 or 8")
+    group_size: int = option(128, "columns per scale; -1 = one group per output channel")
+    sym: bool = option(True, "symmetric grid; --asym: asymmetric grid (zero-points)", negative="--asym")
+    # static groups: no cost at inference; llm-compressor's default too
+    act_order: bool = option(True, "GPTQ: quantize columns by decreasing Hessian diagonal (static groups)")
+    calibration: str = option(DEFAULT_CALIBRATION, "calibration text: file or corpus name")
+    samples: int = option(128, "calibration windows")
+    seqlen: int = option(512, "tokens per calibration window")
+    seed: int = option(0, "calibration sampling seed")
+    damp: float = option(0.01, "GPTQ damping, fraction of mean diag(H)")
+    mse: bool = option(False, "search each group's clipping range for the least rounding error")
     # GPTAQ (GPTQModel's "v2"): aim each layer at the float model's outputs, the drift measured on
     # the first v2_windows calibration windows (0: all). None: on for GPTQ (validate() resolves it).
-    v2: bool | None = None
-    v2_alpha: float = 0.25
-    v2_windows: int = 16
+    v2: bool | None = option(
+        None,
+        "GPTAQ (GPTQModel's v2): fit each layer to the float model's outputs, not its own "
+        "(--no-v2: plain GPTQ)",
+        shown="on for GPTQ",
+    )
+    v2_alpha: float = option(0.25, "strength of the --v2 correction, (0, 1]")
+    v2_windows: int = option(16, "calibration windows that --v2 also runs through the float model; 0: all")
     # After GPTQ, each group's scale re-solved for the least layer-output error on the calibration
     # Hessian (codes and zero-points fixed). None: on for GPTQ (validate() resolves it).
-    refit: bool | None = None
-    quantize_head: bool = False
-    dtype: str = "float16"  # storage of the tensors that stay unquantized (embeddings, norms)
-    output: str | None = None
-    overwrite: bool = False
+    refit: bool | None = option(
+        None,
+        "after GPTQ, re-solve each group's scale for the least layer-output error on the calibration "
+        "data (--no-refit: GPTQ's own scales)",
+        shown="on for GPTQ",
+    )
+    quantize_head: bool = option(False, "also quantize lm_head (untied from the embeddings)")
+    dtype: str = option("float16", "storage of the tensors that stay unquantized", choices=DTYPES)
+    output: str | None = option(
+        None, "checkpoint folder to write", cli_required="the checkpoint folder to write"
+    )
+    overwrite: bool = option(False, "replace an existing output folder")
 
     def validate(self) -> QuantizeConfig:
         method = get(self.method)
@@ -69,15 +97,15 @@ class QuantizeConfig:
             self.v2 = "v2" in method.options
         if self.refit is None:
             self.refit = "refit" in method.options
-        for option in ("v2", "refit"):
-            if not isinstance(getattr(self, option), bool):
-                raise LlmliteError(f"option {option} must be true or false, got {getattr(self, option)!r}")
+        for name in ("v2", "refit"):
+            if not isinstance(getattr(self, name), bool):
+                raise LlmliteError(f"option {name} must be true or false, got {getattr(self, name)!r}")
         if self.v2_windows < 0:
             raise LlmliteError(f"--v2-windows {self.v2_windows} is invalid; use 0 (all windows) or more")
-        for option, what in OPTION_HELP.items():
-            if getattr(self, option) and option not in method.options:
-                readers = [m.name for m in METHODS.values() if option in m.options]
-                raise LlmliteError(f"--{option} {what}; use it with --method {' or '.join(readers)}")
+        for name, what in OPTION_HELP.items():
+            if getattr(self, name) and name not in method.options:
+                readers = [m.name for m in METHODS.values() if name in m.options]
+                raise LlmliteError(f"--{name} {what}; use it with --method {' or '.join(readers)}")
         if not 0 < self.damp <= 1:
             raise LlmliteError(f"--damp {self.damp} is out of range; use a value in (0, 1], e.g. 0.01")
         refuse_quantized(self.model, "quantize")  # before any work: there is no float weight left
@@ -88,21 +116,27 @@ class QuantizeConfig:
 class EvalConfig:
     """Options of ``llmlite eval`` / ``llmlite.evaluate``."""
 
-    model: str = DEFAULT_MODEL
-    ppl: str = DEFAULT_EVAL_TEXT
-    ctx: int = 2048
-    max_windows: int | None = None
-    batch_size: int = 1
-    baseline: str | None = None
-    json: str | None = None
-    kv_bits: int | None = None  # score through a KV cache: 2, 4, 8, or 16 (unquantized, same path)
-    kv_group_size: int = KV_DEFAULTS["group_size"]
-    kv_residual: int = KV_DEFAULTS["residual"]
-    kv_sinks: int = KV_DEFAULTS["sinks"]
-    kv_scheme: str = KV_DEFAULTS["scheme"]  # kivi, salient, or auto (salient at 2 bits)
-    kv_salient: float = KV_DEFAULTS["salient"]  # salient scheme: fraction of key channels at 2x bits
-    prefill: int = 256  # tokens of each window that fill the cache before scoring starts
-    chunk: int = 32  # tokens scored per forward pass against the cache (1 = token by token)
+    VERB: ClassVar[str] = "eval"
+    ABOUT: ClassVar[str] = (
+        "Perplexity over non-overlapping windows (the GPTQ/AWQ papers' protocol) plus parameters, "
+        "size on disk, time and peak memory; with --tasks or --report, the report's tasks."
+    )
+
+    model: str = option(DEFAULT_MODEL, MODEL_HELP, positional="?")
+    ppl: str = option(DEFAULT_EVAL_TEXT, "text: file or corpus name (wikitext2: the raw test split)")
+    ctx: int = option(2048, "tokens per window")
+    max_windows: int | None = option(None, "evaluate only the first N windows", shown="all")
+    batch_size: int = option(1, "windows per forward pass")
+    baseline: str | None = option(None, "also evaluate this model (e.g. the unquantized one) and compare")
+    json: str | None = option(None, "write the results to this JSON file")
+    kv_bits: int | None = option(None, KV_HELP["bits"])
+    kv_group_size: int = option(KV_DEFAULTS["group_size"], KV_HELP["group_size"])
+    kv_residual: int = option(KV_DEFAULTS["residual"], KV_HELP["residual"])
+    kv_sinks: int = option(KV_DEFAULTS["sinks"], KV_HELP["sinks"])
+    kv_scheme: str = option(KV_DEFAULTS["scheme"], KV_HELP["scheme"])
+    kv_salient: float = option(KV_DEFAULTS["salient"], KV_HELP["salient"])
+    prefill: int = option(256, "with --kv-bits: tokens of each window that fill the cache first")
+    chunk: int = option(32, "with --kv-bits: tokens scored per step against the cache (1 = decoding)")
 
     def validate(self) -> EvalConfig:
         if self.ctx < 2:
@@ -111,6 +145,14 @@ class EvalConfig:
             raise LlmliteError(f"--max-windows must be at least 1, got {self.max_windows}")
         if self.batch_size < 1:
             raise LlmliteError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.kv_bits is None:
+            changed = [
+                f.name for f in fields(self) if f.name in KV_OPTIONS and getattr(self, f.name) != f.default
+            ]
+            if changed:
+                raise LlmliteError(
+                    f"--{changed[0].replace('_', '-')} is a KV-cache option; add --kv-bits N to use the cache"
+                )
         if self.kv_bits is not None:
             from llmlite.kvcache.cache import kv_spec
 

@@ -1,8 +1,11 @@
 """Options from three places, one precedence: a config's defaults < a YAML recipe < explicit options.
 
-A recipe is a YAML mapping whose keys are the command's long options (``group-size`` or
-``group_size``). ``build`` checks every value against its field's type hint and runs the config's
-own ``validate``, so the Python API, a recipe and the CLI give the same one-line errors. A leaf.
+A config is a dataclass whose fields are declared with ``option`` (default, help text and CLI
+flags in one place: the CLI is generated from them) and whose class names its ``VERB``. A recipe
+is a YAML mapping whose keys are the command's long options (``group-size`` or ``group_size``),
+with ``verb:`` naming the command(s) it is for. ``build`` checks every value against its field's
+type hint and runs the config's own ``validate``, so the Python API, a recipe and the CLI give
+the same one-line errors. A leaf.
 """
 
 from __future__ import annotations
@@ -18,8 +21,43 @@ from typing import Any
 from llmlite.errors import LlmliteError
 
 
-def read_recipe(path: str | Path) -> dict[str, Any]:
-    """The options in a YAML recipe, keys normalised to Python names."""
+def option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    factory: Any = dataclasses.MISSING,
+    flags: tuple[str, ...] = (),
+    negative: str | None = None,
+    choices: tuple | None = None,
+    positional: str | None = None,
+    shown: str | None = None,
+    cli_required: str | None = None,
+) -> Any:
+    """A config field with its CLI description, declared once beside its default.
+
+    ``flags``: the option's names (default ``--field-name``); ``negative``: the flag that sets a
+    boolean to false (default ``--no-field-name``); ``choices``: the values argparse offers;
+    ``positional``: ``"?"``, ``"1"`` or ``"+"`` for a positional argument; ``shown``: the default as
+    help shows it (default: the value); ``cli_required``: what the value is, for the CLI's one-line
+    error when it is missing (the API may leave it unset).
+    """
+    meta = {
+        "help": help,
+        "flags": flags,
+        "negative": negative,
+        "choices": choices,
+        "positional": positional,
+        "shown": shown,
+        "cli_required": cli_required,
+    }
+    if factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def read_recipe(path: str | Path, verb: str | None = None) -> dict[str, Any]:
+    """The options in a YAML recipe, keys normalised to Python names; given the running ``verb``,
+    a recipe whose ``verb:`` names other commands is refused."""
     import yaml
 
     path = Path(path)
@@ -38,7 +76,16 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         found = "empty" if data is None else f"a {type(data).__name__}"
         raise LlmliteError(f"recipe {path} is {found}; it must be a mapping of option: value")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    options = {str(k).replace("-", "_"): v for k, v in data.items()}
+    verbs = options.pop("verb", None)
+    verbs = [verbs] if isinstance(verbs, str) else verbs
+    if verbs is not None and (not isinstance(verbs, list) or not all(isinstance(v, str) for v in verbs)):
+        raise LlmliteError(f"recipe {path}: verb must name a command, e.g. verb: quantize")
+    if verb is not None and verbs is not None and verb not in verbs:
+        raise LlmliteError(
+            f"recipe {path} is for llmlite {' / '.join(verbs)}, not {verb}; run it with that command"
+        )
+    return options
 
 
 def _yaml_problem(e: Exception) -> str:
@@ -52,7 +99,7 @@ def _yaml_problem(e: Exception) -> str:
 def build(cls: type, recipe: str | Path | None = None, **options: Any):
     """An options object from the defaults, an optional recipe, then ``options``."""
     names = {f.name for f in fields(cls)}
-    merged = read_recipe(recipe) if recipe else {}
+    merged = read_recipe(recipe, getattr(cls, "VERB", None)) if recipe else {}
     unknown = sorted(set(merged) - names)
     if unknown:
         valid = ", ".join(sorted(n.replace("_", "-") for n in names))

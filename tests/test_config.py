@@ -107,3 +107,58 @@ def test_an_unknown_api_option_is_a_one_line_error_naming_the_valid_ones():
         llmlite.evaluate(tasks="wikitext")
     with pytest.raises(LlmliteError, match=r"unknown option\(s\) bitz for QuantizeConfig"):
         llmlite.quantize(bitz=3)
+
+
+def test_the_cli_is_generated_from_the_config_fields(capsys):
+    """Each verb's options are its configs' fields, with the help text and default declared
+    beside the field: nothing is declared twice."""
+    import dataclasses
+
+    from llmlite.cli import VERBS, _load, _parser
+
+    parser = _parser()
+    commands = next(a for a in parser._actions if hasattr(a, "choices") and a.choices).choices
+    assert set(commands) == set(VERBS) == {
+        "quantize", "eval", "finetune", "generate", "convert-gqa", "merge", "compare"
+    }  # fmt: skip
+    for verb in VERBS.values():
+        actions = {}
+        for action in commands[verb.name]._actions:
+            actions.setdefault(action.dest, action)  # a boolean's positive flag comes first
+        seen = set()  # eval: a field of both configs is described by the first (EvalConfig)
+        for config in map(_load, verb.configs):
+            for f in dataclasses.fields(config):
+                assert f.name in actions, (verb.name, f.name)
+                if f.name not in seen:
+                    assert actions[f.name].help.startswith(f.metadata["help"].replace("%", "%%")), f.name
+                seen.add(f.name)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["quantize", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert (
+        "--group-size GROUP_SIZE columns per scale; -1 = one group per output channel (default: 128)" in text
+    )
+
+
+@pytest.mark.parametrize(
+    "verb,ok", [("verb: quantize\n", True), ("verb: [eval, quantize]\n", True), ("verb: finetune\n", False)]
+)
+def test_a_recipe_names_its_verb(tmp_path, verb, ok):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(verb + "bits: 8\n")
+    if ok:
+        assert build(QuantizeConfig, recipe).bits == 8
+    else:
+        with pytest.raises(
+            LlmliteError, match="is for llmlite finetune, not quantize; run it with that command"
+        ):
+            build(QuantizeConfig, recipe)
+
+
+def test_every_bundled_recipe_names_its_verb():
+    from llmlite.recipes import read_recipe
+
+    for recipe in RECIPES:
+        text = recipe.read_text()
+        assert "\nverb: " in text, recipe.name
+        read_recipe(recipe)  # the verb line is not an option

@@ -89,7 +89,7 @@ def test_adapter_loads_in_plain_peft_and_merges_exactly(tmp_path, text_file, bun
 
     from llmlite.training.merge import merge
 
-    merge(str(out), str(tmp_path / "merged"))
+    merge(str(out), output=str(tmp_path / "merged"))
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     torch.testing.assert_close(_logits(merged, ids).double(), expected, atol=1e-4, rtol=1e-5)
 
@@ -127,7 +127,7 @@ def test_qlora_on_cpu_lowers_heldout_loss_and_merges(tmp_path, text_file, caplog
 
     from llmlite.training.merge import merge
 
-    merge(str(out), str(tmp_path / "merged"))
+    merge(str(out), output=str(tmp_path / "merged"))
     assert "quantized (NF4)" in caplog.text
     nf4, _ = load_base("smollm2-135m", "qlora", torch.float32, torch.device("cpu"))
     assert isinstance(nf4.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
@@ -162,7 +162,7 @@ def test_lora_on_a_gptq_checkpoint_trains_adapters_and_merges(tmp_path, tiny_dir
     r = finetune(model=str(checkpoint), data=chat_file, output=str(out), max_steps=3, lr=1e-2,
                  progress=False, **{**SMALL, "seqlen": 96})  # fmt: skip
     assert r.data_format == "instruction" and r.trainable_params > 0
-    merge(str(out), str(tmp_path / "merged"))
+    merge(str(out), output=str(tmp_path / "merged"))
     quantized, _ = load_model(str(checkpoint))
     assert isinstance(quantized.model.layers[0].mlp.down_proj, QuantLinear)
     from peft import LoraConfig

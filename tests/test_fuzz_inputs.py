@@ -115,13 +115,32 @@ def fresh(checkpoint: Path, tmp_path: Path) -> Path:
 
 @FUZZ
 @given(
-    key=st.sampled_from(["bits", "group_size", "sym", "checkpoint_format", "desc_act", "quant_method"]),
+    key=st.sampled_from(
+        ["bits", "group_size", "sym", "checkpoint_format", "desc_act", "quant_method", "dynamic"]
+    ),
     value=values,
 )
 def test_checkpoint_with_a_mutated_quantization_config(checkpoint, tmp_path, key, value):
     folder = fresh(checkpoint, tmp_path)
     config = json.loads((folder / "config.json").read_text())
     config["quantization_config"][key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    load(folder)
+
+
+@FUZZ
+@given(
+    dynamic=st.dictionaries(
+        st.one_of(st.text(max_size=12), st.sampled_from(["+:.*", "-:.*down.*", "+:.*\\.q_proj", "+:["])),
+        st.one_of(values, st.dictionaries(st.sampled_from(["bits", "group_size", "sym"]), values)),
+        max_size=3,
+    )
+)
+def test_checkpoint_with_a_mutated_dynamic_block(checkpoint, tmp_path, dynamic):
+    """Per-module overrides (GPTQModel's ``dynamic``) of any shape: loaded, or one clear error."""
+    folder = fresh(checkpoint, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["dynamic"] = dynamic
     (folder / "config.json").write_text(json.dumps(config))
     load(folder)
 

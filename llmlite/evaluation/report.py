@@ -6,12 +6,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from llmlite.errors import LlmliteError
 from llmlite.evaluation import tasks as runners
 from llmlite.evaluation.tasks import ALL_TASKS, DEFAULT_TASKS
+from llmlite.recipes import option
+from llmlite.results import Result
 
 log = logging.getLogger(__name__)
 
@@ -22,15 +25,26 @@ CACHE_VERSION = 1
 class ReportConfig:
     """Options of ``llmlite eval MODEL --report DIR`` / ``llmlite.report``."""
 
-    model: str = "smollm2-135m"
-    baseline: str | None = None  # default: the model a llmlite checkpoint was quantized from
-    tasks: list[str] | str = field(default_factory=lambda: list(DEFAULT_TASKS))
-    limit: int | str | None = None  # per task: "N", or "N,piqa=M,..." / "piqa=M" (documents; windows for
-    # wikitext and calibration)
-    ctx: int = 2048  # perplexity and calibration window
-    report: str | None = None
-    cache: bool = True
-    overwrite: bool = False
+    VERB: ClassVar[str] = "eval"
+
+    model: str = option("smollm2-135m", "the model to report on")
+    baseline: str | None = option(
+        None, "also report this model and compare", shown="the model a llmlite checkpoint came from"
+    )
+    tasks: list[str] | str = option(
+        help="report tasks, comma-separated: wikitext, piqa, calibration, efficiency, kv_cache, passkey, "
+        "needle, ppl_by_position, all, or any lm-eval task",
+        factory=lambda: list(DEFAULT_TASKS),
+        shown=",".join(DEFAULT_TASKS),
+    )
+    # per task: "N", or "N,piqa=M,..." / "piqa=M" (documents; windows for wikitext and calibration)
+    limit: int | str | None = option(
+        None, "documents per task (windows for wikitext and calibration): N, or N,TASK=M,... per task"
+    )
+    ctx: int = option(2048, "tokens per perplexity and calibration window")
+    report: str | None = option(None, "write report.json, report.md and plots to this folder")
+    cache: bool = option(True, "reuse cached task results (--no-cache: recompute them)")
+    overwrite: bool = option(False, "replace an existing --report folder")
 
     def validate(self) -> ReportConfig:
         self._limits = parse_limit(self.limit)
@@ -46,6 +60,44 @@ class ReportConfig:
 
     def limit_for(self, task: str) -> int | None:
         return self._limits.get(task, self._limits.get(None))
+
+
+@dataclass
+class CompareConfig:
+    """Options of ``llmlite compare`` / ``llmlite.compare``."""
+
+    VERB: ClassVar[str] = "compare"
+    ABOUT: ClassVar[str] = "Merge earlier reports into one table and Pareto plots."
+
+    reports: list[str] = option(
+        help="report folders written by llmlite eval --report", factory=list, positional="+"
+    )
+    output: str | None = option(None, "write compare.md, compare.json and plots to this folder")
+    overwrite: bool = option(False, "replace an existing --output folder")
+
+    def validate(self) -> CompareConfig:
+        if not self.reports:
+            raise LlmliteError("compare needs at least one report folder (written by llmlite eval --report)")
+        return self
+
+
+@dataclass
+class ReportResult(Result):
+    """``report``'s result: what ``report.json`` holds (settings, environment, each model's task
+    metrics and details, and the table)."""
+
+    settings: dict
+    environment: dict
+    models: list[dict]
+    table: list[dict]
+
+
+@dataclass
+class CompareResult(Result):
+    """``compare``'s result: every model of the reports once, and the table with Pareto points."""
+
+    models: list[dict]
+    table: list[dict]
 
 
 def parse_limit(limit: int | str | None) -> dict[str | None, int]:
@@ -205,7 +257,7 @@ def evaluate_model(source: str, cfg: ReportConfig, progress: bool = True) -> dic
 
 def report(
     config: ReportConfig | None = None, *, recipe: str | None = None, progress: bool = True, **options
-) -> dict:
+) -> ReportResult:
     """Run the tasks on the model and its baseline; write the report folder when ``report`` is set.
 
     Options are ``ReportConfig``'s fields, or a ready ``config``; ``recipe`` names a YAML file of
@@ -227,29 +279,36 @@ def report(
         models = [evaluate_model(cfg.model, cfg, progress)]
         if baseline and baseline != cfg.model:
             models.insert(0, evaluate_model(baseline, cfg, progress))
-        out = {
-            "settings": {**asdict(cfg), "baseline": baseline},
-            "environment": environment(),
-            "models": models,
-        }
-        out["table"] = render.table(models)
+        settings = {**asdict(cfg), "baseline": baseline}
+        out = ReportResult(settings, environment(), models, render.table(models))
         if tmp is not None:
-            render.write(out, tmp)
+            render.write(out.to_dict(), tmp)
     return out
 
 
-def compare(reports: list[str], *, output: str | None = None, overwrite: bool = False) -> dict:
+def compare(
+    config: CompareConfig | list[str] | None = None,
+    *,
+    recipe: str | None = None,
+    progress: bool = True,
+    **options,
+) -> CompareResult:
     """Merge earlier report folders (``llmlite eval --report``) into one table with Pareto points,
     every model once (the latest report wins); with ``output``, also write ``compare.json``,
-    ``compare.md`` and the Pareto plots there (checked, locked and staged like every output)."""
+    ``compare.md`` and the Pareto plots there (checked, locked and staged like every output).
+
+    ``config`` may be the list of report folders itself (``compare([a, b], output=...)``)."""
     from llmlite.evaluation import render
+    from llmlite.recipes import build
     from llmlite.runinfo import staged_output
 
-    if not reports:
-        raise LlmliteError("compare needs at least one report folder (written by llmlite eval --report)")
-    inputs = [("REPORT", r) for r in reports]
-    with staged_output(output, overwrite=overwrite, inputs=inputs) as tmp:
-        out = render.merge_reports(reports)
+    if isinstance(config, list | tuple):
+        config, options["reports"] = None, list(config)
+    cfg = config.validate() if config is not None else build(CompareConfig, recipe, **options)
+    inputs = [*(("REPORT", r) for r in cfg.reports), ("--recipe", recipe)]
+    with staged_output(cfg.output, overwrite=cfg.overwrite, inputs=inputs) as tmp:
+        merged = render.merge_reports(cfg.reports)
+        out = CompareResult(merged["models"], merged["table"])
         if tmp is not None:
-            render.write_compare(out, tmp)
+            render.write_compare(out.to_dict(), tmp)
     return out

@@ -9,6 +9,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from torch import Tensor, nn
 
@@ -18,6 +19,8 @@ from llmlite.gqa.convert import METHODS, attention_layers, check_target, convert
 from llmlite.gqa.uptrain import UPTRAIN_PARAMS, trainable_parameters, uptrain
 from llmlite.kvcache.evaluate import float16_cache_bytes
 from llmlite.models import DEFAULT_MODEL, check_window, load_model, local_source
+from llmlite.recipes import option
+from llmlite.results import Result
 from llmlite.runinfo import staged_output
 
 RECORD = "llmlite_gqa.json"
@@ -27,19 +30,33 @@ RECORD = "llmlite_gqa.json"
 class GQAConfig:
     """Options of ``llmlite convert-gqa`` / ``llmlite.convert_gqa_model``."""
 
-    model: str = DEFAULT_MODEL
-    kv_heads: int | None = None  # required
-    method: str = "aligned"
-    calibration: str = DEFAULT_CALIBRATION  # for the weighted/aligned methods and uptraining
-    samples: int = 16  # calibration windows of the weighted/aligned methods
-    seqlen: int = 512  # tokens per window, calibration and uptraining
-    seed: int = 0
-    uptrain_tokens: int = 0  # 0: no uptraining
-    uptrain_lr: float = 1e-4
-    uptrain_params: str = "attention"
-    batch_size: int = 4  # uptraining windows per step
-    output: str | None = None
-    overwrite: bool = False
+    VERB: ClassVar[str] = "convert-gqa"
+    ABOUT: ClassVar[str] = (
+        "Merge the key/value heads of a Llama, Mistral or Qwen2 model into --kv-heads groups (or repeat "
+        "them, an exact change), optionally uptrain by distillation from the original, and save a "
+        "model plain transformers loads."
+    )
+
+    model: str = option(DEFAULT_MODEL, "bundled name, local folder, .gguf file or hub id")
+    kv_heads: int | None = option(None, "key/value heads to keep (required)", shown="none")
+    method: str = option(
+        "aligned",
+        "mean pooling; weighted by query energy and o_proj; aligned: merge aligned heads, folding the "
+        "alignment into q_proj/o_proj",
+        choices=METHODS,
+    )
+    calibration: str = option(DEFAULT_CALIBRATION, "calibration text (weighted/aligned methods, uptraining)")
+    samples: int = option(16, "calibration windows of the weighted/aligned methods")
+    seqlen: int = option(512, "tokens per calibration and uptraining window")
+    seed: int = option(0, "sampling seed")
+    uptrain_tokens: int = option(0, "distillation tokens after converting; 0: no uptraining")
+    uptrain_lr: float = option(1e-4, "peak uptraining learning rate, cosine to 0")
+    uptrain_params: str = option("attention", "what uptraining trains", choices=UPTRAIN_PARAMS)
+    batch_size: int = option(4, "uptraining windows per step")
+    output: str | None = option(
+        None, "folder for the converted model", cli_required="the folder for the converted model"
+    )
+    overwrite: bool = option(False, "replace an existing output folder")
 
     def validate(self) -> GQAConfig:
         if self.kv_heads is None:
@@ -67,12 +84,15 @@ class GQAConfig:
 
 
 @dataclass
-class GQAResult:
+class GQAResult(Result):
     model: nn.Module
     tokenizer: object
     config: GQAConfig
     record: dict = field(default_factory=dict)  # what llmlite_gqa.json holds
     output: Path | None = None
+
+    def to_dict(self) -> dict:
+        return {**self.record, "output": None if self.output is None else str(self.output)}
 
 
 def kv_cache_bytes_per_token(config) -> int:

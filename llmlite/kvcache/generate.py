@@ -4,35 +4,44 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from transformers import DynamicCache
 
 from llmlite.errors import LlmliteError
 from llmlite.kvcache.cache import kv_cache_for, kv_spec
-from llmlite.kvcache.defaults import KV_DEFAULTS
+from llmlite.kvcache.defaults import KV_DEFAULTS, KV_HELP
 from llmlite.kvcache.evaluate import cache_memory, float16_cache_bytes
 from llmlite.models import DEFAULT_MODEL, load_model
-from llmlite.recipes import build
+from llmlite.recipes import build, option
+from llmlite.results import Result
 
 
 @dataclass
 class GenerateConfig:
     """Options of ``llmlite generate`` / ``llmlite.generate``."""
 
-    prompt: str = ""
-    model: str = DEFAULT_MODEL
-    max_new_tokens: int = 64
-    kv_bits: int | None = None  # None: transformers' default (unquantized) cache
-    kv_group_size: int = KV_DEFAULTS["group_size"]
-    kv_residual: int | None = None  # None: the default window, never an error on short contexts
-    kv_sinks: int = KV_DEFAULTS["sinks"]
-    kv_scheme: str = KV_DEFAULTS["scheme"]
-    kv_salient: float = KV_DEFAULTS["salient"]
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    seed: int = 0
-    chat: bool = False  # wrap the prompt in the model's chat template
+    VERB: ClassVar[str] = "generate"
+    ABOUT: ClassVar[str] = (
+        "Continue PROMPT with the model (greedy unless --temperature). With --kv-bits the keys and "
+        "values are stored in llmlite's quantized cache (--kv-scheme kivi or salient)."
+    )
+
+    prompt: str = option("", "the text to continue", positional="1")
+    model: str = option(DEFAULT_MODEL, "bundled name, folder, .gguf file, hub id or llmlite checkpoint")
+    max_new_tokens: int = option(64, "tokens to generate")
+    kv_bits: int | None = option(None, KV_HELP["bits"], shown="transformers' unquantized cache")
+    kv_group_size: int = option(KV_DEFAULTS["group_size"], KV_HELP["group_size"])
+    # None: the default window, never an error on short contexts
+    kv_residual: int | None = option(None, KV_HELP["residual"], shown=str(KV_DEFAULTS["residual"]))
+    kv_sinks: int = option(KV_DEFAULTS["sinks"], KV_HELP["sinks"])
+    kv_scheme: str = option(KV_DEFAULTS["scheme"], KV_HELP["scheme"])
+    kv_salient: float = option(KV_DEFAULTS["salient"], KV_HELP["salient"])
+    temperature: float = option(0.0, "sampling temperature; 0 = greedy")
+    top_p: float = option(1.0, "nucleus sampling mass")
+    seed: int = option(0, "sampling seed")
+    chat: bool = option(False, "wrap the prompt in the model's chat template")
 
     def validate(self) -> GenerateConfig:
         if not self.prompt:
@@ -51,7 +60,7 @@ class GenerateConfig:
 
 
 @dataclass
-class Generation:
+class Generation(Result):
     text: str  # the new text only
     prompt_tokens: int
     new_tokens: int

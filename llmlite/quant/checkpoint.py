@@ -144,7 +144,7 @@ def load_gptq_checkpoint(
     ``dynamic`` block may give a module other bits or another group size) first."""
     grid = _grid(folder, qc, "quantization_config")
     layout = qc.get("checkpoint_format", "gptq")
-    codec = CODECS.get(layout)
+    codec = CODECS.get(layout) if isinstance(layout, str) else None
     if codec is None:
         raise LlmliteError(
             f"{folder}: checkpoint_format '{layout}' unsupported; llmlite reads {', '.join(CODECS)} (v1)"
@@ -210,7 +210,14 @@ def _module_grid(folder: Path, name: str, grid: tuple[int, int], dynamic) -> tup
     for pattern, override in dynamic.items():
         if pattern.startswith("-:") or not isinstance(override, dict):
             continue
-        if re.match(pattern.removeprefix("+:"), name):
+        try:
+            matches = re.match(pattern.removeprefix("+:"), name)
+        except re.error as e:
+            raise LlmliteError(
+                f"{folder / 'config.json'}: quantization_config.dynamic key {pattern!r} is not a regular "
+                f"expression ({e}); re-create the checkpoint"
+            ) from None
+        if matches:
             merged = {"bits": grid[0], "group_size": grid[1], **override}
             return _grid(folder, merged, f"quantization_config.dynamic[{pattern!r}]")
     return grid

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from llmlite.errors import LlmliteError
 from llmlite.models import DEFAULT_MODEL
+from llmlite.recipes import option
 from llmlite.training.data import FORMATS
 
 METHODS = ("lora", "qlora", "dora", "full")
@@ -20,39 +22,56 @@ class FinetuneConfig:
     with double quantization through bitsandbytes) or ``full`` (every weight trains). A llmlite
     GPTQ checkpoint as ``model`` gives LoRA on its 4-bit weights."""
 
-    model: str = DEFAULT_MODEL
-    data: str | None = None
-    format: str = "auto"  # text: packed; instruction: prompt/response or messages rows
-    method: str = "lora"
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    rslora: bool = False  # scale by alpha/sqrt(rank) instead of alpha/rank
-    target_modules: str | None = None  # comma-separated; default: every attention and MLP projection
-    seqlen: int = 512
-    batch_size: int = 4
-    grad_accum: int = 1
-    group_by_length: bool = True  # batch sequences of similar length together (less padding)
-    lr: float = 2e-4
-    epochs: float = 1.0
-    max_steps: int | None = None  # overrides epochs
-    schedule: str = "cosine"
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    optimizer: str = "adamw"
-    gradient_checkpointing: bool = False
-    compile: bool = True  # torch.compile each decoder layer (needs a C++ compiler on the CPU)
-    dtype: str = "auto"  # auto: bfloat16 on a GPU that has it, else float32
-    eval_split: float = 0.05
-    eval_steps: int | None = None  # default: at every checkpoint
-    save_steps: int = 100
-    keep_checkpoints: int = 2
-    log_steps: int = 10
-    seed: int = 0
-    resume: bool = False
-    output: str | None = None
-    overwrite: bool = False
+    VERB: ClassVar[str] = "finetune"
+    ABOUT: ClassVar[str] = (
+        "Train adapters (peft format) on text (packed) or instruction JSONL (loss on the responses). "
+        "Defaults: the bundled smollm2-135m, LoRA rank 16, alpha 32, every attention and MLP "
+        "projection, 512 tokens, batch 4, AdamW 2e-4, cosine schedule, 1 epoch, 5% held out."
+    )
+
+    model: str = option(DEFAULT_MODEL, "bundled name, folder, hub id, .gguf or llmlite GPTQ checkpoint")
+    data: str | None = option(
+        None, "text (.txt/.jsonl/.parquet, corpus or hub dataset) or instruction JSONL (required)"
+    )
+    format: str = option(
+        "auto",
+        "text: packed; instruction: prompt/response or messages rows; auto: by the rows",
+        choices=FORMATS,
+    )
+    method: str = option("lora", "lora, qlora (NF4 base), dora or full", choices=METHODS)
+    rank: int = option(16, "adapter rank")
+    alpha: float = option(32.0, "adapter alpha")
+    dropout: float = option(0.0, "adapter dropout")
+    rslora: bool = option(False, "scale by alpha/sqrt(rank) instead of alpha/rank")
+    target_modules: str | None = option(
+        None, "comma-separated module names", shown="every attention and MLP projection"
+    )
+    seqlen: int = option(512, "tokens per sequence")
+    batch_size: int = option(4, "sequences per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    group_by_length: bool = option(True, "batch sequences of similar length together (less padding)")
+    lr: float = option(2e-4, "peak learning rate")
+    epochs: float = option(1.0, "passes over the data")
+    max_steps: int | None = option(None, "optimizer steps (overrides --epochs)")
+    schedule: str = option("cosine", "learning-rate schedule", choices=SCHEDULES)
+    warmup_ratio: float = option(0.03, "fraction of steps warming up")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "gradient clipping, 0 = off")
+    optimizer: str = option("adamw", "adamw, or bitsandbytes' 8-bit / paged ones (GPU)", choices=OPTIMIZERS)
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass")
+    compile: bool = option(True, "torch.compile each decoder layer (the first step is slower)")
+    dtype: str = option(
+        "auto", "base dtype; auto: bfloat16 on a GPU that has it, else float32", choices=DTYPES
+    )
+    eval_split: float = option(0.05, "fraction held out for the evaluation loss")
+    eval_steps: int | None = option(None, "evaluate every N steps", shown="at each checkpoint")
+    save_steps: int = option(100, "checkpoint every N steps")
+    keep_checkpoints: int = option(2, "checkpoints kept")
+    log_steps: int = option(10, "log every N steps")
+    seed: int = option(0, "data order and initialisation seed")
+    resume: bool = option(False, "continue the interrupted run of this --output")
+    output: str | None = option(None, "folder for the adapter (required)")
+    overwrite: bool = option(False, "replace an existing output folder")
 
     def validate(self) -> FinetuneConfig:
         _choice("method", self.method, METHODS)

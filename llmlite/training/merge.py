@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from llmlite.errors import LlmliteError
 from llmlite.models import local_source
+from llmlite.recipes import build, option
+from llmlite.results import Result
 from llmlite.runinfo import staged_output
 from llmlite.training.adapters import dequantize_to_float, load_base, read_adapter
 from llmlite.training.train import SUMMARY
@@ -18,9 +22,53 @@ from llmlite.training.train import SUMMARY
 log = logging.getLogger("llmlite")
 
 
-def merge(adapter: str, output: str, base: str | None = None, overwrite: bool = False) -> Path:
+@dataclass
+class MergeConfig:
+    """Options of ``llmlite merge`` / ``llmlite.merge``."""
+
+    VERB: ClassVar[str] = "merge"
+    ABOUT: ClassVar[str] = (
+        "Fold the adapter into its base (dequantized first when the base is NF4 or GPTQ) and write a "
+        "float32 model that plain transformers loads."
+    )
+
+    adapter: str = option("", "adapter folder written by llmlite finetune (or peft)", positional="1")
+    base: str | None = option(None, "base model", shown="the one the adapter was trained on")
+    output: str | None = option(None, "folder for the merged model (required)")
+    overwrite: bool = option(False, "replace an existing output folder")
+
+    def validate(self) -> MergeConfig:
+        if not self.adapter:
+            raise LlmliteError("merge needs an ADAPTER folder (written by llmlite finetune or peft)")
+        if not self.output:
+            raise LlmliteError("merge needs --output DIR (the folder for the merged model)")
+        return self
+
+
+@dataclass
+class MergeResult(Result):
+    """``merge``'s result; a path-like of the merged model's folder."""
+
+    output: Path
+    adapter: str
+    base: str
+
+    def __fspath__(self) -> str:
+        return str(self.output)
+
+    def to_dict(self) -> dict:
+        return {"output": str(self.output), "adapter": self.adapter, "base": self.base}
+
+
+def merge(
+    config: MergeConfig | str | None = None,
+    *,
+    recipe: str | None = None,
+    **options,
+) -> MergeResult:
     """Merge the adapter folder ``adapter`` (written by ``llmlite finetune`` or plain peft) into
-    its base model, in float32, and write the merged model to ``output``.
+    its base model, in float32, and write the merged model to ``output``. ``config`` may be the
+    adapter folder itself (``merge("runs/lora", output="runs/merged")``).
 
     A quantized base (QLoRA's NF4 or a GPTQ checkpoint) is dequantized first: the merged weights are
     the dequantized base plus the adapter's update, so the merged model computes what base+adapter
@@ -28,6 +76,10 @@ def merge(adapter: str, output: str, base: str | None = None, overwrite: bool = 
     """
     from peft import PeftModel
 
+    if isinstance(config, str | Path):
+        config, options["adapter"] = None, str(config)
+    cfg = config.validate() if config is not None else build(MergeConfig, recipe, **options)
+    adapter, output = cfg.adapter, cfg.output
     folder = Path(adapter)
     config = read_adapter(folder)  # the folder, its config and weights, checked before any loading
     if config["peft_type"] != "LORA":
@@ -35,10 +87,10 @@ def merge(adapter: str, output: str, base: str | None = None, overwrite: bool = 
             f"{adapter} is a {config['peft_type']} adapter; merge folds LoRA/DoRA adapters into their base"
         )
     settings = _settings(folder)
-    source = base or settings.get("base_model") or _peft_base(folder, config)
-    inputs = [("ADAPTER", folder), ("--base", local_source(source))]
+    source = cfg.base or settings.get("base_model") or _peft_base(folder, config)
+    inputs = [("ADAPTER", folder), ("--base", local_source(source)), ("--recipe", recipe)]
     # checked, locked and staged before the model is loaded: a bad --output fails at once
-    with staged_output(output, overwrite=overwrite, inputs=inputs) as tmp:
+    with staged_output(output, overwrite=cfg.overwrite, inputs=inputs) as tmp:
         method = settings.get("settings", {}).get("method", "lora")
         model, tokenizer = load_base(
             source, "qlora" if method == "qlora" else "lora", torch.float32, torch.device("cpu")
@@ -59,7 +111,7 @@ def merge(adapter: str, output: str, base: str | None = None, overwrite: bool = 
             ) from None
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    return Path(output)
+    return MergeResult(Path(output), adapter, source)
 
 
 def _settings(folder: Path) -> dict:
