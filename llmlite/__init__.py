@@ -24,13 +24,16 @@ from llmlite.blas import enable_mkl_avx2
 
 enable_mkl_avx2()
 
-API_VERBS = ("quantize", "evaluate", "report", "compare", "finetune", "merge", "generate", "convert_gqa")
+API_VERBS = (
+    "quantize", "evaluate", "report", "compare", "finetune", "merge", "generate", "convert_gqa", "export"
+)  # fmt: skip
 
 _EXPORTS = {
     "load_model": "llmlite.models",
     **{verb: "llmlite.api" for verb in API_VERBS},
     "QuantizeConfig": "llmlite.config",
     "EvalConfig": "llmlite.config",
+    "ExportConfig": "llmlite.config",
     "ReportConfig": "llmlite.evaluation.report",
     "CompareConfig": "llmlite.evaluation.report",
     "FinetuneConfig": "llmlite.training.config",

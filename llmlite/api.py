@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
-from llmlite.config import EvalConfig, QuantizeConfig
+from llmlite.config import EvalConfig, ExportConfig, QuantizeConfig
 from llmlite.data import calibration_windows, eval_windows, load_text, tokenize
+from llmlite.errors import LlmliteError
 from llmlite.evaluation.metrics import memory_bytes, param_count, size_on_disk
 from llmlite.evaluation.perplexity import Perplexity, perplexity
 from llmlite.evaluation.report import compare, report
@@ -32,7 +33,17 @@ from llmlite.runinfo import environment, staged_output
 from llmlite.training.merge import merge
 from llmlite.training.train import finetune
 
-__all__ = ["compare", "convert_gqa", "evaluate", "finetune", "generate", "merge", "quantize", "report"]
+__all__ = [
+    "compare",
+    "convert_gqa",
+    "evaluate",
+    "export",
+    "finetune",
+    "generate",
+    "merge",
+    "quantize",
+    "report",
+]
 convert_gqa = convert_gqa_model
 
 log = logging.getLogger("llmlite")
@@ -231,3 +242,34 @@ def _evaluate_one(cfg: EvalConfig, source: str, text: str, model, tokenizer, pro
         kv_cache=kv,
         environment=environment(),
     )
+
+
+@dataclass
+class ExportResult(Result):
+    """``export``'s result: the file written, its format and weight type, its size."""
+
+    output: str
+    format: str
+    weight_type: str
+    size_bytes: int
+
+
+def export(config: ExportConfig | None = None, *, recipe: str | None = None, **options) -> ExportResult:
+    """Write the checkpoint ``model`` as ``output`` in ``format`` (GGUF: llmlite's codes as
+    llama.cpp's block types, exactly; see ``quant/gguf_file.py``)."""
+    from llmlite.quant.compressed import compressed_linears
+    from llmlite.quant.gguf_file import write_gguf
+
+    cfg = config.validate() if config is not None else build(ExportConfig, recipe, **options)
+    source = local_source(cfg.model)
+    inputs = [("CHECKPOINT", source), ("--recipe", recipe)]
+    with staged_output(cfg.output, overwrite=cfg.overwrite, inputs=inputs, kind="file") as tmp:
+        model, _ = load_model(cfg.model)
+        if not compressed_linears(model) or source is None or not source.is_dir():
+            raise LlmliteError(
+                f"{cfg.model} is not a quantized llmlite checkpoint; run llmlite quantize --group-size 32 "
+                "--output DIR, then export DIR"
+            )
+        kind = write_gguf(model, source, tmp, Path(cfg.model).name)
+    output = Path(cfg.output)
+    return ExportResult(str(output), cfg.format, kind, output.stat().st_size)

@@ -268,6 +268,10 @@ def _show_generate(r, cfg) -> None:
     )
 
 
+def _show_export(result, cfg) -> None:
+    print(f"{cfg.model} -> {result.output} ({result.format}, {result.weight_type}, {_mb(result.size_bytes)})")
+
+
 def _show_convert_gqa(result, cfg) -> None:
     r, config = result.record, result.config
     kib = r["kv_cache_bytes_per_token_fp16_before"] / 1024, r["kv_cache_bytes_per_token_fp16_after"] / 1024
@@ -327,6 +331,14 @@ VERBS = {
             ("llmlite.training.merge:MergeConfig",),
             "llmlite.api:merge",
             _show_merge,
+            quiet=False,
+        ),
+        Verb(
+            "export",
+            "write a quantized checkpoint as GGUF for llama.cpp, ollama and LM Studio",
+            ("llmlite.config:ExportConfig",),
+            "llmlite.api:export",
+            _show_export,
             quiet=False,
         ),
         Verb(

@@ -169,3 +169,32 @@ class EvalConfig:
             if self.batch_size != 1:
                 raise LlmliteError("--batch-size applies to plain perplexity; leave it out with --kv-bits")
         return self
+
+
+EXPORT_FORMATS = ("gguf",)
+
+
+@dataclass
+class ExportConfig:
+    """Options of ``llmlite export`` / ``llmlite.export``."""
+
+    VERB: ClassVar[str] = "export"
+    ABOUT: ClassVar[str] = (
+        "Write a llmlite checkpoint in another runtime's format, its codes carried exactly: gguf for "
+        "llama.cpp, ollama and LM Studio (Llama-family models quantized at group 32: 4-bit symmetric "
+        "as q4_0, asymmetric as q4_1, 8-bit symmetric as q8_0)."
+    )
+
+    model: str = option("", "llmlite checkpoint folder (llmlite quantize --group-size 32)", positional="1")
+    format: str = option("gguf", "the format to write", choices=EXPORT_FORMATS)
+    output: str | None = option(None, "the file to write", cli_required="the file to write")
+    overwrite: bool = option(False, "replace an existing output file")
+
+    def validate(self) -> ExportConfig:
+        if not self.model:
+            raise LlmliteError("export needs a CHECKPOINT folder (written by llmlite quantize)")
+        if self.format not in EXPORT_FORMATS:
+            raise LlmliteError(
+                f"--format {self.format} is not supported; use one of: {', '.join(EXPORT_FORMATS)}"
+            )
+        return self

@@ -290,6 +290,18 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "convert-gqa: output in /proc": ([*C, "--kv-heads", "1", "--output", "/proc/g"], ["--output /proc/g"]),
     "convert-gqa: no output": ([*C, "--kv-heads", "1"], ["--output"]),
     "convert-gqa: quantized model": ([*CO, "--model", "ckpt"], ["ckpt"]),
+    "export: a float model": (["export", "tiny", "--output", "m.gguf"], ["tiny", "not a quantized llmlite"]),
+    "export: group 128": (["export", "ckpt", "--output", "m.gguf"], ["groups of 32", "--group-size 32"]),
+    "export: no output": (["export", "ckpt"], ["--output"]),
+    "export: output is the checkpoint": (
+        ["export", "ckpt", "--output", "ckpt", "--overwrite"],
+        ["--output ckpt"],
+    ),
+    "export: missing checkpoint": (["export", "./nope", "--output", "m.gguf"], ["nope"]),
+    "export: --format onnx": (
+        ["export", "ckpt", "--format", "onnx", "--output", "m.gguf"],
+        ["--format", "onnx"],
+    ),
     "convert-gqa: GPT-2": ([*CO, "--model", "gpt2"], ["gpt2"]),
     "convert-gqa: BERT encoder": ([*CO, "--model", "bert"], ["not a causal language model"]),
     "convert-gqa: --method bogus": ([*CO, "--method", "bogus"], ["--method", "invalid choice"]),

@@ -107,6 +107,7 @@ BAD = [  # verb, API options, CLI arguments, the error both give
     ("generate", {"prompt": "Hi", "max_new_tokens": 0}, "Hi --max-new-tokens 0", "--max-new-tokens must"),
     ("convert_gqa", {"kv_heads": 0, "output": "o"}, "--kv-heads 0 --output o", "--kv-heads must be"),
     ("quantize", {"method": "awq"}, "--method awq", "awq"),
+    ("export", {"model": "nowhere", "output": "m.gguf"}, "nowhere --output m.gguf", "nowhere"),
 ]
 
 
