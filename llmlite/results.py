@@ -8,19 +8,11 @@ from typing import Any
 
 
 class Result:
-    """Base of the verbs' result dataclasses: ``to_dict()`` (fields whose value is ``None`` and
-    that are marked ``omit_none`` left out) and read-only mapping access to it."""
+    """Base of the verbs' result dataclasses: ``to_dict()`` (every field, nested results and
+    dataclasses as dicts) and read-only mapping access to it."""
 
     def to_dict(self) -> dict[str, Any]:
-        out = {}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
-            if value is None and f.metadata.get("omit_none"):
-                continue
-            if f.metadata.get("skip"):
-                continue
-            out[f.name] = _plain(value)
-        return out
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
 
     def __getitem__(self, key: str) -> Any:
         return self.to_dict()[key]
@@ -41,13 +33,3 @@ def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.asdict(value)
     return value
-
-
-def omit_none(default: Any = None) -> Any:
-    """A result field left out of ``to_dict()`` while it is ``None``."""
-    return dataclasses.field(default=default, metadata={"omit_none": True})
-
-
-def not_in_dict(default: Any = None) -> Any:
-    """A result field that ``to_dict()`` leaves out (a model object, say)."""
-    return dataclasses.field(default=default, metadata={"skip": True}, repr=False)
