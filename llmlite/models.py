@@ -95,7 +95,7 @@ def resolve_model(source: str = DEFAULT_MODEL) -> Path | str:
 
 
 def load_model(
-    source: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, backend: str = "torch"
+    source: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, backend: str = "auto"
 ) -> tuple[PreTrainedModel, object]:
     """Load a causal LM and its tokenizer from any source llmlite knows (see ``resolve_model``)."""
     where = resolve_model(source)

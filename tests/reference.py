@@ -191,3 +191,19 @@ def clip_rtn(w: np.ndarray, x: np.ndarray, bits: int, group_size: int, sym: bool
                     best = (err, q, dq)
             errors[r, k], codes[r, sl], deq[r, sl] = best
     return codes, deq, errors
+
+
+def bf16(x: np.ndarray) -> np.ndarray:
+    """Round float values to bfloat16 (8 significant bits, nearest even), kept as float64."""
+    bits = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
+    return rounded.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+def int4pack_matmul(x: np.ndarray, codes, scale, zero, g_idx) -> np.ndarray:
+    """What torch's CPU int4 kernel computes for GPTQ's ``W = (q − z)·s``, in float64: bfloat16
+    activations, ``W = (q − 8)·bf16(s) + bf16((8 − z)·s)``, the output rounded to bfloat16."""
+    g = np.asarray(g_idx, dtype=np.int64)
+    s, z = np.asarray(scale, np.float64)[:, g], np.asarray(zero, np.float64)[:, g]
+    w = (np.asarray(codes, np.float64) - 8) * bf16(s) + bf16((8 - z) * s)
+    return bf16(bf16(x) @ w.T)

@@ -120,6 +120,8 @@ def test_a_backend_prepares_each_layer_once_at_load(tmp_path, tokenizer, monkeyp
 
     monkeypatch.setitem(linear.BACKENDS, "float64", linear.Backend(forward, prepare))
     model = tiny_checkpoint(tokenizer, tmp_path / "ckpt")
+    for layer in compressed_linears(model).values():
+        layer.set_backend("torch")  # the float32 reference
     fast, _ = load_model(str(tmp_path / "ckpt"), backend="float64")
     assert len(prepared) == 14 and all(m.backend == "float64" for m in compressed_linears(fast).values())
     x = torch.randint(0, len(tokenizer), (1, 9))

@@ -136,7 +136,7 @@ def quantized_error(source: str, qc: dict, verb: str) -> LlmliteError:
 
 
 def load_gptq_checkpoint(
-    folder: Path, qc: dict, config, dtype: torch.dtype = torch.float32, backend: str = "torch"
+    folder: Path, qc: dict, config, dtype: torch.dtype = torch.float32, backend: str = "auto"
 ):
     """Load a checkpoint of a layout in ``formats.CODECS`` (GPTQ v1) into a model with
     ``QuantLinear`` layers set to ``backend``; every tensor is checked against the shapes of

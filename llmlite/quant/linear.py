@@ -93,7 +93,7 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_weight(
-        cls, weight: QuantizedWeight, bias: Tensor | None = None, group_size: int = -1, backend: str = "torch"
+        cls, weight: QuantizedWeight, bias: Tensor | None = None, group_size: int = -1, backend: str = "auto"
     ) -> QuantLinear:
         out_features, in_features = weight.shape
         layer = cls(in_features, out_features, weight.bits, group_size, bias is not None)
@@ -152,7 +152,13 @@ class QuantLinear(nn.Module):
         return BACKENDS[self.backend].forward(self, x)
 
     def extra_repr(self) -> str:
+        chosen = ""
+        if self.backend == "auto":
+            chosen = f" (decode: {self.cpu_choice[0]}, prefill: {self.cpu_choice[1]})"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-            f"group_size={self.group_size}, bias={self.bias is not None}, backend={self.backend}"
+            f"group_size={self.group_size}, bias={self.bias is not None}, backend={self.backend}{chosen}"
         )
+
+
+import llmlite.kernels.cpu  # noqa: E402, F401  (registers the "auto" backend)

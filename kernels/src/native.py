@@ -1,0 +1,61 @@
+"""4-bit GPTQ dequantisation in compiled C (``llmlite/native/dequant4.c``), for prefill: the float
+weight ``[K, N]`` written once per call, vectorised, then one float matrix product (AMX / AVX-512
+bfloat16 or float32 BLAS). Optional: ``AVAILABLE`` is False when the install had no C compiler."""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from llmlite.quant.formats import unpack
+
+MODULE = "llmlite.native.dequant4"
+
+
+def _load() -> ctypes.CDLL | None:
+    spec = importlib.util.find_spec(MODULE)
+    if spec is None or not spec.origin:
+        return None
+    try:
+        lib = ctypes.CDLL(spec.origin)
+    except OSError:
+        return None
+    fn = lib.llmlite_dequant4
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    fn.restype = None
+    return lib
+
+
+_LIB = _load()
+AVAILABLE = _LIB is not None
+
+
+@dataclass
+class Grid:
+    """A layer's grid as the C loop reads it: float32 ``scale`` and ``offset = −z·s``, ``[groups, N]``."""
+
+    scale: Tensor
+    offset: Tensor
+    g_idx: Tensor  # int32 [K]
+
+
+def grid(qzeros: Tensor, scales: Tensor, g_idx: Tensor, out_features: int) -> Grid:
+    """From the GPTQ buffers (v1 zeros: stored ``z − 1``)."""
+    zeros = unpack(qzeros.T, 4, out_features).T.float() + 1
+    scale = scales.float()
+    return Grid(scale.contiguous(), (-zeros * scale).contiguous(), g_idx.to(torch.int32).contiguous())
+
+
+def dequantize_in_out(qweight: Tensor, g: Grid, dtype: torch.dtype) -> Tensor:
+    """The weight ``[K, N]`` in ``dtype`` (float32 or bfloat16) from GPTQ's 4-bit ``qweight [K/8, N]``."""
+    if _LIB is None or dtype not in (torch.float32, torch.bfloat16):
+        raise RuntimeError("the native 4-bit dequantisation is not built, or dtype is not float32/bfloat16")
+    k, n = g.g_idx.numel(), qweight.shape[1]
+    out = torch.empty(k, n, dtype=dtype)
+    args = (qweight.data_ptr(), g.scale.data_ptr(), g.offset.data_ptr(), g.g_idx.data_ptr())
+    _LIB.llmlite_dequant4(*args, k, n, out.data_ptr(), int(dtype == torch.bfloat16))
+    return out
