@@ -259,11 +259,13 @@ def _show_merge(result, cfg) -> None:
 
 def _show_generate(r, cfg) -> None:
     print(r.text)
-    cache = "default cache" if r.kv_bits is None else f"{r.kv_bits}-bit KV cache"
-    ratio = f", {r.float16_cache_bytes / r.cache_bytes:.2f}x smaller than float16" if r.cache_bytes else ""
+    cache = "float cache" if r.kv_bits is None else f"{r.kv_bits}-bit KV cache"
+    ratio = r.float16_cache_bytes / r.cache_bytes if r.cache_bytes else 1.0
+    versus = f"{ratio:.2f}x smaller than" if ratio > 1 else f"{1 / ratio:.2f}x the size of"
     print(
         f"llmlite: {r.new_tokens} tokens after a {r.prompt_tokens}-token prompt in {r.seconds:.2f} s "
-        f"({r.tokens_per_second:.1f} tokens/s); {cache} holds {_mb(r.cache_bytes)}{ratio}",
+        f"({r.tokens_per_second:.1f} tokens/s, {r.loop} decode loop); {cache} holds "
+        f"{_mb(r.cache_bytes)}, {versus} float16",
         file=sys.stderr,
     )
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import ClassVar
 
 import torch
+from torch import Tensor
 from transformers import DynamicCache
 
+from llmlite.decode import decode, unsupported
 from llmlite.errors import LlmliteError
 from llmlite.kvcache.cache import kv_cache_for, kv_spec
 from llmlite.kvcache.defaults import KV_DEFAULTS, KV_HELP
@@ -42,6 +45,9 @@ class GenerateConfig:
     top_p: float = option(1.0, "nucleus sampling mass")
     seed: int = option(0, "sampling seed")
     chat: bool = option(False, "wrap the prompt in the model's chat template")
+    compile: bool = option(
+        False, "compile the decode step with torch.compile (about a minute, once per run; then faster steps)"
+    )
 
     def validate(self) -> GenerateConfig:
         if not self.prompt:
@@ -69,6 +75,7 @@ class Generation(Result):
     cache_bytes: int
     float16_cache_bytes: int
     kv_bits: int | None
+    loop: str  # "lean", "lean, compiled" or "transformers" (and why)
 
 
 def generate(
@@ -102,6 +109,54 @@ def generate(
         raise LlmliteError(
             f"prompt plus --max-new-tokens is {context} tokens, above the model's {limit}; shorten"
         )
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1
+    torch.manual_seed(cfg.seed)
+    why_not = "quantized KV cache" if cfg.kv_bits is not None else unsupported(model, context)
+    start = time.perf_counter()
+    if why_not is None:
+        pick = partial(next_token, temperature=cfg.temperature, top_p=cfg.top_p)
+        tokens = decode(model, ids, cfg.max_new_tokens, pick, lambda t: bool((t == eos).all()), cfg.compile)
+        new = torch.cat(list(tokens), 1)[0]
+        length = ids.shape[1] + len(new)
+        # the cache is allocated whole, at the model's float width
+        cache_bytes = float16_cache_bytes(model.config, context) * _float_width(model) // 2
+        loop = "lean, compiled" if cfg.compile else "lean"
+    else:
+        new, cache = _transformers_generate(model, tokenizer, ids, cfg)
+        cache_bytes, length = cache_memory(cache)["bytes"], cache.get_seq_length()
+        loop = f"transformers ({why_not})"
+    seconds = time.perf_counter() - start
+    return Generation(
+        text=tokenizer.decode(new, skip_special_tokens=True),
+        prompt_tokens=ids.shape[1],
+        new_tokens=len(new),
+        seconds=seconds,
+        tokens_per_second=len(new) / seconds,
+        cache_bytes=cache_bytes,
+        float16_cache_bytes=float16_cache_bytes(model.config, length),
+        kv_bits=cfg.kv_bits,
+        loop=loop,
+    )
+
+
+def _float_width(model) -> int:
+    return next(p for p in model.parameters() if p.is_floating_point()).element_size()
+
+
+def next_token(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0) -> Tensor:
+    """Tokens ``[B]`` from logits ``[B, vocab]``: the argmax at temperature 0, else a draw from
+    ``softmax(logits / temperature)`` restricted to the smallest set of top tokens whose mass
+    reaches ``top_p`` (nucleus sampling, torch's global generator)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, -1)
+    sorted_probs, order = probs.sort(-1, descending=True)
+    drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # tokens after the mass is reached
+    sorted_probs[drop] = 0
+    return order.gather(-1, torch.multinomial(sorted_probs, 1)).squeeze(-1)
+
+
+def _transformers_generate(model, tokenizer, ids: Tensor, cfg: GenerateConfig):
     cache = (
         DynamicCache(config=model.config)
         if cfg.kv_bits is None
@@ -110,8 +165,6 @@ def generate(
     sampling = {"do_sample": False}
     if cfg.temperature > 0:
         sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}
-    torch.manual_seed(cfg.seed)
-    start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(
             ids,
@@ -123,15 +176,4 @@ def generate(
             else tokenizer.eos_token_id,
             **sampling,
         )
-    seconds = time.perf_counter() - start
-    new = out[0, ids.shape[1] :]
-    return Generation(
-        text=tokenizer.decode(new, skip_special_tokens=True),
-        prompt_tokens=ids.shape[1],
-        new_tokens=len(new),
-        seconds=seconds,
-        tokens_per_second=len(new) / seconds,
-        cache_bytes=cache_memory(cache)["bytes"],
-        float16_cache_bytes=float16_cache_bytes(model.config, cache.get_seq_length()),
-        kv_bits=cfg.kv_bits,
-    )
+    return out[0, ids.shape[1] :], cache
