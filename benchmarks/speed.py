@@ -9,7 +9,8 @@ Batch 1, greedy. Every configuration runs once per round, rounds alternate the c
 the table quotes medians. Prefill: the forward over the prompt; decode: tokens per second after the
 first new token. The 4-bit checkpoint is RTN 4-bit, group 32, symmetric (the grid llama.cpp's Q4_0
 carries exactly; GPTQ of the same grid runs at the same speed). Peak RSS is measured in a fresh
-process per model (load, then 16 tokens; the kernel's VmHWM). Writes ``docs/benchmarks/speed.md`` and ``.json``.
+process per model (load, then 16 tokens; the kernel's VmHWM). Writes ``docs/benchmarks/speed.md``
+and ``.json``.
 """
 
 from __future__ import annotations
