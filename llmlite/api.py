@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from llmlite.memory import RunStats, measure
 from llmlite.models import check_window, load_model, local_source, model_path, own_weights
 from llmlite.quant.checkpoint import gptq_config, round_unquantized, save_gptq_checkpoint
 from llmlite.quant.driver import QuantReport, QuantSettings, check_quantizable, quantize_model
+from llmlite.quant.gguf_file import check_gguf_family, write_gguf
 from llmlite.quant.methods import get as get_method
 from llmlite.recipes import build
 from llmlite.results import Result
@@ -129,10 +131,13 @@ def quantize(
     cfg = config.validate() if config is not None else build(QuantizeConfig, recipe, **options)
     inputs = [("--model", local_source(cfg.model)), ("--calibration", cfg.calibration), ("--recipe", recipe)]
     # checked, locked and staged before the long work: a bad --output fails in the first second
-    with staged_output(cfg.output, overwrite=cfg.overwrite, inputs=inputs) as tmp:
+    kind = "file" if cfg.format == "gguf" else "folder"
+    with staged_output(cfg.output, overwrite=cfg.overwrite, inputs=inputs, kind=kind) as tmp:
         with measure() as stats:
             model, tokenizer = load_model(cfg.model)
             check_quantizable(model)  # before any calibration work
+            if cfg.format == "gguf":
+                check_gguf_family(model, cfg.model)
             own_weights(model)  # so that replaced float weights are really freed
             windows = None
             if get_method(cfg.method).calibrated:
@@ -157,7 +162,11 @@ def quantize(
             report.seconds = core.seconds
             dtype = getattr(torch, cfg.dtype)
             round_unquantized(model, dtype)
-        if tmp is not None:
+        if tmp is not None and cfg.format == "gguf":
+            with tempfile.TemporaryDirectory() as folder:  # write_gguf reads the tokenizer's files
+                tokenizer.save_pretrained(folder)
+                write_gguf(model, Path(folder), tmp, Path(cfg.model).name)
+        elif tmp is not None:
             save_gptq_checkpoint(model, tokenizer, tmp, gptq_config(cfg), dtype)
             record = {
                 "config": asdict(cfg),
@@ -258,18 +267,17 @@ def export(config: ExportConfig | None = None, *, recipe: str | None = None, **o
     """Write the checkpoint ``model`` as ``output`` in ``format`` (GGUF: llmlite's codes as
     llama.cpp's block types, exactly; see ``quant/gguf_file.py``)."""
     from llmlite.quant.compressed import compressed_linears
-    from llmlite.quant.gguf_file import write_gguf
 
     cfg = config.validate() if config is not None else build(ExportConfig, recipe, **options)
     source = local_source(cfg.model)
     inputs = [("CHECKPOINT", source), ("--recipe", recipe)]
     with staged_output(cfg.output, overwrite=cfg.overwrite, inputs=inputs, kind="file") as tmp:
-        model, _ = load_model(cfg.model)
+        model, _ = load_model(cfg.model, backend="torch")  # no compute: no backend to prepare
         if not compressed_linears(model) or source is None or not source.is_dir():
             raise LlmliteError(
                 f"{cfg.model} is not a quantized llmlite checkpoint; run llmlite quantize --group-size 32 "
                 "--output DIR, then export DIR"
             )
-        kind = write_gguf(model, source, tmp, Path(cfg.model).name)
+        kind = write_gguf(model, source, tmp, Path(cfg.model).name, cfg.type)
     output = Path(cfg.output)
     return ExportResult(str(output), cfg.format, kind, output.stat().st_size)

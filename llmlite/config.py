@@ -27,6 +27,10 @@ OPTION_HELP = {
 MODEL_HELP = "bundled name, local folder, .gguf file, hub id or llmlite checkpoint"
 
 
+QUANTIZE_FORMATS = ("gptq", "gguf")
+EXPORT_FORMATS = ("gguf",)
+
+
 @dataclass
 class QuantizeConfig:
     """Options of ``llmlite quantize`` / ``llmlite.quantize``."""
@@ -74,12 +78,25 @@ class QuantizeConfig:
     quantize_head: bool = option(False, "also quantize lm_head (untied from the embeddings)")
     dtype: str = option("float16", "storage of the tensors that stay unquantized", choices=DTYPES)
     output: str | None = option(
-        None, "checkpoint folder to write", cli_required="the checkpoint folder to write"
+        None, "checkpoint folder to write (a .gguf file with --format gguf)", cli_required="the output"
     )
-    overwrite: bool = option(False, "replace an existing output folder")
+    format: str = option(
+        "gptq", "gptq: a checkpoint folder; gguf: a file for llama.cpp (group 32)", choices=QUANTIZE_FORMATS
+    )
+    overwrite: bool = option(False, "replace an existing output")
 
     def validate(self) -> QuantizeConfig:
         method = get(self.method)
+        if self.format not in QUANTIZE_FORMATS:
+            raise LlmliteError(
+                f"--format {self.format} is not supported; use {' or '.join(QUANTIZE_FORMATS)}"
+            )
+        carried = self.group_size == 32 and (self.bits == 4 or (self.bits == 8 and self.sym))
+        if self.format == "gguf" and not carried:
+            raise LlmliteError(
+                "--format gguf holds 4-bit weights in groups of 32 (q4_0 symmetric, q4_1 asymmetric) or "
+                "8-bit symmetric ones (q8_0): add --group-size 32, with --bits 4, or --bits 8 --sym"
+            )
         if self.bits not in SUPPORTED_BITS:
             raise LlmliteError(f"{self.bits}-bit weights are not supported; use --bits 2, 3, 4 or 8")
         if self.group_size == 0 or self.group_size < -1:
@@ -171,7 +188,7 @@ class EvalConfig:
         return self
 
 
-EXPORT_FORMATS = ("gguf",)
+GGUF_TYPES = ("q4_0", "q4_1", "q8_0")  # the block types that carry llmlite's grids exactly
 
 
 @dataclass
@@ -187,6 +204,9 @@ class ExportConfig:
 
     model: str = option("", "llmlite checkpoint folder (llmlite quantize --group-size 32)", positional="1")
     format: str = option("gguf", "the format to write", choices=EXPORT_FORMATS)
+    type: str | None = option(
+        None, "GGUF block type", choices=GGUF_TYPES, shown="the smallest that holds the weights exactly"
+    )
     output: str | None = option(None, "the file to write", cli_required="the file to write")
     overwrite: bool = option(False, "replace an existing output file")
 
@@ -196,5 +216,9 @@ class ExportConfig:
         if self.format not in EXPORT_FORMATS:
             raise LlmliteError(
                 f"--format {self.format} is not supported; use one of: {', '.join(EXPORT_FORMATS)}"
+            )
+        if self.type is not None and self.type not in GGUF_TYPES:
+            raise LlmliteError(
+                f"--type {self.type} is not a GGUF type llmlite writes; use one of: {', '.join(GGUF_TYPES)}"
             )
         return self

@@ -39,6 +39,15 @@ CO = [*C, "--kv-heads", "1", "--output", "out"]
 
 CASES: dict[str, tuple[list[str], list[str]]] = {
     # quantize: outputs
+    "quantize: --format gguf at group 128": (
+        [*Q, "--format", "gguf", "--output", "m.gguf"],
+        ["--format gguf", "--group-size 32"],
+    ),
+    "quantize: --format gguf at 3 bits": (
+        [*Q, "--format", "gguf", "--group-size", "32", "--bits", "3", "--output", "m.gguf"],
+        ["--format gguf", "--bits 4"],
+    ),
+    "quantize: --format onnx": ([*Q, "--format", "onnx", "--output", "m"], ["--format", "invalid choice"]),
     "quantize: output is the current folder": ([*Q, "--output", "."], ["--output .", "current folder"]),
     "quantize: output is a parent of it": ([*Q, "--output", ".."], ["--output ..", "parent"]),
     "quantize: output is the model": ([*Q, "--output", "tiny", "--overwrite"], ["--output tiny", "--model"]),
@@ -301,6 +310,10 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "export: --format onnx": (
         ["export", "ckpt", "--format", "onnx", "--output", "m.gguf"],
         ["--format", "onnx"],
+    ),
+    "export: --type q9_9": (
+        ["export", "ckpt", "--type", "q9_9", "--output", "m.gguf"],
+        ["--type", "invalid choice"],
     ),
     "convert-gqa: GPT-2": ([*CO, "--model", "gpt2"], ["gpt2"]),
     "convert-gqa: BERT encoder": ([*CO, "--model", "bert"], ["not a causal language model"]),

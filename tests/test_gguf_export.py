@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from gguf import GGUFReader
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import llmlite
@@ -24,15 +26,20 @@ pytestmark = pytest.mark.slow  # quantizes, writes and loads models
 TEXT = "The capital of France is Paris; 12345 apples."
 
 
-def checkpoint(tokenizer, folder, bits, sym, group=32):
-    """A random Llama whose widths are whole GGML blocks (GQA 4/2 heads), GPTQ-quantized, saved."""
-    torch.manual_seed(bits)
+def float_model(tokenizer, seed: int) -> LlamaForCausalLM:
+    """A random Llama whose widths are whole GGML blocks (GQA 4/2 heads)."""
+    torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
     )  # fmt: skip
-    model = LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(config).eval()
+
+
+def checkpoint(tokenizer, folder, bits, sym, group=32):
+    """``float_model`` GPTQ-quantized and saved."""
+    model = float_model(tokenizer, bits)
     calib = torch.randint(0, len(tokenizer), (2, 32))
     quantize_model(model, QuantSettings("gptq", bits, group, sym, act_order=True), calib, progress=False)
     round_unquantized(model, torch.float16)
@@ -69,6 +76,39 @@ def test_what_gguf_cannot_carry_is_refused_before_writing(tmp_path, tokenizer):
     with pytest.raises(LlmliteError, match="not in groups of 32 columns: re-quantize with --group-size 32"):
         llmlite.export(model=str(ckpt), output=str(tmp_path / "m.gguf"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g64"]
+
+
+def test_type_chooses_among_the_types_that_hold_the_weights(tmp_path, tokenizer):
+    """Symmetric 4-bit fits q4_1 too (m = −8·d, exact): the same logits as q4_0; a type that cannot
+    hold the weights is refused with the one that can, and nothing is written."""
+    ckpt = checkpoint(tokenizer, tmp_path / "sym", 4, True)
+    assert llmlite.export(model=str(ckpt), type="q4_1", output=str(tmp_path / "a.gguf")).weight_type == "q4_1"
+    llmlite.export(model=str(ckpt), output=str(tmp_path / "b.gguf"))
+    ids = tokenizer(TEXT, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = [
+            AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=f, dtype=torch.float32)
+            .eval()(ids)
+            .logits
+            for f in ("a.gguf", "b.gguf")
+        ]
+    assert torch.equal(*logits)
+    with pytest.raises(LlmliteError, match=r"--type q8_0 cannot hold .* q4_0 in GGUF terms.*--type q4_0"):
+        llmlite.export(model=str(ckpt), type="q8_0", output=str(tmp_path / "c.gguf"))
+    assert not (tmp_path / "c.gguf").exists()
+
+
+def test_quantize_format_gguf_writes_the_export_in_one_step(tmp_path, tokenizer):
+    """``quantize --format gguf`` gives the file that ``quantize`` then ``export`` give."""
+    float_model(tokenizer, 0).save_pretrained(tmp_path / "float")
+    tokenizer.save_pretrained(tmp_path / "float")
+    options = dict(model=str(tmp_path / "float"), method="rtn", group_size=32, progress=False)
+    llmlite.quantize(**options, format="gguf", output=str(tmp_path / "one.gguf"))
+    llmlite.quantize(**options, output=str(tmp_path / "ckpt"))
+    llmlite.export(model=str(tmp_path / "ckpt"), output=str(tmp_path / "two.gguf"))
+    reader = [GGUFReader(tmp_path / f) for f in ("one.gguf", "two.gguf")]
+    for a, b in zip(*(r.tensors for r in reader), strict=True):
+        assert a.name == b.name and np.array_equal(a.data, b.data)
 
 
 def test_rotary_rows_interleave_each_heads_halves():

@@ -8,13 +8,14 @@ from collections import defaultdict
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "llmlite"
+KERNELS = PACKAGE.parent / "kernels" / "src"  # installed as llmlite.kernels
 
 
 def unit(module: str) -> str:
     """The node a module belongs to: ``llmlite.quant`` for ``llmlite.quant.gptq``, a top-level
     module (``llmlite.models``) for itself, ``llmlite`` for the package's ``__init__``."""
     parts = module.split(".")
-    if len(parts) > 2 or (len(parts) == 2 and (PACKAGE / parts[1]).is_dir()):
+    if len(parts) > 2 or ((len(parts) == 2 and (PACKAGE / parts[1]).is_dir()) or parts[1:] == ["kernels"]):
         return ".".join(parts[:2])
     return module
 
@@ -24,8 +25,12 @@ def imports() -> list[tuple[str, str, str]]:
     ones included; ``from llmlite.x import y`` names module ``llmlite.x.y`` where y is a module.
     Imports under ``if TYPE_CHECKING:`` are left out (they never run)."""
     found = []
-    for file in sorted(PACKAGE.rglob("*.py")):
-        parts = file.relative_to(PACKAGE.parent).with_suffix("").parts
+    files = [(f, f.relative_to(PACKAGE.parent).with_suffix("").parts) for f in sorted(PACKAGE.rglob("*.py"))]
+    files += [
+        (f, ("llmlite", "kernels", *f.relative_to(KERNELS).with_suffix("").parts))
+        for f in KERNELS.rglob("*.py")
+    ]
+    for file, parts in files:
         module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         for node in _runtime_nodes(ast.parse(file.read_text())):
             if (

@@ -21,20 +21,18 @@ import statistics
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from llmlite.kernels import int4pack, native
-from llmlite.quant.linear import BACKENDS, QuantLinear, register_backend
+
+if TYPE_CHECKING:
+    from llmlite.quant.linear import QuantLinear
 
 DECODE_ROWS, PREFILL_ROWS = 1, 64
 SPLIT = 16  # inputs of fewer rows take the decode choice
-
-
-def _reference(layer: QuantLinear, x: Tensor) -> Tensor:
-    return BACKENDS["torch"].forward(layer, x)
 
 
 def _product(w_in_out: Tensor, x: Tensor, bias: Tensor | None) -> Tensor:
@@ -55,14 +53,16 @@ def _int4pack(layer: QuantLinear, packed: int4pack.Int4Pack, x: Tensor) -> Tenso
     return y if layer.bias is None else y.add_(layer.bias.to(y.dtype))
 
 
-def paths(layer: QuantLinear) -> dict[str, tuple[Callable[[QuantLinear, Any, Tensor], Tensor], Any]]:
-    """Every CPU path for ``layer``: ``name -> (run(layer, state, x), state)``."""
-    found: dict = {"dequant": (lambda layer, _, x: _reference(layer, x), None)}
-    if layer.bits == 4 and native.AVAILABLE:
-        grid = native.grid(layer.qzeros, layer.scales, layer.g_idx, layer.out_features)
+def paths(layer: QuantLinear, reference: Callable) -> dict[str, tuple[Callable, Any]]:
+    """Every CPU path for ``layer``: ``name -> (run(layer, state, x), state)``; ``reference(layer,
+    x)`` is the torch backend's forward."""
+    found: dict = {"dequant": (lambda layer, reference, x: reference(layer, x), reference)}
+    weight = layer.quantized_weight() if layer.bits == 4 else None
+    if weight is not None and native.AVAILABLE:
+        grid = native.grid(weight)
         found["native-f32"] = (_native(torch.float32), grid)
         found["native-bf16"] = (_native(torch.bfloat16), grid)
-    if layer.bits == 4 and (packed := int4pack.pack(layer.quantized_weight(), layer.group_size)) is not None:
+    if weight is not None and (packed := int4pack.pack(weight, layer.group_size)) is not None:
         found["int4pack"] = (_int4pack, packed)
     return found
 
@@ -95,16 +95,17 @@ def choose(layer: QuantLinear, found: dict) -> tuple[str, str]:
     return _CHOICES[key]
 
 
-def prepare(layer: QuantLinear) -> None:
-    found = paths(layer)
-    layer.cpu_paths = {name: found[name] for name in choose(layer, found)}
+def prepare(layer: QuantLinear, reference: Callable) -> None:
+    found = paths(layer, reference)
     layer.cpu_choice = choose(layer, found)
+    layer.cpu_paths = {name: found[name] for name in layer.cpu_choice}
 
 
-@register_backend("auto", prepare=prepare)
-def forward(layer: QuantLinear, x: Tensor) -> Tensor:
+def forward(layer: QuantLinear, x: Tensor, reference: Callable) -> Tensor:
+    """``reference(layer, x)`` (the torch backend) on another device, with autograd through the
+    input, or in float64; else the path chosen for the number of rows."""
     if x.device.type != "cpu" or x.dtype == torch.float64 or (torch.is_grad_enabled() and x.requires_grad):
-        return _reference(layer, x)
+        return reference(layer, x)
     rows = x.numel() // max(x.shape[-1], 1)
     name = layer.cpu_choice[0] if rows < SPLIT else layer.cpu_choice[1]
     run, state = layer.cpu_paths[name]

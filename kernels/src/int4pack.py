@@ -26,8 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llmlite.quant.grid import QuantizedWeight
-
 KERNEL_GROUPS = (256, 128, 64, 32)
 _OPS = ("_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu")
 AVAILABLE = all(hasattr(torch, op) for op in _OPS)
@@ -62,8 +60,9 @@ def contiguous_order(g_idx: Tensor, group_size: int) -> Tensor | bool | None:
     return perm if torch.equal(g_idx.long()[perm], expected) else False
 
 
-def pack(weight: QuantizedWeight, group_size: int) -> Int4Pack | None:
-    """``weight`` in the kernel's layout, or None when the kernel cannot carry it exactly."""
+def pack(weight, group_size: int) -> Int4Pack | None:
+    """``weight`` (a ``grid.QuantizedWeight``: codes, scale, zero ``[out, groups]``, ``g_idx``, bits)
+    in the kernel's layout, or None when the kernel cannot carry it exactly."""
     out_features, in_features = weight.shape
     group = kernel_group(group_size, in_features)
     order = contiguous_order(weight.g_idx, group_size)

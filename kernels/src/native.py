@@ -11,8 +11,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from llmlite.quant.formats import unpack
-
 MODULE = "llmlite.native.dequant4"
 
 
@@ -43,11 +41,11 @@ class Grid:
     g_idx: Tensor  # int32 [K]
 
 
-def grid(qzeros: Tensor, scales: Tensor, g_idx: Tensor, out_features: int) -> Grid:
-    """From the GPTQ buffers (v1 zeros: stored ``z − 1``)."""
-    zeros = unpack(qzeros.T, 4, out_features).T.float() + 1
-    scale = scales.float()
-    return Grid(scale.contiguous(), (-zeros * scale).contiguous(), g_idx.to(torch.int32).contiguous())
+def grid(weight) -> Grid:
+    """From a ``grid.QuantizedWeight`` (scale, zero ``[out, groups]``, ``g_idx``)."""
+    scale = weight.scale.float().T
+    offset = -weight.zero.float().T * scale
+    return Grid(scale.contiguous(), offset.contiguous(), weight.g_idx.to(torch.int32).contiguous())
 
 
 def dequantize_in_out(qweight: Tensor, g: Grid, dtype: torch.dtype) -> Tensor:

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 import transformers.modeling_outputs
-from torch import nn
+from torch import Tensor, nn
 
+from llmlite.decode import StaticCache, forward, unsupported
 from llmlite.memory import measure
 from llmlite.quant.compressed import is_compressed
 
@@ -92,29 +93,59 @@ class BatchLatency:
     joules_per_token: float | None = None
 
 
+def _transformers_run(model: nn.Module, ids: Tensor, new: int) -> tuple[float, list[float]]:
+    """(prefill seconds, seconds of each decode step) through transformers' forward and cache."""
+    _sync()
+    start = time.perf_counter()
+    out = model(ids, use_cache=True)
+    _sync()
+    took = time.perf_counter() - start
+    cache, nxt = _cache_of(out), out.logits[:, -1].argmax(-1, keepdim=True)
+    steps = []
+    for _ in range(new):
+        _sync()
+        start = time.perf_counter()
+        out = model(nxt, **{_CACHE_ARG: cache}, use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        _sync()
+        steps.append(time.perf_counter() - start)
+        cache = _cache_of(out)
+    return took, steps
+
+
+def _lean_run(model: nn.Module, ids: Tensor, new: int) -> tuple[float, list[float]]:
+    """The same through llmlite's lean loop (``llmlite.decode``: static cache, no framework)."""
+    batch, prompt = ids.shape
+    cache = StaticCache.allocate(model, batch, prompt + new)
+    _sync()
+    start = time.perf_counter()
+    nxt = forward(model, ids, cache, torch.arange(prompt, device=ids.device)).argmax(-1, keepdim=True)
+    _sync()
+    took = time.perf_counter() - start
+    steps = []
+    for i in range(new):
+        _sync()
+        start = time.perf_counter()
+        nxt = forward(model, nxt, cache, torch.tensor([prompt + i], device=ids.device)).argmax(
+            -1, keepdim=True
+        )
+        _sync()
+        steps.append(time.perf_counter() - start)
+    return took, steps
+
+
 @torch.no_grad()
 def _one_batch(model: nn.Module, batch: int, s: LatencySettings, generator: torch.Generator) -> BatchLatency:
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
+    run_once = (
+        _lean_run if unsupported(model, s.prompt_tokens + s.decode_tokens) is None else _transformers_run
+    )
     prefill, decode = [], []
     energy_start, tokens = _energy_joules(), 0
     for run in range(s.repeats + 1):
         ids = torch.randint(0, vocab, (batch, s.prompt_tokens), generator=generator).to(device)
-        _sync()
-        start = time.perf_counter()
-        out = model(ids, use_cache=True)
-        _sync()
-        took = time.perf_counter() - start
-        cache, nxt = _cache_of(out), out.logits[:, -1].argmax(-1, keepdim=True)
-        steps = []
-        for _ in range(s.decode_tokens):
-            _sync()
-            start = time.perf_counter()
-            out = model(nxt, **{_CACHE_ARG: cache}, use_cache=True)
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            _sync()
-            steps.append(time.perf_counter() - start)
-            cache = _cache_of(out)
+        took, steps = run_once(model, ids, s.decode_tokens)
         if run == 0:  # warm-up
             energy_start = _energy_joules()
             continue
@@ -140,11 +171,13 @@ def latency(model: nn.Module, settings: LatencySettings | None = None, seed: int
     with measure() as stats:
         batches = [asdict(_one_batch(model, b, s, generator)) for b in s.batch_sizes]
     energy = "RAPL" if device.type == "cpu" else "NVML"
+    why_not = unsupported(model, s.prompt_tokens + s.decode_tokens)
     return {
         "settings": asdict(s),
         "device": str(device),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
+        "loop": "llmlite lean loop" if why_not is None else f"transformers ({why_not})",
         "batches": batches,
         "peak_rss_bytes": stats.peak_rss_bytes,
         "peak_rss_scope": stats.peak_rss_scope,

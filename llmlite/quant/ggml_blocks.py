@@ -46,10 +46,17 @@ def block_type(weight: QuantizedWeight) -> str:
     )
 
 
+def carried_by(weight: QuantizedWeight) -> tuple[str, ...]:
+    """Every GGML type that holds ``weight`` exactly, the smallest first (symmetric 4-bit fits
+    ``q4_1`` too, with ``m = −8·d``, exact in float16)."""
+    kind = block_type(weight)
+    return ("q4_0", "q4_1") if kind == "q4_0" else (kind,)
+
+
 def to_blocks(weight: QuantizedWeight, kind: str | None = None) -> np.ndarray:
     """The rows of ``weight`` ``[out, in]`` as GGML blocks: uint8 ``[out, in / 32 · BYTES[kind]]``."""
     kind = kind or block_type(weight)
-    if kind != block_type(weight):
+    if kind not in carried_by(weight):
         raise LlmliteError(f"this weight is {block_type(weight)} in GGUF terms, not {kind}")
     out, cols = weight.shape
     codes = weight.codes.numpy().astype(np.int16).reshape(out, cols // BLOCK, BLOCK)

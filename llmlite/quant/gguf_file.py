@@ -18,7 +18,7 @@ from torch import nn
 
 from llmlite.errors import LlmliteError
 from llmlite.quant.compressed import is_compressed
-from llmlite.quant.ggml_blocks import block_type, to_blocks
+from llmlite.quant.ggml_blocks import block_type, carried_by, to_blocks
 from llmlite.quant.grid import QuantizedWeight
 
 NAMES = {  # Hugging Face module -> llama.cpp tensor, per decoder layer
@@ -46,18 +46,34 @@ def rotary_rows(out_features: int, heads: int) -> torch.Tensor:
     )
 
 
-def write_gguf(model: nn.Module, tokenizer_folder: Path, path: Path, name: str) -> str:
-    """Write ``model`` (Llama family, its linears ``QuantLinear`` at group 32) to ``path``; the
-    tokenizer and its special tokens come from ``tokenizer_folder`` (a Hugging Face folder).
-    Returns the GGML type of the weights."""
+def check_gguf_family(model: nn.Module, name: str) -> None:
+    """A one-line error for a model this writer has no llama.cpp architecture for."""
+    if model.config.model_type != "llama":
+        raise LlmliteError(
+            f"GGUF export writes Llama-family models; {name} is a {model.config.model_type} model"
+        )
+
+
+def write_gguf(
+    model: nn.Module, tokenizer_folder: Path, path: Path, name: str, kind: str | None = None
+) -> str:
+    """Write ``model`` (Llama family, its linears ``QuantLinear`` at group 32) to ``path`` with its
+    weights as GGML type ``kind`` (default: the smallest that holds them exactly); the tokenizer
+    and its special tokens come from ``tokenizer_folder`` (a Hugging Face folder). Returns the type."""
+    check_gguf_family(model, name)
     cfg = model.config
-    if cfg.model_type != "llama":
-        raise LlmliteError(f"GGUF export writes Llama-family models; {name} is a {cfg.model_type} model")
     layers = model.model.layers
-    kinds = {block_type(m.quantized_weight()) for m in model.modules() if is_compressed(m)}
+    weights = [m.quantized_weight() for m in model.modules() if is_compressed(m)]
+    kinds = {block_type(w) for w in weights}
     if len(kinds) != 1:
         raise LlmliteError(f"GGUF export needs one weight type in {name}, found {sorted(kinds) or 'none'}")
-    (kind,) = kinds
+    best = kinds.pop()
+    kind = kind or best
+    if not all(kind in carried_by(w) for w in weights):
+        raise LlmliteError(
+            f"--type {kind} cannot hold {name}'s weights exactly (they are {best} in GGUF terms); "
+            f"use --type {best}, or leave --type out"
+        )
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     rope = getattr(cfg, "rope_theta", None) or (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta")
@@ -82,7 +98,7 @@ def write_gguf(model: nn.Module, tokenizer_folder: Path, path: Path, name: str) 
     _dense(writer, "output_norm.weight", model.model.norm.weight)
     head = model.get_output_embeddings()
     if head is not None and head.weight is not model.get_input_embeddings().weight:
-        _linear(writer, "output.weight", head, None)
+        _linear(writer, "output.weight", head, None, kind)
     for i, layer in enumerate(layers):
         for module_name, short in NAMES.items():
             module = layer.get_submodule(module_name)
@@ -92,7 +108,7 @@ def write_gguf(model: nn.Module, tokenizer_folder: Path, path: Path, name: str) 
             if module_name.endswith("norm"):
                 _dense(writer, f"blk.{i}.{short}.weight", module.weight)
             else:
-                _linear(writer, f"blk.{i}.{short}.weight", module, rows)
+                _linear(writer, f"blk.{i}.{short}.weight", module, rows, kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -100,7 +116,9 @@ def write_gguf(model: nn.Module, tokenizer_folder: Path, path: Path, name: str) 
     return kind
 
 
-def _linear(writer: gguf.GGUFWriter, name: str, module: nn.Module, rows: torch.Tensor | None) -> None:
+def _linear(
+    writer: gguf.GGUFWriter, name: str, module: nn.Module, rows: torch.Tensor | None, kind: str
+) -> None:
     if getattr(module, "bias", None) is not None:
         raise LlmliteError(f"{name}: llama.cpp's Llama graph has no linear biases; this model has one")
     if not is_compressed(module):
@@ -110,7 +128,6 @@ def _linear(writer: gguf.GGUFWriter, name: str, module: nn.Module, rows: torch.T
     qw = module.quantized_weight()
     if rows is not None:
         qw = QuantizedWeight(qw.codes[rows], qw.scale[rows], qw.zero[rows], qw.g_idx, qw.bits)
-    kind = block_type(qw)
     writer.add_tensor(name, to_blocks(qw, kind), raw_dtype=TYPES[kind])
 
 

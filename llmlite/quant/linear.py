@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llmlite.kernels import cpu
 from llmlite.quant.formats import from_gptq, packed_length, to_gptq, unpack
 from llmlite.quant.grid import QuantizedWeight, num_groups
 
@@ -161,4 +163,6 @@ class QuantLinear(nn.Module):
         )
 
 
-import llmlite.kernels.cpu  # noqa: E402, F401  (registers the "auto" backend)
+BACKENDS["auto"] = Backend(
+    partial(cpu.forward, reference=_torch_backend), partial(cpu.prepare, reference=_torch_backend)
+)
