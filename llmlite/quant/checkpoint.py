@@ -152,7 +152,8 @@ def load_gptq_checkpoint(
     state = _read_weights(folder)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.device("meta"):  # no float weights for the linears the checkpoint replaces
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     marker = f".{codec.marker}"
     names = sorted(k[: -len(marker)] for k in state if k.endswith(marker))
     for name in names:
@@ -166,7 +167,9 @@ def load_gptq_checkpoint(
                 f"{folder}: {key} has shape {list(tensor.shape)}, expected {list(want.shape)} from its "
                 "config; re-create the checkpoint"
             )
-    missing, unexpected = model.load_state_dict(state, strict=False)
+        if want is not None and want.is_floating_point() and tensor.is_floating_point():
+            state[key] = tensor.to(want.dtype)  # assigned below, so at the model's dtype here
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     done = set(names)
     missing = [k for k in missing if not _is_tied(model, k) and k.rpartition(".")[0] not in done]
@@ -175,6 +178,7 @@ def load_gptq_checkpoint(
             f"{folder} does not match its config ({len(missing)} tensors missing, "
             f"{len(unexpected)} unexpected, e.g. {(missing + unexpected)[0]}); re-create the checkpoint"
         )
+    _rebuild_meta_buffers(model, folder)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as e:
@@ -294,6 +298,17 @@ def _indexed_files(index: Path) -> list[str]:
         raise LlmliteError(
             f"cannot read {index} ({type(e).__name__}: {e}); it must map tensors to files: re-create it"
         ) from None
+
+
+def _rebuild_meta_buffers(model: PreTrainedModel, folder: Path) -> None:
+    """The tensors no checkpoint holds (rotary frequencies, computed at init) built again on the
+    CPU, since the model was created on the meta device."""
+    for name, module in list(model.named_modules()):
+        if any(t.is_meta for t in module.buffers(recurse=False)) and "Rotary" in type(module).__name__:
+            model.set_submodule(name, type(module)(config=model.config))
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise LlmliteError(f"{folder}: {left[0]} has no value in the checkpoint; re-create the checkpoint")
 
 
 def _is_tied(model: PreTrainedModel, key: str) -> bool:
