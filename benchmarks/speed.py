@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 BENCH = ROOT / ".bench" / "speed"
 CHECKPOINT, GGUF = BENCH / "rtn-w4g32-sym", BENCH / "rtn-w4g32-sym.Q4_0.gguf"
+MODELS = {"float32": "smollm2-135m", "4-bit": str(CHECKPOINT)}
 
 LLAMA_SCRIPT = r"""
 import json, sys, time
@@ -57,11 +58,12 @@ import json, sys, torch
 import llmlite
 from llmlite.decode import decode
 from llmlite.models import load_model
+rss = next(line for line in open("/proc/self/status") if line.startswith("VmRSS"))
 model, _ = load_model(sys.argv[1])
 ids = torch.randint(0, model.config.vocab_size, (1, int(sys.argv[2])))
 list(decode(model, ids, 16, lambda logits: logits.argmax(-1)))
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
-print(json.dumps({"peak_rss": int(hwm.split()[1]) * 1024}))
+print(json.dumps({"peak_rss": int(hwm.split()[1]) * 1024, "imports_rss": int(rss.split()[1]) * 1024}))
 """
 
 
@@ -110,11 +112,11 @@ def llama_cpp(python: str, path: Path, threads: int, new: int, ids) -> dict:
     )
 
 
-def peak_rss(source: str, prompt: int) -> int:
+def peak_rss(source: str, prompt: int) -> dict:
     out = subprocess.run(
         [sys.executable, "-c", RSS_SCRIPT, source, str(prompt)], check=True, capture_output=True
     )
-    return json.loads(out.stdout.decode().splitlines()[-1])["peak_rss"]
+    return json.loads(out.stdout.decode().splitlines()[-1])
 
 
 def markdown(rows: list[dict], env: dict, settings: dict) -> str:
@@ -195,7 +197,8 @@ def main() -> None:
             for key, run in configs.items():
                 results.setdefault((threads, *key), []).append(run())
                 print(threads, key, results[(threads, *key)][-1], flush=True)
-    rss = {"float32": peak_rss("smollm2-135m", args.prompt), "4-bit": peak_rss(str(CHECKPOINT), args.prompt)}
+    measured = {model: peak_rss(source, args.prompt) for model, source in MODELS.items()}
+    rss = {model: m["peak_rss"] for model, m in measured.items()}
     rows = []
     for (threads, model, runtime), runs in results.items():
         row = {
@@ -240,7 +243,10 @@ def main() -> None:
         "llama_cpp": llama_version,
         "commit": commit.stdout.strip(),
         "choices": "; ".join(choices),
-        "notes": [],
+        "notes": [
+            f"The Python process with torch, transformers and llmlite imported, before any model, holds "
+            f"{measured['float32']['imports_rss'] / 2**20:.0f} MiB of the peak RSS of llmlite's rows.",
+        ],
     }
     env = environment()
     (ROOT / "docs/benchmarks/speed.json").write_text(

@@ -83,8 +83,15 @@ def _attention(layer: nn.Module, h: Tensor, cos: Tensor, sin: Tensor, cache: Sta
     cache.keys[i].index_copy_(2, at, k.to(cache.keys[i].dtype))
     cache.values[i].index_copy_(2, at, v.to(cache.values[i].dtype))
     if t == 1 and torch.compiler.is_compiling():  # static shapes: the whole cache, later slots masked
-        keys, values = cache.keys[i], cache.values[i]
-        mask = (torch.arange(cache.capacity, device=at.device) <= at).view(1, 1, 1, -1)
+        # written out (not SDPA's kernel) so that the compiler fuses it: one query row per head
+        keys, values = cache.keys[i].to(q.dtype), cache.values[i].to(q.dtype)
+        groups = q.shape[1] // keys.shape[1]
+        qg = q.view(b, keys.shape[1], groups, attn.head_dim)  # query heads by the key/value head they read
+        scores = (qg @ keys.transpose(-1, -2)) * attn.scaling  # [B, kv_heads, groups, capacity]
+        later = torch.arange(cache.capacity, device=at.device) > at
+        probs = torch.softmax(scores.masked_fill(later, float("-inf")), -1)
+        out = (probs @ values).view(b, -1, 1, attn.head_dim)
+        return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
     else:  # eager: only the filled positions
         end = int(at[-1]) + 1
         keys, values = cache.keys[i][:, :, :end], cache.values[i][:, :, :end]
