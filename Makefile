@@ -11,7 +11,7 @@ DEMO := runs/smollm2-gptq-w4g128
 REPORT_LIMIT ?= wikitext=16,calibration=16,piqa=500
 REPORTS := docs/reports
 
-.PHONY: setup demo test test-fast lint errors-doc bench bench-blas bench-eval bench-finetune finetune-example bench-kvcache bench-gqa report
+.PHONY: setup demo test test-fast lint errors-doc bench bench-blas bench-eval bench-finetune finetune-example bench-kvcache bench-gqa bench-speed bench-llamacpp report
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -62,6 +62,13 @@ bench-kvcache: setup
 
 bench-gqa: setup
 	$(PY) benchmarks/gqa.py
+
+# LLAMA_PYTHON: a Python with llama-cpp-python (its rows are left out without one)
+bench-speed: setup
+	$(PY) benchmarks/speed.py $(if $(LLAMA_PYTHON),--llama-python $(LLAMA_PYTHON))
+
+bench-llamacpp: setup
+	$(PY) benchmarks/llamacpp_quality.py --llama-python $(LLAMA_PYTHON)
 
 report: setup
 	$(VENV)/bin/llmlite quantize --no-v2 --no-refit --output runs/gptq-w4g128 --overwrite --quiet
