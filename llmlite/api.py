@@ -278,6 +278,6 @@ def export(config: ExportConfig | None = None, *, recipe: str | None = None, **o
                 f"{cfg.model} is not a quantized llmlite checkpoint; run llmlite quantize --group-size 32 "
                 "--output DIR, then export DIR"
             )
-        kind = write_gguf(model, source, tmp, Path(cfg.model).name, cfg.type)
+        kind = write_gguf(model, source, tmp, Path(cfg.model).name, cfg.type, cfg.embeddings)
     output = Path(cfg.output)
     return ExportResult(str(output), cfg.format, kind, output.stat().st_size)

@@ -189,6 +189,7 @@ class EvalConfig:
 
 
 GGUF_TYPES = ("q4_0", "q4_1", "q8_0")  # the block types that carry llmlite's grids exactly
+EMBEDDING_TYPES = ("q8_0", "f16")
 
 
 @dataclass
@@ -207,6 +208,11 @@ class ExportConfig:
     type: str | None = option(
         None, "GGUF block type", choices=GGUF_TYPES, shown="the smallest that holds the weights exactly"
     )
+    embeddings: str = option(
+        "q8_0",
+        "the float embedding (and an unquantized lm_head): q8_0 as llama.cpp's quantizer writes it, or f16",
+        choices=EMBEDDING_TYPES,
+    )
     output: str | None = option(None, "the file to write", cli_required="the file to write")
     overwrite: bool = option(False, "replace an existing output file")
 
@@ -217,6 +223,8 @@ class ExportConfig:
             raise LlmliteError(
                 f"--format {self.format} is not supported; use one of: {', '.join(EXPORT_FORMATS)}"
             )
+        if self.embeddings not in EMBEDDING_TYPES:
+            raise LlmliteError(f"--embeddings {self.embeddings} is not one of: {', '.join(EMBEDDING_TYPES)}")
         if self.type is not None and self.type not in GGUF_TYPES:
             raise LlmliteError(
                 f"--type {self.type} is not a GGUF type llmlite writes; use one of: {', '.join(GGUF_TYPES)}"

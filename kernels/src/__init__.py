@@ -1,6 +1,6 @@
-"""Compute kernels for llmlite's hot paths, installed as ``llmlite.kernels``.
+"""Compute kernels for llmlite's hot paths, installed as ``llmlite.kernels`` (see kernels/README.md).
 
-The quantized linear layer currently runs on its pure-PyTorch backend
-(``llmlite.quant.linear``); Triton kernels register themselves here as further backends with
-``llmlite.quant.linear.register_backend``.
+``cpu`` is the ``auto`` backend of ``QuantLinear`` (registered by ``llmlite.quant.linear``): on the
+CPU, per layer shape, the fastest of the torch reference, ``int4pack`` (torch's packed 4-bit
+kernel) and ``native`` (compiled 4-bit dequantisation, then a float product).
 """

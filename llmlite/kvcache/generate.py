@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
+from llmlite import llamacpp
 from llmlite.decode import decode, unsupported
 from llmlite.errors import LlmliteError
 from llmlite.kvcache.cache import kv_cache_for, kv_spec
@@ -19,6 +20,8 @@ from llmlite.kvcache.evaluate import cache_memory, float16_cache_bytes
 from llmlite.models import DEFAULT_MODEL, load_model
 from llmlite.recipes import build, option
 from llmlite.results import Result
+
+RUNTIMES = ("llmlite", "llama.cpp")
 
 
 @dataclass
@@ -48,6 +51,12 @@ class GenerateConfig:
     compile: bool = option(
         False, "compile the decode step with torch.compile (about a minute, once per run; then faster steps)"
     )
+    runtime: str = option(
+        "llmlite",
+        "llmlite: the model's modules through llmlite's decode loop; llama.cpp: its GGUF file (a group-32 "
+        "checkpoint is exported first) through llama-cpp-python, an optional extra",
+        choices=RUNTIMES,
+    )
 
     def validate(self) -> GenerateConfig:
         if not self.prompt:
@@ -60,6 +69,12 @@ class GenerateConfig:
             isinstance(self.kv_residual, bool) or not isinstance(self.kv_residual, int)
         ):
             raise LlmliteError(f"option kv-residual must be a whole number, got {self.kv_residual!r}")
+        if self.runtime not in RUNTIMES:
+            raise LlmliteError(f"--runtime {self.runtime} is not one of: {', '.join(RUNTIMES)}")
+        if self.runtime == "llama.cpp" and self.kv_bits is not None:
+            raise LlmliteError("--kv-bits is llmlite's cache; llama.cpp keeps its own: leave one of them out")
+        if self.runtime == "llama.cpp" and not llamacpp.available():
+            raise LlmliteError(f"--runtime llama.cpp needs llama-cpp-python: {llamacpp.INSTALL}")
         if self.kv_bits is not None:
             kv_spec(self)
         return self
@@ -88,6 +103,8 @@ def generate(
     elif model is not None:
         options["model"], model = model, None
     cfg = config.validate() if config is not None else build(GenerateConfig, recipe, **options)
+    if cfg.runtime == "llama.cpp":
+        return _llama_cpp_generate(cfg)
     if model is None:
         model, tokenizer = load_model(cfg.model)
     text = cfg.prompt
@@ -136,6 +153,24 @@ def generate(
         float16_cache_bytes=float16_cache_bytes(model.config, length),
         kv_bits=cfg.kv_bits,
         loop=loop,
+    )
+
+
+def _llama_cpp_generate(cfg: GenerateConfig) -> Generation:
+    with llamacpp.gguf_file(cfg.model) as path:
+        done = llamacpp.complete(
+            path, cfg.prompt, cfg.chat, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed
+        )
+    return Generation(
+        text=done.text,
+        prompt_tokens=done.prompt_tokens,
+        new_tokens=done.new_tokens,
+        seconds=done.seconds,
+        tokens_per_second=done.new_tokens / done.seconds,
+        cache_bytes=done.cache_bytes,
+        float16_cache_bytes=done.cache_bytes,
+        kv_bits=None,
+        loop=f"llama.cpp (llama-cpp-python {llamacpp.version()})",
     )
 
 

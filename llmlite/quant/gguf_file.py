@@ -35,7 +35,7 @@ NAMES = {  # Hugging Face module -> llama.cpp tensor, per decoder layer
 TYPES = {"q4_0": gguf.GGMLQuantizationType.Q4_0, "q4_1": gguf.GGMLQuantizationType.Q4_1,
          "q8_0": gguf.GGMLQuantizationType.Q8_0}  # fmt: skip
 FILE_TYPES = {"q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
-              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}  # fmt: skip
+              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "f32": gguf.LlamaFileType.ALL_F32}  # fmt: skip
 
 
 def rotary_rows(out_features: int, heads: int) -> torch.Tensor:
@@ -55,21 +55,30 @@ def check_gguf_family(model: nn.Module, name: str) -> None:
 
 
 def write_gguf(
-    model: nn.Module, tokenizer_folder: Path, path: Path, name: str, kind: str | None = None
+    model: nn.Module,
+    tokenizer_folder: Path,
+    path: Path,
+    name: str,
+    kind: str | None = None,
+    embeddings: str = "q8_0",
 ) -> str:
     """Write ``model`` (Llama family, its linears ``QuantLinear`` at group 32) to ``path`` with its
-    weights as GGML type ``kind`` (default: the smallest that holds them exactly); the tokenizer
-    and its special tokens come from ``tokenizer_folder`` (a Hugging Face folder). Returns the type."""
+    weights as GGML type ``kind`` (default: the smallest that holds them exactly; a float model:
+    float32, the input of llama.cpp's own quantizer); the tokenizer and its special tokens come
+    from ``tokenizer_folder`` (a Hugging Face folder). The float embedding (and an unquantized
+    ``lm_head``) is written as ``embeddings``: ``q8_0`` (what llama.cpp's own quantizer writes for
+    it, byte for byte: a file of the same size as llama.cpp's) or ``f16`` (float16, float32 where
+    that is not exact). Returns the type of the quantized weights."""
     check_gguf_family(model, name)
     cfg = model.config
     layers = model.model.layers
     weights = [m.quantized_weight() for m in model.modules() if is_compressed(m)]
-    kinds = {block_type(w) for w in weights}
+    kinds = {block_type(w) for w in weights} or {"f32"}  # a float model: its tensors as they are
     if len(kinds) != 1:
-        raise LlmliteError(f"GGUF export needs one weight type in {name}, found {sorted(kinds) or 'none'}")
+        raise LlmliteError(f"GGUF export needs one weight type in {name}, found {sorted(kinds)}")
     best = kinds.pop()
     kind = kind or best
-    if not all(kind in carried_by(w) for w in weights):
+    if not all(kind in carried_by(w) for w in weights) or (kind == "f32") != (best == "f32"):
         raise LlmliteError(
             f"--type {kind} cannot hold {name}'s weights exactly (they are {best} in GGUF terms); "
             f"use --type {best}, or leave --type out"
@@ -94,11 +103,14 @@ def write_gguf(
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _tokenizer(writer, tokenizer_folder, cfg.vocab_size)
 
-    _dense(writer, "token_embd.weight", model.get_input_embeddings().weight)
+    _embedding(writer, "token_embd.weight", model.get_input_embeddings().weight, embeddings)
     _dense(writer, "output_norm.weight", model.model.norm.weight)
     head = model.get_output_embeddings()
     if head is not None and head.weight is not model.get_input_embeddings().weight:
-        _linear(writer, "output.weight", head, None, kind)
+        if is_compressed(head):
+            _linear(writer, "output.weight", head, None, kind)
+        else:
+            _embedding(writer, "output.weight", head.weight, embeddings)
     for i, layer in enumerate(layers):
         for module_name, short in NAMES.items():
             module = layer.get_submodule(module_name)
@@ -129,6 +141,15 @@ def _linear(
     if rows is not None:
         qw = QuantizedWeight(qw.codes[rows], qw.scale[rows], qw.zero[rows], qw.g_idx, qw.bits)
     writer.add_tensor(name, to_blocks(qw, kind), raw_dtype=TYPES[kind])
+
+
+def _embedding(writer: gguf.GGUFWriter, name: str, tensor: torch.Tensor, embeddings: str) -> None:
+    if embeddings == "f16":
+        return _dense(writer, name, tensor)
+    if embeddings != "q8_0" or tensor.shape[-1] % 32:
+        raise LlmliteError(f"{name}: embeddings are written as q8_0 (rows of whole blocks of 32) or f16")
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    writer.add_tensor(name, gguf.quants.quantize(tensor.detach().float().numpy(), q8), raw_dtype=q8)
 
 
 def _dense(writer: gguf.GGUFWriter, name: str, tensor: torch.Tensor) -> None:
