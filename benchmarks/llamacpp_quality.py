@@ -5,10 +5,11 @@ llama.cpp's own quantization of the same model, in the same run.
 
 PATH is a Python with llama-cpp-python. Files (``.bench/llamacpp/``): the bundled float model
 written as a float32 GGUF file by llmlite's writer; llama.cpp's own F16, Q4_0 and Q4_K_M of it
-(``llama_model_quantize``, its default settings, no importance matrix); llmlite's default GPTQ at
-``--group-size 32`` written as Q4_0 (``quantize --format gguf``). Every file is scored by llama.cpp
-on the same token ids: WikiText-2 raw test tokenized by the model's tokenizer, non-overlapping
-2,048-token windows, the mean next-token NLL of each window's last 2,047 tokens, exp. Writes
+(``llama_model_quantize``, its default settings, no importance matrix); llmlite's GPTQ at
+``--group-size 32`` (defaults, and with ``--mse``) written as Q4_0 (``quantize --format gguf``).
+Every file is scored by llama.cpp on the same token ids: WikiText-2 raw test tokenized by the
+model's tokenizer, non-overlapping 2,048-token windows, the mean next-token NLL of each window's
+last 2,047 tokens, exp. Scores are cached per file in ``.bench/llamacpp/scores.json``. Writes
 ``docs/benchmarks/llamacpp-quality.md`` and ``.json``.
 """
 
@@ -77,20 +78,33 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     BENCH.mkdir(parents=True, exist_ok=True)
-    f32, ours = BENCH / "smollm2-f32.gguf", BENCH / "llmlite-gptq-g32.Q4_0.gguf"
+    f32 = BENCH / "smollm2-f32.gguf"
+    ours = {  # llmlite's exports: name -> (file, quantize options)
+        "Q4_0, llmlite GPTQ (defaults, --group-size 32)": (BENCH / "llmlite-gptq-g32.Q4_0.gguf", {}),
+        "Q4_0, llmlite GPTQ --mse (--group-size 32)": (
+            BENCH / "llmlite-gptq-mse-g32.Q4_0.gguf",
+            {"mse": True},
+        ),
+    }
     theirs = {name: BENCH / f"llama.cpp-{name}.gguf" for name in ("F16", "Q4_0", "Q4_K_M")}
     timings = {}
     model, tokenizer = load_model("smollm2-135m")
     if not f32.exists():
         write_gguf(model, resolve_model("smollm2-135m"), f32, "SmolLM2-135M-Instruct")
-    if not ours.exists():
-        start = time.perf_counter()
-        llmlite.quantize(group_size=32, format="gguf", output=str(ours), progress=False)
-        timings["llmlite quantize --group-size 32 --format gguf (s)"] = time.perf_counter() - start
+    for name, (file, options) in ours.items():
+        if not file.exists():
+            start = time.perf_counter()
+            llmlite.quantize(group_size=32, format="gguf", output=str(file), progress=False, **options)
+            timings[f"{name}: quantize and write (s)"] = time.perf_counter() - start
     ids = tokenize(tokenizer, load_text("wikitext2"))
     windows = eval_windows(ids, 2048, args.windows).numpy().astype(np.int64)
     np.save(BENCH / "windows.npy", windows)
-    files = [str(theirs["F16"]), str(theirs["Q4_0"]), str(ours), str(theirs["Q4_K_M"])]
+    files = [
+        str(theirs["F16"]),
+        str(theirs["Q4_0"]),
+        *(str(f) for f, _ in ours.values()),
+        str(theirs["Q4_K_M"]),
+    ]
     # scores are kept per file (its time and size) and window count: a re-run scores what changed
     cache_file = BENCH / "scores.json"
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
@@ -119,13 +133,17 @@ def main() -> None:
     names = {
         str(theirs["F16"]): "F16 (llama.cpp's conversion of the float model)",
         str(theirs["Q4_0"]): "Q4_0, llama.cpp's quantizer",
-        str(ours): "Q4_0, llmlite GPTQ (defaults, --group-size 32)",
+        **{str(f): name for name, (f, _) in ours.items()},
         str(theirs["Q4_K_M"]): "Q4_K_M, llama.cpp's quantizer",
     }
     f16 = scores[str(theirs["F16"])]["ppl"]
     q40 = scores[str(theirs["Q4_0"])]["ppl"]
     rows = [{"file": names[p], **{k: v for k, v in scores[p].items() if k != "stamp"}} for p in files]
-    closed = (q40 - scores[str(ours)]["ppl"]) / (q40 - f16)
+    closed = {name: (q40 - scores[str(f)]["ppl"]) / (q40 - f16) for name, (f, _) in ours.items()}
+    size = {
+        name: scores[str(f)]["bytes"] / scores[str(theirs["Q4_0"])]["bytes"] - 1
+        for name, (f, _) in ours.items()
+    }
     env = environment()
     lines = [
         "# Quality through llama.cpp: llmlite's GPTQ export beside llama.cpp's own quantization",
@@ -148,14 +166,23 @@ def main() -> None:
         )
     lines += [
         "",
-        f"llmlite's Q4_0 closes {100 * closed:.0f}% of llama.cpp-Q4_0's perplexity gap to F16, in a file "
-        f"{100 * (scores[str(ours)]['bytes'] / scores[str(theirs['Q4_0'])]['bytes'] - 1):+.2f}% the size of "
-        "llama.cpp's Q4_0.",
+        *(
+            f"- {name} closes {100 * closed[name]:.1f}% of llama.cpp-Q4_0's perplexity gap to F16, in a file "
+            f"{100 * size[name]:+.2f}% the size of llama.cpp's Q4_0."
+            for name in ours
+        ),
         *(f"- {k}: {v:.0f}" for k, v in timings.items()),
         "",
     ]
     (ROOT / "docs/benchmarks/llamacpp-quality.md").write_text("\n".join(lines))
-    record = {"env": env, "llama_cpp": version, "rows": rows, "closed": closed, "timings": timings}
+    record = {
+        "env": env,
+        "llama_cpp": version,
+        "rows": rows,
+        "closed": closed,
+        "size": size,
+        "timings": timings,
+    }
     (ROOT / "docs/benchmarks/llamacpp-quality.json").write_text(json.dumps(record, indent=1))
     print("\n".join(lines))
 
