@@ -78,7 +78,9 @@ class QuantizeConfig:
     quantize_head: bool = option(False, "also quantize lm_head (untied from the embeddings)")
     dtype: str = option("float16", "storage of the tensors that stay unquantized", choices=DTYPES)
     output: str | None = option(
-        None, "checkpoint folder to write (a .gguf file with --format gguf)", cli_required="the output"
+        None,
+        "checkpoint folder to write (a .gguf file with --format gguf)",
+        cli_required="the checkpoint folder, or the .gguf file with --format gguf, to write",
     )
     format: str = option(
         "gptq", "gptq: a checkpoint folder; gguf: a file for llama.cpp (group 32)", choices=QUANTIZE_FORMATS
