@@ -167,7 +167,12 @@ def load_gptq_checkpoint(
                 f"{folder}: {key} has shape {list(tensor.shape)}, expected {list(want.shape)} from its "
                 "config; re-create the checkpoint"
             )
-        if want is not None and want.is_floating_point() and tensor.is_floating_point():
+        if want is not None and want.is_floating_point() != tensor.is_floating_point():
+            raise LlmliteError(
+                f"{folder}: {key} is {str(tensor.dtype).removeprefix('torch.')}, expected "
+                f"{str(want.dtype).removeprefix('torch.')}; re-create the checkpoint"
+            )
+        if want is not None and want.is_floating_point():
             state[key] = tensor.to(want.dtype)  # assigned below, so at the model's dtype here
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
