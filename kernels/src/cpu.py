@@ -11,7 +11,9 @@ The paths, each exact to its stated rounding (``tests/test_kernels_cpu.py``):
   2–4× float32's where the CPU has them.
 
 ``prepare`` builds every path the layer's grid allows, times each (median of a few calls at 1 and
-at ``PREFILL_ROWS`` rows, cached per shape and thread count), and keeps only the chosen ones. On
+at ``PREFILL_ROWS`` rows, cached per shape and thread count), and keeps only the chosen ones: the
+fastest, unless it rounds to bfloat16 and is less than ``MARGIN`` faster than the best float32
+path (near-ties would otherwise flip between runs and move results in the last digits). On
 another device, with autograd through the input, or in float64, the layer runs the reference path.
 """
 
@@ -33,6 +35,8 @@ if TYPE_CHECKING:
 
 DECODE_ROWS, PREFILL_ROWS = 1, 64
 SPLIT = 16  # inputs of fewer rows take the decode choice
+EXACT = ("dequant", "native-f32")  # float32 throughout: the reference's values
+MARGIN = 1.25  # a bfloat16 path is taken only if it is this much faster than the best exact one
 
 
 def _product(w_in_out: Tensor, x: Tensor, bias: Tensor | None) -> Tensor:
@@ -90,7 +94,9 @@ def choose(layer: QuantLinear, found: dict) -> tuple[str, str]:
             x = torch.randn(rows, layer.in_features)
             with torch.no_grad():
                 times = {name: _seconds(partial(run, layer, st, x)) for name, (run, st) in found.items()}
-            picks.append(min(times, key=times.get))
+            exact = min((n for n in times if n in EXACT), key=times.get)
+            fastest = min(times, key=times.get)
+            picks.append(fastest if times[fastest] * MARGIN <= times[exact] else exact)
         _CHOICES[key] = (picks[0], picks[1])
     return _CHOICES[key]
 
