@@ -90,7 +90,7 @@ class Generation(Result):
     cache_bytes: int
     float16_cache_bytes: int
     kv_bits: int | None
-    loop: str  # "lean", "lean, compiled" or "transformers" (and why)
+    loop: str  # "lean", "lean, compiled", "transformers (why)" or "llama.cpp (version)"
 
 
 def generate(
