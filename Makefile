@@ -11,7 +11,7 @@ DEMO := runs/smollm2-gptq-w4g128
 REPORT_LIMIT ?= wikitext=16,calibration=16,piqa=500
 REPORTS := docs/reports
 
-.PHONY: setup demo test test-fast lint errors-doc bench bench-blas bench-eval bench-finetune finetune-example bench-kvcache bench-gqa bench-speed bench-llamacpp report
+.PHONY: setup demo test test-fast lint errors-doc bench bench-blas bench-eval bench-finetune finetune-example bench-kvcache bench-gqa bench-speed bench-llamacpp bench-triton report
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -69,6 +69,10 @@ bench-speed: setup
 
 bench-llamacpp: setup
 	$(PY) benchmarks/llamacpp_quality.py --llama-python $(LLAMA_PYTHON)
+
+# Triton w4a16 against torch float16 on a CUDA GPU (docs/benchmarks/triton.md); with TORCH=torch
+bench-triton: setup
+	$(PY) benchmarks/triton_w4a16.py
 
 report: setup
 	$(VENV)/bin/llmlite quantize --no-v2 --no-refit --output runs/gptq-w4g128 --overwrite --quiet

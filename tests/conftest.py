@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run in Triton's interpreter (tests/test_kernels_triton.py). Triton
+# reads the variable when it is first imported, which transformers does: it is set before that.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from llmlite.models import resolve_model

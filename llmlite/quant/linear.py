@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llmlite.kernels import cpu
+from llmlite.kernels import cpu, cuda
 from llmlite.quant.formats import from_gptq, packed_length, to_gptq, unpack
 from llmlite.quant.grid import QuantizedWeight, num_groups
 
@@ -163,6 +163,18 @@ class QuantLinear(nn.Module):
         )
 
 
-BACKENDS["auto"] = Backend(
-    partial(cpu.forward, reference=_torch_backend), partial(cpu.prepare, reference=_torch_backend)
-)
+def _auto_forward(layer: QuantLinear, x: Tensor) -> Tensor:
+    if x.device.type == "cuda":
+        return cuda.forward(layer, x, _torch_backend)
+    return cpu.forward(layer, x, _torch_backend)
+
+
+def _triton_prepare(layer: QuantLinear) -> None:
+    if (why := cuda.unavailable()) is not None:
+        raise ValueError(why)
+
+
+# auto: per device, the fastest path measured (CPU) or the Triton kernels (CUDA); triton: the
+# Triton kernels wherever they run (on CPU tensors under TRITON_INTERPRET=1)
+BACKENDS["auto"] = Backend(_auto_forward, partial(cpu.prepare, reference=_torch_backend))
+BACKENDS["triton"] = Backend(partial(cuda.forward, reference=_torch_backend), _triton_prepare)
