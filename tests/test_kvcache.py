@@ -40,9 +40,12 @@ def reference(x: torch.Tensor, bits: int, group: int, axis: int) -> tuple[torch.
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("group", [1, 5, 16, 64])
 @pytest.mark.parametrize("axis", [-2, -1])
-def test_quantize_matches_float64_reference(bits, group, axis):
+@pytest.mark.parametrize("whole", [False, True])
+def test_quantize_matches_float64_reference(bits, group, axis, whole):
     g = torch.Generator().manual_seed(bits * 100 + group * 3 - axis)
     tokens, channels = (37, 24) if axis == -2 else (9, 50)  # neither a multiple of the groups
+    if whole:  # whole groups, bytes filled: dequantize's direct path (where the group allows it)
+        tokens, channels = (64, 32) if axis == -2 else (9, 64)
     x = torch.randn(2, 3, tokens, channels, generator=g, dtype=torch.float64) * 3 + 1
     x[0, 0, :, 0] = 2.5  # a constant group: scale 0
     q = quantize(x, bits, group, axis, torch.float64)
@@ -86,6 +89,22 @@ def test_rope_is_undone_and_redone_exactly():
     assert not torch.allclose(there, keys)
     # the angles are float32, the same both ways: cos² + sin² is 1 to float32 rounding
     torch.testing.assert_close(layer._rotate(there, 7), keys, rtol=0, atol=1e-6)
+
+
+def test_rotation_matches_float64_rope():
+    """The cache's RoPE (cosine/sine table, four half-width passes) against the formula in float64."""
+    inv_freq = 1 / 10000 ** (torch.arange(0, 64, 2).float() / 64)
+    layer = QuantizedKVLayer(KVSpec(16), inv_freq=inv_freq)
+    keys = torch.randn(2, 3, 50, 64)
+    positions = torch.arange(300, 350, dtype=torch.float64)
+    angles = torch.outer(positions, inv_freq.double()).repeat(1, 2)
+    turned = torch.cat([-keys[..., 32:], keys[..., :32]], -1).double()
+    expected = keys.double() * angles.cos() + turned * angles.sin()
+    layer._rotate(keys, 0)  # a table shorter than the positions asked next: it grows
+    got = layer._rotate(keys, 300)
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-4)  # float32 angles near 350 rad
+    back = layer._rotate(got, 300, inverse=True)
+    torch.testing.assert_close(back, keys, rtol=0, atol=1e-5)
 
 
 def _updates(cache, lengths, heads=2, dim=16, dtype=torch.float32):

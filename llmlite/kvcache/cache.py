@@ -96,16 +96,23 @@ def _cat(parts: list[Tensor]) -> Tensor:
     return t if exact else t.clone(memory_format=torch.contiguous_format)
 
 
-def _join(parts: list[Tensor | None], new: Tensor, dtype: torch.dtype) -> Tensor:
-    """``parts`` (in token order) without their last ``len(new)`` tokens, then ``new``, in one copy."""
-    drop = new.shape[-2]
-    kept: list[Tensor] = []
-    for part in reversed([p for p in parts if p is not None and p.shape[-2] > 0]):
-        cut = min(drop, part.shape[-2])
-        drop -= cut
-        if part.shape[-2] > cut:
-            kept.append(part[..., : part.shape[-2] - cut, :].to(dtype))
-    return torch.cat([*reversed(kept), new], dim=-2) if kept else new
+class RopeTable:
+    """Cosine and sine of the model's RoPE angles ``[positions, head_dim / 2]`` (float32),
+    computed once for a cache's layers and grown (doubling) as the cache grows."""
+
+    def __init__(self, inv_freq: Tensor | None):
+        self.inv_freq = inv_freq
+        self.cos = self.sin = torch.empty(0, 0)
+
+    def angles(self, start: int, count: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``(cos, sin)`` of positions ``start ... start + count - 1``."""
+        end = start + count
+        if self.cos.shape[0] < end or self.cos.device != device:
+            size = max(end, 2 * self.cos.shape[0], 256)
+            positions = torch.arange(size, device=device, dtype=torch.float32)
+            angles = torch.outer(positions, self.inv_freq.to(device, torch.float32))
+            self.cos, self.sin = angles.cos(), angles.sin()
+        return self.cos[start:end], self.sin[start:end]
 
 
 class QuantizedKVLayer(CacheLayerMixin):
@@ -115,12 +122,18 @@ class QuantizedKVLayer(CacheLayerMixin):
     is_croppable = False
 
     def __init__(
-        self, spec: KVSpec, backend=None, inv_freq: Tensor | None = None, query_weight: Tensor | None = None
+        self,
+        spec: KVSpec,
+        backend=None,
+        inv_freq: Tensor | None = None,
+        query_weight: Tensor | None = None,
+        rope: RopeTable | None = None,
     ):
         super().__init__()
         self.spec = spec
         self.backend = backend or TorchBackend()
         self.inv_freq = inv_freq
+        self.rope = rope or RopeTable(inv_freq)  # shared by a cache's layers
         self.query_weight = query_weight  # salient scheme: [heads, dim] weight of each key channel
         self.key_stats: ChannelStats | None = None  # salient scheme: fitted on the first keys
         self.rotation: Tensor | None = None  # salient scheme: Hadamard matrix applied to values
@@ -212,35 +225,57 @@ class QuantizedKVLayer(CacheLayerMixin):
         exact whatever positions the model used."""
         if self.inv_freq is None:
             return keys
-        positions = torch.arange(start, start + keys.shape[-2], device=keys.device, dtype=torch.float32)
-        angles = torch.outer(positions, self.inv_freq.to(keys.device, torch.float32))
-        cos, sin = angles.cos().repeat(1, 2).to(keys.dtype), angles.sin().repeat(1, 2).to(keys.dtype)
-        if inverse:
-            sin = -sin
-        half = keys.shape[-1] // 2
-        rotated = torch.cat([-keys[..., half:], keys[..., :half]], dim=-1)
-        return keys * cos + rotated * sin
+        out = torch.empty_like(keys)
+        self._rotate_into(keys, start, out, inverse)
+        return out
+
+    def _rotate_into(self, keys: Tensor, start: int, out: Tensor, inverse: bool = False) -> None:
+        """``_rotate(keys, start, inverse)`` written into ``out`` (not ``keys``): with ``c``, ``s``
+        the cosine and sine of each position's angles, ``out = (lo·c ∓ hi·s, hi·c ± lo·s)`` for the
+        halves ``lo``, ``hi`` of each head (``rotate_half``'s pairing), in four half-width passes."""
+        if self.inv_freq is None:
+            out.copy_(keys)
+            return
+        if out.dtype != keys.dtype:  # rotate in the keys' precision, round once
+            out.copy_(self._rotate(keys, start, inverse))
+            return
+        cos, sin = self.rope.angles(start, keys.shape[-2], keys.device)
+        half, sign = keys.shape[-1] // 2, 1.0 if inverse else -1.0
+        lo, hi = keys[..., :half], keys[..., half:]
+        torch.mul(lo, cos.to(keys.dtype), out=out[..., :half]).addcmul_(hi, sin.to(keys.dtype), value=sign)
+        torch.mul(hi, cos.to(keys.dtype), out=out[..., half:]).addcmul_(lo, sin.to(keys.dtype), value=-sign)
 
     def _read(self, new_keys: Tensor, new_values: Tensor) -> tuple[Tensor, Tensor]:
-        """Everything stored, in the compute dtype, with the last tokens replaced by ``new_*``:
-        the running tokens see their own states exactly."""
-        deq = self.backend.dequantize
-        qk = qv = None
+        """Everything stored, in the compute dtype, with the last tokens replaced by ``new_*``
+        (the running tokens see their own states exactly): each part is dequantized, rotated and
+        converted straight into its place in one output tensor per side."""
         b, h, _, d = self.recent_values.shape
+        sinks, n = self.sink_keys.shape[-2], new_keys.shape[-2]
+        keys = new_keys.new_empty(b, h, self.length, d)
+        values = new_values.new_empty(b, h, self.length, d)
+        keys[..., :sinks, :] = self.sink_keys
+        values[..., :sinks, :] = self.sink_values
+        at = sinks
         if self.quant_keys is not None:
             if isinstance(self.quant_keys, SalientKeys):
                 qk = decode_keys(self.quant_keys, self.key_stats, h)
             else:
-                qk = deq(self.quant_keys, torch.float32)
-            qk = self._rotate(qk, self.sink_keys.shape[-2]).to(self.dtype)
+                qk = self.backend.dequantize(self.quant_keys, torch.float32)
+            self._rotate_into(qk, sinks, keys[..., at : at + qk.shape[-2], :])
+            at += qk.shape[-2]
+        keys[..., at:, :] = self.recent_keys
+        at = sinks
         if self.quant_values is not None:
-            qv = deq(self.quant_values, torch.float32 if self.rotation is not None else self.dtype)
+            work = torch.float32 if self.rotation is not None else self.dtype
+            qv = self.backend.dequantize(self.quant_values, work)
             qv = qv.view(b, qv.shape[-2], h, d)
             if self.rotation is not None:
-                qv = (qv @ self.rotation).to(self.dtype)
-            qv = qv.transpose(1, 2)
-        keys = _join([self.sink_keys, qk, self.recent_keys], new_keys, self.dtype)
-        values = _join([self.sink_values, qv, self.recent_values], new_values, self.dtype)
+                qv = qv @ self.rotation
+            values[..., at : at + qv.shape[1], :] = qv.transpose(1, 2)
+            at += qv.shape[1]
+        values[..., at:, :] = self.recent_values
+        keys[..., self.length - n :, :] = new_keys
+        values[..., self.length - n :, :] = new_values
         return keys, values
 
     def tensors(self) -> list[Tensor]:
@@ -302,7 +337,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         self._apply(lambda t: t.to(self.device, non_blocking=True))
 
     def reset(self) -> None:
-        self.__init__(self.spec, self.backend, self.inv_freq, self.query_weight)
+        self.__init__(self.spec, self.backend, self.inv_freq, self.query_weight, self.rope)
 
 
 class QuantizedKVCache(Cache):
@@ -333,13 +368,14 @@ class QuantizedKVCache(Cache):
         self.spec = spec
         self.backend = backend or TorchBackend()
         self.inv_freq = inv_freq
+        self.rope = RopeTable(inv_freq)
         self.query_weights = query_weights
         super().__init__(layer_class_to_replicate=self._new_layer)
 
     def _new_layer(self) -> QuantizedKVLayer:
         index = len(self.layers)  # transformers appends layers in order of their index
         weight = self.query_weights[index] if self.query_weights and index < len(self.query_weights) else None
-        return QuantizedKVLayer(self.spec, self.backend, self.inv_freq, weight)
+        return QuantizedKVLayer(self.spec, self.backend, self.inv_freq, weight, self.rope)
 
     def memory(self) -> dict:
         """Exact bytes held, per layer and per token, and the ratio to a float16 cache of the

@@ -116,8 +116,39 @@ def quantize(
     )
 
 
+def _dequantize_whole_groups(q: QuantizedTensor, dtype: torch.dtype) -> Tensor | None:
+    """``dequantize`` for blocks of whole groups whose channels fill the bytes: each position in
+    the byte is shifted, masked and scaled straight into its strided place in the output (one
+    pass over the output, no unpacked copy). None for other blocks."""
+    per_byte, mask = 8 // q.bits, (1 << q.bits) - 1
+    *lead, n, width = q.codes.shape
+    c, g = q.channels, q.group_size
+    if c != width * per_byte or q.minimum is None:
+        return None
+    out = torch.empty(*lead, n, c, dtype=dtype, device=q.codes.device)
+    scale, minimum = q.scale.to(dtype), q.minimum.to(dtype)
+    if q.axis == -2 and n % g == 0:  # keys: a group is g tokens of one channel
+        codes, place = q.codes.view(*lead, n // g, g, width), out.view(*lead, n // g, g, width, per_byte)
+        grouped = (*lead, n // g, 1, width, per_byte)
+        scale, minimum = scale.view(grouped), minimum.view(grouped)
+        stats = [(scale[..., i], minimum[..., i]) for i in range(per_byte)]
+    elif q.axis == -1 and c % g == 0 and g % per_byte == 0:  # values: a group is g channels of one token
+        codes = q.codes.view(*lead, n, c // g, g // per_byte)
+        place = out.view(*lead, n, c // g, g // per_byte, per_byte)
+        stats = [(scale[..., None], minimum[..., None])] * per_byte
+    else:
+        return None
+    for i, (s, m) in enumerate(stats):
+        part = codes if per_byte == 1 else (codes >> (q.bits * i)) & mask
+        torch.addcmul(m, part, s, out=place[..., i])
+    return out
+
+
 def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """``code * scale + minimum`` in ``dtype``: a ``[..., tokens, channels]`` tensor."""
+    fast = _dequantize_whole_groups(q, dtype)
+    if fast is not None:
+        return fast
     codes = unpack(q.codes, q.bits, q.channels, dtype)
     scale = q.scale.to(dtype)
     minimum = (0.5 - (1 << (q.bits - 1))) * scale if q.minimum is None else q.minimum.to(dtype)
