@@ -14,6 +14,9 @@ Shapes: ``ids [B, T]``; the cache ``[layers][B, kv_heads, capacity, head_dim]``;
 are read through ``enable_gqa`` (no repeated copies). ``compile=True`` additionally compiles the
 one-token step with ``torch.compile`` (static shapes: the whole cache is attended with a mask, so
 one graph serves every position); where compilation is unavailable it stays eager.
+
+With a ``QuantizedKVCache`` instead, each one-token step attends the packed cache where it lies
+(``kvcache.fused``: the KIVI scheme on the CPU) and other steps read it back first.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from torch import Tensor, nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from llmlite.arch import LLAMA, decoder_layers
+from llmlite.kvcache import fused
+from llmlite.kvcache.cache import QuantizedKVCache
 
 # the Llama layer with nothing added (no query/key norms, no multipliers)
 PLAIN_LLAMA = ("llama", "mistral", "qwen2")
@@ -70,7 +75,31 @@ class StaticCache:
         return self.keys[0].shape[2]
 
 
-def _attention(layer: nn.Module, h: Tensor, cos: Tensor, sin: Tensor, cache: StaticCache, i: int, at: Tensor):
+AnyCache = StaticCache | QuantizedKVCache
+
+
+def _quantized_attention(cache: QuantizedKVCache, i: int, q: Tensor, k: Tensor, v: Tensor, scaling: float):
+    """Attention through a quantized cache: one new token reads the packed cache in place
+    (``kvcache.fused``) where the layer allows it; otherwise the cache is read back and attended."""
+    t = q.shape[2]
+    if t == 1 and i < len(cache.layers) and fused.unsupported(cache.layers[i], q) is None:
+        cache.layers[i].store(k, v)
+        return fused.attend(cache.layers[i], q, k, v, scaling)
+    keys, values = cache.update(k, v, i)
+    length = keys.shape[2]
+    mask = torch.arange(length, device=q.device).view(1, -1) <= torch.arange(length - t, length).view(-1, 1)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling, enable_gqa=True)
+
+
+def _attention(
+    layer: nn.Module,
+    h: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    cache: StaticCache | QuantizedKVCache,
+    i: int,
+    at: Tensor,
+):
     """One attention block for ``h [B, T, hidden]`` at positions ``at [T]`` (a tensor, so that a
     compiled step does not specialise on it)."""
     attn = getattr(layer, LLAMA.attention)
@@ -80,6 +109,9 @@ def _attention(layer: nn.Module, h: Tensor, cos: Tensor, sin: Tensor, cache: Sta
     k = attn.k_proj(a).view(b, t, -1, attn.head_dim).transpose(1, 2)
     v = attn.v_proj(a).view(b, t, -1, attn.head_dim).transpose(1, 2)
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    if isinstance(cache, QuantizedKVCache):
+        out = _quantized_attention(cache, i, q, k, v, attn.scaling)
+        return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
     cache.keys[i].index_copy_(2, at, k.to(cache.keys[i].dtype))
     cache.values[i].index_copy_(2, at, v.to(cache.values[i].dtype))
     if t == 1 and torch.compiler.is_compiling():  # static shapes: the whole cache, later slots masked
@@ -102,7 +134,7 @@ def _attention(layer: nn.Module, h: Tensor, cos: Tensor, sin: Tensor, cache: Sta
     return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
-def forward(model: nn.Module, ids: Tensor, cache: StaticCache, at: Tensor) -> Tensor:
+def forward(model: nn.Module, ids: Tensor, cache: AnyCache, at: Tensor) -> Tensor:
     """Logits ``[B, vocab]`` of the last of ``ids [B, T]``, placed at positions ``at [T]``; the
     keys and values of ``ids`` are written into ``cache``."""
     body = model.model
@@ -130,13 +162,16 @@ def decode(
     pick: Callable[[Tensor], Tensor],
     stop: Callable[[Tensor], bool] = lambda _: False,
     compile: bool = False,
+    cache: QuantizedKVCache | None = None,
 ) -> Iterator[Tensor]:
     """Yield ``max_new_tokens`` tokens ``[B, 1]`` after the prompt ``ids [B, T]`` (fewer if ``stop``):
     one forward over the prompt, then one step per token. ``pick`` turns logits ``[B, vocab]``
-    into tokens ``[B]`` (greedy, sampling)."""
+    into tokens ``[B]`` (greedy, sampling). ``cache``: a fresh quantized cache to decode through
+    (eager only) instead of the pre-allocated float one."""
     batch, prompt = ids.shape
-    cache = StaticCache.allocate(model, batch, prompt + max_new_tokens)
-    step = compiled_step(model) if compile else forward
+    if cache is None:
+        cache = StaticCache.allocate(model, batch, prompt + max_new_tokens)
+    step = compiled_step(model) if compile and isinstance(cache, StaticCache) else forward
     device = ids.device
     token = pick(forward(model, ids, cache, torch.arange(prompt, device=device))).view(batch, 1)
     for n in range(max_new_tokens):

@@ -278,6 +278,7 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "generate: --top-p 0": ([*G, "--top-p", "0"], ["--top-p"]),
     "generate: --kv-bits 3": ([*G, "--kv-bits", "3"], ["--kv-bits"]),
     "generate: --kv-scheme bogus": ([*G, "--kv-bits", "4", "--kv-scheme", "bogus"], ["bogus"]),
+    "generate: --compile with --kv-bits": ([*G, "--kv-bits", "4", "--compile"], ["--compile", "--kv-bits"]),
     "generate: missing model": ([*G, "--model", "./missing"], ["no such model"]),
     "generate: BERT encoder": ([*G, "--model", "bert"], ["not a causal language model"]),
     "generate: checkpoint scales of the wrong shape": ([*G, "--model", "bad-scales"], ["bad-scales"]),

@@ -154,6 +154,11 @@ class QuantizedKVLayer(CacheLayerMixin):
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         """Store the new states; return all keys and values so far ``[b, h, tokens, d]``."""
+        self.store(key_states, value_states)
+        return self._read(key_states, value_states)
+
+    def store(self, key_states: Tensor, value_states: Tensor) -> None:
+        """Store the new states ``[b, h, tokens, d]`` (``update`` without reading back)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
@@ -169,7 +174,6 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.recent_values = _cat([self.recent_values, v])
         if self.spec.bits != 16:
             self._flush()
-        return self._read(key_states, value_states)
 
     def _flush(self) -> None:
         spec = self.spec

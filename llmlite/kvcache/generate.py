@@ -77,6 +77,10 @@ class GenerateConfig:
             raise LlmliteError(f"--runtime llama.cpp needs llama-cpp-python: {llamacpp.INSTALL}")
         if self.kv_bits is not None:
             kv_spec(self)
+        if self.kv_bits is not None and self.compile:
+            raise LlmliteError(
+                "--compile compiles the step over the unquantized cache; leave out --compile or --kv-bits"
+            )
         return self
 
 
@@ -128,16 +132,19 @@ def generate(
         )
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1
     torch.manual_seed(cfg.seed)
-    why_not = "quantized KV cache" if cfg.kv_bits is not None else unsupported(model, context)
+    why_not = unsupported(model, context)
     start = time.perf_counter()
     if why_not is None:
         pick = partial(next_token, temperature=cfg.temperature, top_p=cfg.top_p)
-        tokens = decode(model, ids, cfg.max_new_tokens, pick, lambda t: bool((t == eos).all()), cfg.compile)
-        new = torch.cat(list(tokens), 1)[0]
+        cache = None if cfg.kv_bits is None else kv_cache_for(model, kv_spec(cfg), tokenizer)
+        stop = lambda t: bool((t == eos).all())  # noqa: E731
+        new = torch.cat(list(decode(model, ids, cfg.max_new_tokens, pick, stop, cfg.compile, cache)), 1)[0]
         length = ids.shape[1] + len(new)
-        # the cache is allocated whole, at the model's float width
-        cache_bytes = float16_cache_bytes(model.config, context) * _float_width(model) // 2
-        loop = "lean, compiled" if cfg.compile else "lean"
+        if cache is None:  # allocated whole, at the model's float width
+            cache_bytes = float16_cache_bytes(model.config, context) * _float_width(model) // 2
+        else:
+            cache_bytes = cache_memory(cache)["bytes"]
+        loop = "lean, compiled" if cfg.compile and cache is None else "lean"
     else:
         new, cache = _transformers_generate(model, tokenizer, ids, cfg)
         cache_bytes, length = cache_memory(cache)["bytes"], cache.get_seq_length()

@@ -1,0 +1,144 @@
+/* Loaded by llmlite.kvcache.fused with ctypes. Decode attention over the quantized part of a KIVI
+   key/value cache, read where it lies: each token's codes are dequantized into registers and used
+   at once, so the float cache is never written out.
+
+   Codes are packed along the channels, 8/bits to a byte, the first channel in the lowest bits
+   (llmlite/kvcache/quant.py). Keys are quantized per channel in groups of `group` tokens, before
+   RoPE; values per token in groups of `group` channels counted across the heads of a token.
+
+   key scores, for head h, query j of its group, token t (g = t / group):
+       k[c]  = code(t, c) * kscale[h, g, c] + kmin[h, g, c]                  (before RoPE)
+       r[c]  = k[c] cos[t, c] - k[c + D/2] sin[t, c],  r[c + D/2] = k[c + D/2] cos[t, c] + k[c] sin[t, c]
+       scores[h, j, t] = sum_c query[h, j, c] r[c]
+   value sums, over tokens t:
+       v[c] = code(t, c) * vscale[t, c / group] + vmin[t, c / group]          (c over H * D channels)
+       out[h, j, :] += probs[h, j, t] * v[h * D : (h + 1) * D]
+
+   salient-scheme key scores (llmlite/kvcache/salient.py): per token, the plain channels (symmetric,
+   (code - 2^(bits-1) + 1/2) * step[t]) and the salient ones (code * sscale[t] + smin[t]) in the
+   stored channel order, then k[c] = mean[c] + std[c] * ordered[inverse[c]] over all H * D
+   channels, then RoPE and the dot products per head as above.
+
+   One thread (see dequant4.c); target_clones builds AVX-512, AVX2 and baseline versions.
+*/
+#include <stdint.h>
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CLONES
+#endif
+
+#define MAX_CHANNELS 4096
+
+static inline void unpack(const uint8_t *codes, int bits, int64_t channels, float *out) {
+    if (bits == 8) {
+        for (int64_t c = 0; c < channels; c++) out[c] = (float)codes[c];
+    } else if (bits == 4) {
+        for (int64_t b = 0; b < channels / 2; b++) {
+            out[2 * b] = (float)(codes[b] & 15);
+            out[2 * b + 1] = (float)(codes[b] >> 4);
+        }
+    } else {
+        for (int64_t b = 0; b < channels / 4; b++) {
+            out[4 * b] = (float)(codes[b] & 3);
+            out[4 * b + 1] = (float)((codes[b] >> 2) & 3);
+            out[4 * b + 2] = (float)((codes[b] >> 4) & 3);
+            out[4 * b + 3] = (float)(codes[b] >> 6);
+        }
+    }
+}
+
+/* any channel count: the last byte may be partly filled */
+static inline void unpack_any(const uint8_t *codes, int bits, int64_t channels, float *out) {
+    const int per_byte = 8 / bits, mask = (1 << bits) - 1;
+    for (int64_t c = 0; c < channels; c++)
+        out[c] = (float)((codes[c / per_byte] >> (bits * (c % per_byte))) & mask);
+}
+
+static inline void rotate_and_score(const float *k, const float *ct, const float *st, const float *query,
+                                    int64_t dim, int64_t group_queries, int64_t tokens, int64_t t,
+                                    float *r, float *scores) {
+    const int64_t half = dim / 2;
+    for (int64_t c = 0; c < half; c++) {
+        r[c] = k[c] * ct[c] - k[c + half] * st[c];
+        r[c + half] = k[c + half] * ct[c] + k[c] * st[c];
+    }
+    for (int64_t j = 0; j < group_queries; j++) {
+        const float *q = query + j * dim;
+        float acc = 0.0f;
+        for (int64_t c = 0; c < dim; c++) acc += q[c] * r[c];
+        scores[j * tokens + t] = acc;
+    }
+}
+
+/* codes [H, T, D*bits/8], kscale/kmin [H, ceil(T/group), D], cos/sin [T, D/2], query [H, G, D],
+   scores [H, G, T]. D <= MAX_CHANNELS, D even and a multiple of 8/bits. */
+CLONES void llmlite_kv_key_scores(const uint8_t *codes, const float *kscale, const float *kmin,
+                                  const float *cos, const float *sin, const float *query, int64_t heads,
+                                  int64_t tokens, int64_t dim, int64_t group_queries, int bits,
+                                  int64_t group, float *scores) {
+    const int64_t width = dim * bits / 8, half = dim / 2, groups = (tokens + group - 1) / group;
+    float k[MAX_CHANNELS], r[MAX_CHANNELS];
+    for (int64_t h = 0; h < heads; h++) {
+        for (int64_t t = 0; t < tokens; t++) {
+            const float *s = kscale + (h * groups + t / group) * dim, *m = kmin + (h * groups + t / group) * dim;
+            const float *ct = cos + t * half, *st = sin + t * half;
+            unpack(codes + (h * tokens + t) * width, bits, dim, k);
+            for (int64_t c = 0; c < dim; c++) k[c] = k[c] * s[c] + m[c];
+            rotate_and_score(k, ct, st, query + h * group_queries * dim, dim, group_queries, tokens, t, r,
+                             scores + h * group_queries * tokens);
+        }
+    }
+}
+
+/* plain codes [T, ceil(n_plain*bits/8)] with step [T]; salient codes [T, ceil(n_salient*sbits/8)]
+   with sscale/smin [T]; inverse int32 [H*D]; mean/std [H*D]; cos/sin [T, D/2]; query [H, G, D];
+   scores [H, G, T]. H*D <= MAX_CHANNELS. */
+CLONES void llmlite_kv_salient_scores(const uint8_t *plain, const float *step, int bits, int64_t n_plain,
+                                      const uint8_t *salient, const float *sscale, const float *smin,
+                                      int sbits, const int32_t *inverse, const float *mean, const float *std,
+                                      const float *cos, const float *sin, const float *query, int64_t heads,
+                                      int64_t tokens, int64_t dim, int64_t group_queries, float *scores) {
+    const int64_t channels = heads * dim, n_salient = channels - n_plain, half = dim / 2;
+    const int64_t pwidth = (n_plain * bits + 7) / 8, swidth = (n_salient * sbits + 7) / 8;
+    const float offset = 0.5f - (float)(1 << (bits - 1));
+    float ordered[MAX_CHANNELS], k[MAX_CHANNELS], r[MAX_CHANNELS];
+    for (int64_t t = 0; t < tokens; t++) {
+        unpack_any(plain + t * pwidth, bits, n_plain, ordered);
+        for (int64_t c = 0; c < n_plain; c++) ordered[c] = (ordered[c] + offset) * step[t];
+        if (n_salient > 0) {
+            unpack_any(salient + t * swidth, sbits, n_salient, ordered + n_plain);
+            for (int64_t c = n_plain; c < channels; c++) ordered[c] = ordered[c] * sscale[t] + smin[t];
+        }
+        for (int64_t c = 0; c < channels; c++) k[c] = mean[c] + std[c] * ordered[inverse[c]];
+        for (int64_t h = 0; h < heads; h++)
+            rotate_and_score(k + h * dim, cos + t * half, sin + t * half, query + h * group_queries * dim, dim,
+                             group_queries, tokens, t, r, scores + h * group_queries * tokens);
+    }
+}
+
+/* codes [T, H*D*bits/8], vscale/vmin [T, ceil(H*D/group)] (a last group may be short), probs
+   [H, G, T], out [H, G, D] (added to). H*D <= MAX_CHANNELS, a multiple of 8/bits. */
+CLONES void llmlite_kv_value_sums(const uint8_t *codes, const float *vscale, const float *vmin,
+                                  const float *probs, int64_t heads, int64_t tokens, int64_t dim,
+                                  int64_t group_queries, int bits, int64_t group, float *out) {
+    const int64_t channels = heads * dim, width = channels * bits / 8, groups = (channels + group - 1) / group;
+    float v[MAX_CHANNELS];
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *s = vscale + t * groups, *m = vmin + t * groups;
+        unpack(codes + t * width, bits, channels, v);
+        for (int64_t g = 0; g < groups; g++) {
+            const int64_t end = (g + 1) * group < channels ? (g + 1) * group : channels;
+            for (int64_t c = g * group; c < end; c++) v[c] = v[c] * s[g] + m[g];
+        }
+        for (int64_t h = 0; h < heads; h++) {
+            for (int64_t j = 0; j < group_queries; j++) {
+                const float p = probs[(h * group_queries + j) * tokens + t];
+                float *o = out + (h * group_queries + j) * dim;
+                const float *vh = v + h * dim;
+                for (int64_t c = 0; c < dim; c++) o[c] += p * vh[c];
+            }
+        }
+    }
+}

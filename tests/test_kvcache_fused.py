@@ -1,0 +1,103 @@
+"""Decode attention over the packed KV cache (``llmlite.kvcache.fused`` and its C loops) against a
+float64 attention over the cache read back, and inside the lean decode loop against transformers'
+``generate`` through the same quantized cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_tiny
+
+from llmlite.decode import decode
+from llmlite.kvcache import fused
+from llmlite.kvcache.cache import QuantizedKVCache
+
+pytestmark = pytest.mark.skipif(not fused.AVAILABLE, reason="the kvattend extension is not built")
+INV_FREQ = 1 / 10000 ** (torch.arange(0, 64, 2).float() / 64)
+
+
+def check_steps(cache: QuantizedKVCache, prompt: int, steps: int, heads: int = 9, seed: int = 0) -> None:
+    """Fill ``cache`` with ``prompt`` tokens, then for each new token compare ``attend`` with
+    float64 attention over ``_read`` (the stored data, the new token exact)."""
+    gen = torch.Generator().manual_seed(seed)
+    b, kv_heads, d = 2, 3, 64
+    if prompt:
+        cache.update(*torch.randn(2, b, kv_heads, prompt, d, generator=gen), 0)
+    for _ in range(steps):
+        new_k, new_v = torch.randn(2, b, kv_heads, 1, d, generator=gen)
+        q = torch.randn(b, heads, 1, d, generator=gen)
+        if not cache.layers:
+            cache.update(new_k, new_v, 0)
+            continue
+        layer = cache.layers[0]
+        layer.store(new_k, new_v)
+        assert fused.unsupported(layer, q) is None
+        got = fused.attend(layer, q, new_k, new_v, 0.125)
+        keys, values = layer._read(new_k, new_v)
+        want = F.scaled_dot_product_attention(
+            q.double(), keys.double(), values.double(), scale=0.125, enable_gqa=True
+        )
+        assert got.dtype == q.dtype and got.shape == q.shape
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize(
+    "scheme,bits,group,residual,sinks",
+    [
+        ("kivi", 4, 64, 32, 4),
+        ("kivi", 4, 64, 0, 0),
+        ("kivi", 2, 64, 32, 4),
+        ("kivi", 2, 32, 128, 4),
+        ("kivi", 8, 32, 5, 1),
+        ("kivi", 4, 192, 3, 0),
+        ("salient", 2, 64, 32, 4),
+        ("salient", 2, 128, 0, 4),
+        ("salient", 4, 64, 0, 0),
+        ("salient", 8, 64, 2, 0),
+    ],
+)
+def test_attend_matches_float64_attention(scheme, bits, group, residual, sinks):
+    """Defaults and recipes of both schemes; the new token in the recent window or already
+    quantized (residual 0); a value group spanning all three heads (192); salient channels at
+    twice the bits (up to 8), values stored in the Hadamard basis."""
+    cache = QuantizedKVCache(bits, group, residual, sinks, inv_freq=INV_FREQ, scheme=scheme)
+    check_steps(cache, 300, 4, seed=bits + group)
+
+
+def test_attend_at_the_edges():
+    """Nothing quantized yet; only sinks; one query head per key/value head; a first token."""
+    check_steps(QuantizedKVCache(4, 64, 32, 4, inv_freq=INV_FREQ, scheme="kivi"), 10, 3)
+    check_steps(QuantizedKVCache(4, 64, 0, 8, inv_freq=INV_FREQ, scheme="kivi"), 2, 4)
+    check_steps(QuantizedKVCache(2, 64, 0, 0, inv_freq=INV_FREQ, scheme="kivi"), 70, 2, heads=3)
+    check_steps(QuantizedKVCache(4, 64, 0, 0, inv_freq=INV_FREQ, scheme="kivi"), 0, 3)
+    check_steps(QuantizedKVCache(2, 64, 0, 0, inv_freq=INV_FREQ, scheme="salient", salient=0.0), 100, 2)
+
+
+def test_layers_it_does_not_serve_say_why():
+    q = torch.randn(1, 9, 1, 64)
+    for cache, reason in [
+        (QuantizedKVCache(16, inv_freq=INV_FREQ), "16-bit"),
+        (QuantizedKVCache(4, 64, 0, 0, scheme="kivi"), "RoPE"),
+    ]:
+        cache.update(torch.randn(1, 3, 100, 64), torch.randn(1, 3, 100, 64), 0)
+        assert reason in fused.unsupported(cache.layers[0], q)
+    assert "one new token" in fused.unsupported(cache.layers[0], torch.randn(1, 9, 2, 64))
+
+
+@pytest.mark.parametrize("bits,scheme", [(4, "kivi"), (2, "kivi"), (2, "salient")])
+def test_lean_loop_through_the_quantized_cache(tokenizer, bits, scheme):
+    """Greedy tokens of the lean loop (packed reads) equal transformers' ``generate`` through the
+    same kind of cache (read back); 24-channel heads: no Hadamard rotation of values."""
+    model = make_tiny(tokenizer, seed=2)
+    model.generation_config.do_sample = False
+    rotary = model.model.rotary_emb.inv_freq.clone()
+
+    def fresh():  # groups of 16 tokens / channels: the tiny model has 2 heads of 24 channels
+        return QuantizedKVCache(bits, 16, 8, 2, inv_freq=rotary, scheme=scheme)
+
+    ids = torch.randint(0, len(tokenizer), (2, 40), generator=torch.Generator().manual_seed(bits))
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=torch.ones_like(ids), cache=fresh(), max_new_tokens=24)
+    got = torch.cat(list(decode(model, ids, 24, lambda logits: logits.argmax(-1), cache=fresh())), 1)
+    assert torch.equal(got, want[:, 40:])
