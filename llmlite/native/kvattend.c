@@ -49,10 +49,12 @@ static inline void unpack(const uint8_t *codes, int bits, int64_t channels, floa
     }
 }
 
-/* any channel count: the last byte may be partly filled */
+/* any channel count: whole bytes by unpack, then the channels of a partly filled last byte */
 static inline void unpack_any(const uint8_t *codes, int bits, int64_t channels, float *out) {
     const int per_byte = 8 / bits, mask = (1 << bits) - 1;
-    for (int64_t c = 0; c < channels; c++)
+    const int64_t whole = channels / per_byte * per_byte;
+    unpack(codes, bits, whole, out);
+    for (int64_t c = whole; c < channels; c++)
         out[c] = (float)((codes[c / per_byte] >> (bits * (c % per_byte))) & mask);
 }
 
