@@ -11,7 +11,7 @@ DEMO := runs/smollm2-gptq-w4g128
 REPORT_LIMIT ?= wikitext=16,calibration=16,piqa=500
 REPORTS := docs/reports
 
-.PHONY: setup demo test test-fast lint errors-doc bench bench-blas bench-eval bench-finetune finetune-example bench-kvcache bench-gqa bench-speed bench-llamacpp bench-triton report
+.PHONY: setup demo test test-fast lint errors-doc bench bench-blas bench-eval bench-finetune finetune-example bench-kvcache bench-kvcache-speed bench-gqa bench-speed bench-llamacpp bench-triton report
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -59,6 +59,9 @@ finetune-example: setup
 
 bench-kvcache: setup
 	OMP_NUM_THREADS=1 $(PY) benchmarks/kvcache.py --windows 3
+
+bench-kvcache-speed: setup
+	$(PY) benchmarks/kvcache_speed.py
 
 bench-gqa: setup
 	$(PY) benchmarks/gqa.py
