@@ -16,7 +16,7 @@ one-token step with ``torch.compile`` (static shapes: the whole cache is attende
 one graph serves every position); where compilation is unavailable it stays eager.
 
 With a ``QuantizedKVCache`` instead, each one-token step attends the packed cache where it lies
-(``kvcache.fused``: the KIVI scheme on the CPU) and other steps read it back first.
+(the layer's ``attend``: ``kvcache.fused``) and other steps read it back first.
 """
 
 from __future__ import annotations
@@ -27,11 +27,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers.cache_utils import Cache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from llmlite.arch import LLAMA, decoder_layers
-from llmlite.kvcache import fused
-from llmlite.kvcache.cache import QuantizedKVCache
 
 # the Llama layer with nothing added (no query/key norms, no multipliers)
 PLAIN_LLAMA = ("llama", "mistral", "qwen2")
@@ -75,16 +74,18 @@ class StaticCache:
         return self.keys[0].shape[2]
 
 
-AnyCache = StaticCache | QuantizedKVCache
+AnyCache = StaticCache | Cache
 
 
-def _quantized_attention(cache: QuantizedKVCache, i: int, q: Tensor, k: Tensor, v: Tensor, scaling: float):
-    """Attention through a quantized cache: one new token reads the packed cache in place
-    (``kvcache.fused``) where the layer allows it; otherwise the cache is read back and attended."""
+def _cache_attention(cache: Cache, i: int, q: Tensor, k: Tensor, v: Tensor, scaling: float) -> Tensor:
+    """Attention through a transformers ``Cache``: a one-token step is handed to the cache layer's
+    own ``attend`` where it has one (``QuantizedKVLayer``: the packed cache read in place), else
+    the cache is updated and read back."""
     t = q.shape[2]
-    if t == 1 and i < len(cache.layers) and fused.unsupported(cache.layers[i], q) is None:
-        cache.layers[i].store(k, v)
-        return fused.attend(cache.layers[i], q, k, v, scaling)
+    if t == 1 and i < len(cache.layers) and hasattr(cache.layers[i], "attend"):
+        out = cache.layers[i].attend(q, k, v, scaling)
+        if out is not None:
+            return out
     keys, values = cache.update(k, v, i)
     length = keys.shape[2]
     mask = torch.arange(length, device=q.device).view(1, -1) <= torch.arange(length - t, length).view(-1, 1)
@@ -96,7 +97,7 @@ def _attention(
     h: Tensor,
     cos: Tensor,
     sin: Tensor,
-    cache: StaticCache | QuantizedKVCache,
+    cache: AnyCache,
     i: int,
     at: Tensor,
 ):
@@ -109,8 +110,8 @@ def _attention(
     k = attn.k_proj(a).view(b, t, -1, attn.head_dim).transpose(1, 2)
     v = attn.v_proj(a).view(b, t, -1, attn.head_dim).transpose(1, 2)
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    if isinstance(cache, QuantizedKVCache):
-        out = _quantized_attention(cache, i, q, k, v, attn.scaling)
+    if not isinstance(cache, StaticCache):
+        out = _cache_attention(cache, i, q, k, v, attn.scaling)
         return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
     cache.keys[i].index_copy_(2, at, k.to(cache.keys[i].dtype))
     cache.values[i].index_copy_(2, at, v.to(cache.values[i].dtype))
@@ -162,12 +163,12 @@ def decode(
     pick: Callable[[Tensor], Tensor],
     stop: Callable[[Tensor], bool] = lambda _: False,
     compile: bool = False,
-    cache: QuantizedKVCache | None = None,
+    cache: Cache | None = None,
 ) -> Iterator[Tensor]:
     """Yield ``max_new_tokens`` tokens ``[B, 1]`` after the prompt ``ids [B, T]`` (fewer if ``stop``):
     one forward over the prompt, then one step per token. ``pick`` turns logits ``[B, vocab]``
-    into tokens ``[B]`` (greedy, sampling). ``cache``: a fresh quantized cache to decode through
-    (eager only) instead of the pre-allocated float one."""
+    into tokens ``[B]`` (greedy, sampling). ``cache``: a fresh transformers cache to decode through
+    (e.g. a ``QuantizedKVCache``; eager only) instead of the pre-allocated float one."""
     batch, prompt = ids.shape
     if cache is None:
         cache = StaticCache.allocate(model, batch, prompt + max_new_tokens)

@@ -85,10 +85,11 @@ def test_layers_it_does_not_serve_say_why():
     assert "one new token" in fused.unsupported(cache.layers[0], torch.randn(1, 9, 2, 64))
 
 
-@pytest.mark.parametrize("bits,scheme", [(4, "kivi"), (2, "kivi"), (2, "salient")])
+@pytest.mark.parametrize("bits,scheme", [(4, "kivi"), (2, "kivi"), (2, "salient"), (16, "kivi")])
 def test_lean_loop_through_the_quantized_cache(tokenizer, bits, scheme):
     """Greedy tokens of the lean loop (packed reads) equal transformers' ``generate`` through the
-    same kind of cache (read back); 24-channel heads: no Hadamard rotation of values."""
+    same kind of cache (read back); 24-channel heads: no Hadamard rotation of values; 16 bits:
+    not served in place, the loop reads the cache back."""
     model = make_tiny(tokenizer, seed=2)
     model.generation_config.do_sample = False
     rotary = model.model.rotary_emb.inv_freq.clone()

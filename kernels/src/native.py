@@ -14,13 +14,20 @@ from torch import Tensor
 MODULE = "llmlite.native.dequant4"
 
 
-def _load() -> ctypes.CDLL | None:
-    spec = importlib.util.find_spec(MODULE)
+def load_library(module: str) -> ctypes.CDLL | None:
+    """The optional compiled extension ``module`` opened with ctypes, or None if it was not built."""
+    spec = importlib.util.find_spec(module)
     if spec is None or not spec.origin:
         return None
     try:
-        lib = ctypes.CDLL(spec.origin)
+        return ctypes.CDLL(spec.origin)
     except OSError:
+        return None
+
+
+def _load() -> ctypes.CDLL | None:
+    lib = load_library(MODULE)
+    if lib is None:
         return None
     fn = lib.llmlite_dequant4
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]

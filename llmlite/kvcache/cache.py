@@ -30,6 +30,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from llmlite.arch import LLAMA, attention_modules
 from llmlite.errors import LlmliteError
+from llmlite.kvcache import fused
 from llmlite.kvcache.defaults import KV_DEFAULTS
 from llmlite.kvcache.quant import SUPPORTED_BITS, QuantizedTensor, TorchBackend, concat, select
 from llmlite.kvcache.salient import (
@@ -156,6 +157,15 @@ class QuantizedKVLayer(CacheLayerMixin):
         """Store the new states; return all keys and values so far ``[b, h, tokens, d]``."""
         self.store(key_states, value_states)
         return self._read(key_states, value_states)
+
+    def attend(self, query: Tensor, new_key: Tensor, new_value: Tensor, scaling: float) -> Tensor | None:
+        """Store one new token ``[b, kv_heads, 1, d]`` and return the attention of ``query [b, heads,
+        1, d]`` over everything stored, read in place (``fused.attend``); None, with nothing stored,
+        where ``fused`` does not serve this layer (then ``update`` and any attention apply)."""
+        if not self.is_initialized or fused.unsupported(self, query) is not None:
+            return None
+        self.store(new_key, new_value)
+        return fused.attend(self, query, new_key, new_value, scaling)
 
     def store(self, key_states: Tensor, value_states: Tensor) -> None:
         """Store the new states ``[b, h, tokens, d]`` (``update`` without reading back)."""

@@ -17,11 +17,11 @@ says why) are read back by ``_read`` and attended by torch.
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 
 import torch
 from torch import Tensor
 
+from llmlite.kernels.native import load_library
 from llmlite.kvcache.salient import SalientKeys
 
 MODULE = "llmlite.native.kvattend"
@@ -29,12 +29,8 @@ MAX_CHANNELS = 4096  # the C loops' stack buffers
 
 
 def _load() -> ctypes.CDLL | None:
-    spec = importlib.util.find_spec(MODULE)
-    if spec is None or not spec.origin:
-        return None
-    try:
-        lib = ctypes.CDLL(spec.origin)
-    except OSError:
+    lib = load_library(MODULE)
+    if lib is None:
         return None
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     common = [i64] * 4 + [i32, i64, p]
