@@ -106,3 +106,41 @@ def complete(
     cache_bytes = 2 * layers * kv_heads * head_dim * llm.n_ctx() * 2
     usage = out["usage"]
     return Completion(text, usage["prompt_tokens"], usage["completion_tokens"], seconds, cache_bytes)
+
+
+def timed_runs(path: Path, prompt_tokens: int, decode_tokens: int, repeats: int, seed: int = 0):
+    """llama.cpp on ``path`` (batch 1, this process's threads): after one untimed warm-up run,
+    ``repeats`` runs of a random prompt of ``prompt_tokens`` tokens, then ``decode_tokens``
+    one-token steps (the tokens fed are random: a step costs the same whatever the token).
+    Returns (seconds of each prefill, seconds of each decode step)."""
+    if not available():
+        raise LlmliteError(f"llama.cpp timing needs llama-cpp-python: {INSTALL}")
+    from llama_cpp import Llama
+
+    threads = torch.get_num_threads()
+    llm = Llama(
+        model_path=str(path),
+        n_ctx=prompt_tokens + decode_tokens + 8,
+        n_batch=max(prompt_tokens, 8),
+        n_threads=threads,
+        n_threads_batch=threads,
+        seed=seed,
+        verbose=False,
+    )
+    draw = torch.Generator().manual_seed(seed)
+    prefill, steps = [], []
+    for run in range(repeats + 1):
+        llm.reset()
+        ids = torch.randint(0, llm.n_vocab(), (prompt_tokens + decode_tokens,), generator=draw).tolist()
+        start = time.perf_counter()
+        llm.eval(ids[:prompt_tokens])
+        took = time.perf_counter() - start
+        run_steps = []
+        for token in ids[prompt_tokens:]:
+            start = time.perf_counter()
+            llm.eval([token])
+            run_steps.append(time.perf_counter() - start)
+        if run:  # the first run warms up
+            prefill.append(took)
+            steps += run_steps
+    return prefill, steps

@@ -34,3 +34,15 @@ def test_llama_cpp_serves_a_checkpoint_exported_on_the_fly(tmp_path):
     out = llmlite.generate(prompt=PROMPT, model=str(ckpt), runtime="llama.cpp", max_new_tokens=8, chat=True)
     assert out.new_tokens >= 1 and out.text.strip() and out.cache_bytes > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w4g32"]  # the temporary GGUF file is gone
+
+
+def test_llama_cpp_latency_of_the_report():
+    """The report's efficiency task times llama.cpp on the model's GGUF form; a checkpoint that
+    has none (group 128) is named as not run, with the reason."""
+    from llmlite.evaluation.efficiency import LatencySettings, llama_cpp_latency
+
+    settings = LatencySettings(prompt_tokens=16, decode_tokens=4, batch_sizes=(1,), repeats=2)
+    served = llama_cpp_latency("smollm2-135m", settings)
+    assert served["runtime"].startswith("llama.cpp") and served["batch"] == 1
+    assert served["decode_tokens_per_s"] > 0 and served["prefill"]["p50_ms"] > 0
+    assert served["decode"]["p90_ms"] >= served["decode"]["p50_ms"]

@@ -59,6 +59,8 @@ def test_report_writes_table_plots_and_caches(tmp_path, tiny_pair, eval_cache):
     assert metrics["wikitext"]["token_perplexity"] > 1 and 0 <= metrics["piqa"]["acc"] <= 1
     assert metrics["calibration"]["tokens"] == 2 * 63
     assert metrics["efficiency"]["size_bytes"] > 0 and metrics["efficiency"]["decode_ms_p90_b1"] > 0
+    # a float folder has no GGUF form for llama.cpp: named, with the reason (or no llama-cpp-python)
+    assert data["models"][1]["details"]["efficiency"]["llama_cpp"]["runtime"].startswith("not run: ")
     md = (report / "report.md").read_text()
     assert "| piqa | acc |" in md and "| change |" in md
     assert " running" in first.stderr and " cached" not in first.stderr

@@ -78,7 +78,7 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _percentiles(seconds: list[float]) -> dict:
+def percentiles(seconds: list[float]) -> dict:
     q = statistics.quantiles(seconds, n=10, method="inclusive") if len(seconds) > 1 else seconds * 9
     return {"p50_ms": 1000 * statistics.median(seconds), "p90_ms": 1000 * q[8]}
 
@@ -153,7 +153,7 @@ def _one_batch(model: nn.Module, batch: int, s: LatencySettings, generator: torc
         decode += steps
         tokens += batch * (s.prompt_tokens + s.decode_tokens)
     energy_end = _energy_joules()
-    result = BatchLatency(batch, _percentiles(prefill), _percentiles(decode))
+    result = BatchLatency(batch, percentiles(prefill), percentiles(decode))
     result.prefill_tokens_per_s = batch * s.prompt_tokens / statistics.median(prefill)
     result.decode_tokens_per_s = batch / statistics.median(decode)
     if energy_start is not None and energy_end is not None and energy_end >= energy_start:
@@ -183,4 +183,32 @@ def latency(model: nn.Module, settings: LatencySettings | None = None, seed: int
         "peak_rss_scope": stats.peak_rss_scope,
         "peak_gpu_bytes": stats.peak_gpu_bytes,
         "energy": energy if batches[0]["joules_per_token"] is not None else "not available",
+    }
+
+
+def llama_cpp_latency(source: str, settings: LatencySettings | None = None) -> dict:
+    """Batch-1 prefill and decode latency of ``source`` served by llama.cpp (its GGUF file, or a
+    group-32 checkpoint exported to one), in the form of ``latency``'s batches; ``{"runtime":
+    "not run: why"}`` without llama-cpp-python or where the model has no GGUF form."""
+    from llmlite import llamacpp
+    from llmlite.errors import LlmliteError
+
+    s = settings or LatencySettings()
+    if not llamacpp.available():
+        return {"runtime": "not run: llama-cpp-python is not installed"}
+    try:
+        with llamacpp.gguf_file(source) as path:
+            prefill, steps = llamacpp.timed_runs(path, s.prompt_tokens, s.decode_tokens, s.repeats)
+            name = path.name
+    except LlmliteError as err:
+        return {"runtime": f"not run: {err}"}
+    return {
+        "runtime": f"llama.cpp (llama-cpp-python {llamacpp.version()})",
+        "file": name,
+        "threads": torch.get_num_threads(),
+        "batch": 1,
+        "prefill": percentiles(prefill),
+        "decode": percentiles(steps),
+        "prefill_tokens_per_s": s.prompt_tokens / statistics.median(prefill),
+        "decode_tokens_per_s": 1 / statistics.median(steps),
     }

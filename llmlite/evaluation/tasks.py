@@ -126,7 +126,7 @@ def calibration(loaded, cfg: ReportConfig, progress: bool) -> dict:
 
 def efficiency(loaded, cfg: ReportConfig) -> dict:
     """Parameters, size on disk and in memory, MACs per token (from shapes), latency, memory, energy."""
-    from llmlite.evaluation.efficiency import latency, macs_per_token
+    from llmlite.evaluation.efficiency import latency, llama_cpp_latency, macs_per_token
     from llmlite.evaluation.metrics import memory_bytes, param_count, size_on_disk
     from llmlite.models import model_path
 
@@ -154,7 +154,11 @@ def efficiency(loaded, cfg: ReportConfig) -> dict:
     if timing["peak_gpu_bytes"] is not None:
         metrics["peak_gpu_bytes"] = timing["peak_gpu_bytes"]
     metrics["joules_per_token_b1"] = b1["joules_per_token"]  # None: not available on this machine
-    return {"metrics": metrics, "details": {"latency": timing, "macs": macs}}
+    served = llama_cpp_latency(loaded.source)  # the same model through llama.cpp, where it runs
+    if "decode" in served:
+        metrics["prefill_tokens_per_s_b1_llama_cpp"] = served["prefill_tokens_per_s"]
+        metrics["decode_tokens_per_s_b1_llama_cpp"] = served["decode_tokens_per_s"]
+    return {"metrics": metrics, "details": {"latency": timing, "llama_cpp": served, "macs": macs}}
 
 
 KV_BITS = (16, 4, 2)
