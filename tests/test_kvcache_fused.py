@@ -12,6 +12,7 @@ from conftest import make_tiny
 from llmlite.decode import decode
 from llmlite.kvcache import fused
 from llmlite.kvcache.cache import QuantizedKVCache
+from llmlite.kvcache.quant import TorchBackend
 
 pytestmark = pytest.mark.skipif(not fused.AVAILABLE, reason="the kvattend extension is not built")
 INV_FREQ = 1 / 10000 ** (torch.arange(0, 64, 2).float() / 64)
@@ -102,3 +103,22 @@ def test_lean_loop_through_the_quantized_cache(tokenizer, bits, scheme):
         want = model.generate(ids, attention_mask=torch.ones_like(ids), cache=fresh(), max_new_tokens=24)
     got = torch.cat(list(decode(model, ids, 24, lambda logits: logits.argmax(-1), cache=fresh())), 1)
     assert torch.equal(got, want[:, 40:])
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("group", [1, 50, 64, 192, 300])
+def test_native_quantization_is_torchs_bit_for_bit(bits, group):
+    """Values' per-token quantization in C against the torch core: the same codes, float16 scales
+    and minima (groups that divide the 192 channels, a short last group, one group wider than the
+    row; constant groups; exact ties at half a step)."""
+    gen = torch.Generator().manual_seed(bits * 1000 + group)
+    x = torch.randn(2, 1, 37, 192, generator=gen).half().float() * 3
+    x[0, 0, :, :64] = 1.5  # constant groups: scale 0
+    x[1, 0, 0, :8] = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 6.0])  # steps of 1/2 around ties
+    got = fused.NativeBackend().quantize(x, bits, group, -1, torch.float16)
+    want = TorchBackend().quantize(x, bits, group, -1, torch.float16)
+    for name in ("codes", "scale", "minimum"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert (got.bits, got.channels, got.group_size, got.axis) == (bits, 192, group, -1)
+    empty = fused.NativeBackend().quantize(x[:, :, :0], bits, group, -1, torch.float16)
+    assert empty.codes.shape == (2, 1, 0, -(-192 * bits // 8))

@@ -32,7 +32,7 @@ from llmlite.arch import LLAMA, attention_modules
 from llmlite.errors import LlmliteError
 from llmlite.kvcache import fused
 from llmlite.kvcache.defaults import KV_DEFAULTS
-from llmlite.kvcache.quant import SUPPORTED_BITS, QuantizedTensor, TorchBackend, concat, select
+from llmlite.kvcache.quant import SUPPORTED_BITS, QuantizedTensor, concat, select
 from llmlite.kvcache.salient import (
     FIT_TOKENS,
     ChannelStats,
@@ -132,7 +132,7 @@ class QuantizedKVLayer(CacheLayerMixin):
     ):
         super().__init__()
         self.spec = spec
-        self.backend = backend or TorchBackend()
+        self.backend = backend or fused.default_backend()
         self.inv_freq = inv_freq
         self.rope = rope or RopeTable(inv_freq)  # shared by a cache's layers
         self.query_weight = query_weight  # salient scheme: [heads, dim] weight of each key channel
@@ -380,7 +380,7 @@ class QuantizedKVCache(Cache):
     ):
         spec = KVSpec(bits, group_size, residual, sinks, storage_dtype, scheme, salient).validate()
         self.spec = spec
-        self.backend = backend or TorchBackend()
+        self.backend = backend or fused.default_backend()
         self.inv_freq = inv_freq
         self.rope = RopeTable(inv_freq)
         self.query_weights = query_weights

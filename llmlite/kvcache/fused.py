@@ -6,8 +6,9 @@ For one new token per sequence, with ``q [b, heads, 1, d]`` (already rotated) an
     scores = q · [sinks | quantized keys, dequantized and rotated per token | recent] · scaling
     out    = softmax(scores) · [sinks | quantized values | recent]
 
-The float parts (sinks, recent) are small products in torch; the quantized part runs in C, each
-token's codes dequantized into registers and used at once, so no float copy of the cache is made.
+Everything runs in C: the quantized keys' scores and values' sums, each token's codes dequantized
+into registers and used at once (no float copy of the cache is made), and the float parts (sinks,
+recent window), the softmax and the new token (``llmlite_kv_combine``).
 The new token's own key and value enter exactly (as ``QuantizedKVLayer._read`` gives them), not
 as stored. Served: both schemes (KIVI; salient, whose values are summed in the rotated basis and
 turned back once), 2/4/8 bits, on the CPU, with RoPE frequencies; other layers (``unsupported``
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor
 
 from llmlite.kernels.native import load_library
+from llmlite.kvcache.quant import QuantizedTensor, TorchBackend
 from llmlite.kvcache.salient import SalientKeys
 
 MODULE = "llmlite.native.kvattend"
@@ -33,15 +35,46 @@ def _load() -> ctypes.CDLL | None:
     if lib is None:
         return None
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    common = [i64] * 4 + [i32, i64, p]
-    lib.llmlite_kv_key_scores.argtypes = [p] * 6 + common
-    lib.llmlite_kv_value_sums.argtypes = [p] * 4 + common
+    lib.llmlite_kv_key_scores.argtypes = [p] * 6 + [i64] * 4 + [i32, i64, p]
+    lib.llmlite_kv_value_sums.argtypes = [p] * 4 + [i64] * 5 + [i32, i64, p]
     lib.llmlite_kv_salient_scores.argtypes = [p, p, i32, i64, p, p, p, i32] + [p] * 6 + [i64] * 4 + [p]
+    lib.llmlite_kv_combine.argtypes = [p, p, p, i64, p, i64, i64, p, i64, p, i64, p, p, i64, i64, i64, p, p]
+    lib.llmlite_kv_quantize_rows.argtypes = [p, i64, i64, i32, i64, p, p, p]
     return lib
 
 
 _LIB = _load()
 AVAILABLE = _LIB is not None
+
+
+class NativeBackend(TorchBackend):
+    """``TorchBackend`` whose per-token quantization (values: ``axis=-1``, float16 statistics, on
+    the CPU) runs in C (``llmlite_kv_quantize_rows``), bit for bit the same: one call where torch
+    takes some thirty small operations for the token each decode step adds."""
+
+    name = "native"
+
+    def quantize(
+        self, x: Tensor, bits: int, group_size: int, axis: int, stats_dtype: torch.dtype
+    ) -> QuantizedTensor:
+        if _LIB is None or axis != -1 or stats_dtype != torch.float16 or x.device.type != "cpu":
+            return super().quantize(x, bits, group_size, axis, stats_dtype)
+        *lead, channels = x.shape
+        rows = x.reshape(-1, channels).float().contiguous()
+        groups = -(-channels // group_size)
+        codes = torch.empty(*lead, -(-channels * bits // 8), dtype=torch.uint8)
+        scale = torch.empty(*lead, groups, dtype=torch.float16)
+        minimum = torch.empty_like(scale)
+        _LIB.llmlite_kv_quantize_rows(
+            rows.data_ptr(), rows.shape[0], channels, bits, group_size,
+            codes.data_ptr(), scale.data_ptr(), minimum.data_ptr(),
+        )  # fmt: skip
+        return QuantizedTensor(codes, scale, minimum, bits, channels, group_size, -1)
+
+
+def default_backend() -> TorchBackend:
+    """``NativeBackend`` where the extension is built, else ``TorchBackend``."""
+    return NativeBackend() if _LIB is not None else TorchBackend()
 
 
 def unsupported(layer, query: Tensor) -> str | None:
@@ -106,20 +139,19 @@ def _key_scores(layer, qg: Tensor) -> Tensor:
     return scores
 
 
-def _value_sums(layer, probs: Tensor) -> Tensor:
-    """``probs [b, kv_heads, group, tokens]`` times the quantized values: ``[b, kv_heads, group, d]``."""
+def _add_value_sums(layer, probs: Tensor, out: Tensor) -> None:
+    """Add to ``out [b, kv_heads, group, d]`` the quantized values weighted by their columns of
+    ``probs [b, kv_heads, group, L]`` (after the sinks)."""
     q = layer.quant_values
-    b, h, groups, tokens = probs.shape
-    d = layer.recent_values.shape[-1]
-    out = probs.new_zeros(b, h, groups, d)
+    b, h, groups, length = probs.shape
+    d, sinks = out.shape[-1], layer.sink_values.shape[-2]
     for i in range(b):
         codes, scale, minimum = q.codes[i, 0].contiguous(), q.scale[i, 0].float(), q.minimum[i, 0].float()
-        p = probs[i].contiguous()
+        start = probs[i].data_ptr() + sinks * probs.element_size()
         _LIB.llmlite_kv_value_sums(
-            codes.data_ptr(), scale.data_ptr(), minimum.data_ptr(), p.data_ptr(),
-            h, tokens, d, groups, q.bits, q.group_size, out[i].data_ptr(),
+            codes.data_ptr(), scale.data_ptr(), minimum.data_ptr(), start, length,
+            h, q.tokens, d, groups, q.bits, q.group_size, out[i].data_ptr(),
         )  # fmt: skip
-    return out
 
 
 def attend(layer, query: Tensor, new_key: Tensor, new_value: Tensor, scaling: float) -> Tensor:
@@ -127,25 +159,41 @@ def attend(layer, query: Tensor, new_key: Tensor, new_value: Tensor, scaling: fl
     dtype. ``new_key``/``new_value`` ``[b, kv_heads, 1, d]``: the token just stored, exactly."""
     b, heads, _, d = query.shape
     kv_heads = layer.recent_values.shape[1]
-    qg = (query.float() * scaling).view(b, kv_heads, heads // kv_heads, d)
-    parts = [qg @ layer.sink_keys.float().transpose(-1, -2)]
+    qg = (query.float() * scaling).reshape(b, kv_heads, heads // kv_heads, d).contiguous()
     if isinstance(layer.quant_keys, SalientKeys):
-        parts.append(_salient_scores(layer, qg))
+        qscores = _salient_scores(layer, qg)
     elif layer.quant_keys is not None:
-        parts.append(_key_scores(layer, qg))
-    parts.append(qg @ layer.recent_keys.float().transpose(-1, -2))
-    scores = torch.cat(parts, -1)
-    scores[..., -1] = (qg * new_key.float()).sum(-1)  # the new token's own key, exactly
-    probs = torch.softmax(scores, -1)
-    last = probs[..., -1:].clone()
-    probs[..., -1] = 0  # its value enters exactly, below
-    sinks = layer.sink_values.shape[-2]
-    out = probs[..., :sinks] @ layer.sink_values.float()
-    if layer.quant_values is not None:
-        quantized = layer.quant_values.tokens
-        summed = _value_sums(layer, probs[..., sinks : sinks + quantized])
-        out += summed if layer.rotation is None else summed @ layer.rotation  # salient: stored rotated
-        sinks += quantized
-    out += probs[..., sinks:] @ layer.recent_values.float()
-    out += last * new_value.float()
+        qscores = _key_scores(layer, qg)
+    else:
+        qscores = qg.new_empty(b, kv_heads, qg.shape[2], 0)
+    tq = qscores.shape[-1]
+    tv = 0 if layer.quant_values is None else layer.quant_values.tokens
+    sink_k, sink_v, recent_k, recent_v, new_k, new_v = (
+        t.float().contiguous()
+        for t in (
+            layer.sink_keys,
+            layer.sink_values,
+            layer.recent_keys,
+            layer.recent_values,
+            new_key,
+            new_value,
+        )
+    )
+    sinks, rk, rv = sink_k.shape[2], recent_k.shape[2], recent_v.shape[2]
+    probs = qg.new_empty(b, kv_heads, qg.shape[2], sinks + tq + rk)
+    out = torch.empty_like(qg)
+    for i in range(b):
+        _LIB.llmlite_kv_combine(
+            qg[i].data_ptr(), sink_k[i].data_ptr(), sink_v[i].data_ptr(), sinks,
+            qscores[i].data_ptr(), tq, tv, recent_k[i].data_ptr(), rk, recent_v[i].data_ptr(), rv,
+            new_k[i].data_ptr(), new_v[i].data_ptr(),
+            kv_heads, qg.shape[2], d, probs[i].data_ptr(), out[i].data_ptr(),
+        )  # fmt: skip
+    if tv:
+        if layer.rotation is None:
+            _add_value_sums(layer, probs, out)
+        else:  # the salient scheme's values are stored rotated: sum in that basis, turn back once
+            rotated = torch.zeros_like(out)
+            _add_value_sums(layer, probs, rotated)
+            out += rotated @ layer.rotation
     return out.reshape(b, heads, 1, d).to(query.dtype)

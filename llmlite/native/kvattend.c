@@ -21,6 +21,7 @@
 
    One thread (see dequant4.c); target_clones builds AVX-512, AVX2 and baseline versions.
 */
+#include <stddef.h>
 #include <stdint.h>
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
@@ -121,9 +122,9 @@ CLONES void llmlite_kv_salient_scores(const uint8_t *plain, const float *step, i
 }
 
 /* codes [T, H*D*bits/8], vscale/vmin [T, ceil(H*D/group)] (a last group may be short), probs
-   [H, G, T], out [H, G, D] (added to). H*D <= MAX_CHANNELS, a multiple of 8/bits. */
+   [H, G, T] with rows `stride` apart, out [H, G, D] (added to). H*D <= MAX_CHANNELS, a multiple of 8/bits. */
 CLONES void llmlite_kv_value_sums(const uint8_t *codes, const float *vscale, const float *vmin,
-                                  const float *probs, int64_t heads, int64_t tokens, int64_t dim,
+                                  const float *probs, int64_t stride, int64_t heads, int64_t tokens, int64_t dim,
                                   int64_t group_queries, int bits, int64_t group, float *out) {
     const int64_t channels = heads * dim, width = channels * bits / 8, groups = (channels + group - 1) / group;
     float v[MAX_CHANNELS];
@@ -136,11 +137,92 @@ CLONES void llmlite_kv_value_sums(const uint8_t *codes, const float *vscale, con
         }
         for (int64_t h = 0; h < heads; h++) {
             for (int64_t j = 0; j < group_queries; j++) {
-                const float p = probs[(h * group_queries + j) * tokens + t];
+                const float p = probs[(h * group_queries + j) * stride + t];
                 float *o = out + (h * group_queries + j) * dim;
                 const float *vh = v + h * dim;
                 for (int64_t c = 0; c < dim; c++) o[c] += p * vh[c];
             }
+        }
+    }
+}
+
+/* Per-token asymmetric quantization of rows x [rows, channels] (float32) in groups of `group`
+   channels (a last group may be short), as llmlite/kvcache/quant.py's quantize(axis=-1) with
+   float16 statistics, bit for bit: scale = (max - min) / (2^bits - 1) and minimum rounded to
+   float16, codes round((x - minimum) / scale) from the rounded values (ties to even), clamped,
+   packed along the channels (first in the lowest bits, padding bits zero).
+   codes [rows, ceil(channels*bits/8)], scale/minimum float16 bits [rows, ceil(channels/group)]. */
+void llmlite_kv_quantize_rows(const float *x, int64_t rows, int64_t channels, int bits, int64_t group,
+                              uint8_t *codes, _Float16 *scale, _Float16 *minimum) {
+    const int per_byte = 8 / bits;
+    const int64_t width = (channels * bits + 7) / 8, groups = (channels + group - 1) / group;
+    const float qmax = (float)((1 << bits) - 1);
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = x + r * channels;
+        uint8_t *out = codes + r * width;
+        for (int64_t b = 0; b < width; b++) out[b] = 0;
+        for (int64_t g = 0; g < groups; g++) {
+            const int64_t start = g * group, end = start + group < channels ? start + group : channels;
+            float lo = row[start], hi = row[start];
+            for (int64_t c = start + 1; c < end; c++) {
+                lo = row[c] < lo ? row[c] : lo;
+                hi = row[c] > hi ? row[c] : hi;
+            }
+            const _Float16 s16 = (_Float16)((hi - lo) / qmax), m16 = (_Float16)lo;
+            scale[r * groups + g] = s16;
+            minimum[r * groups + g] = m16;
+            const float s = (float)s16 == 0.0f ? 1.0f : (float)s16, m = (float)m16;
+            for (int64_t c = start; c < end; c++) {
+                float q = __builtin_nearbyintf((row[c] - m) / s);
+                q = q < 0.0f ? 0.0f : (q > qmax ? qmax : q);
+                out[c / per_byte] |= (uint8_t)((int)q << (bits * (c % per_byte)));
+            }
+        }
+    }
+}
+
+/* The float parts of one decode step and the softmax, for one sequence. Keys are, in token order,
+   sinks [H, S, D], the quantized ones (their scores given: qscores [H, G, Tq]) and the recent
+   window [H, Rk, D]; values sinks, Tv quantized, recent [H, Rv, D]; S + Tq + Rk = S + Tv + Rv = L.
+   The last token's key and value are new_k/new_v [H, D] (exact), not the stored ones.
+   Writes probs [H, G, L] (the last token's set to 0 once its exact value is added) and out [H, G, D]: the
+   weighted sum of every value except the quantized ones (which llmlite_kv_value_sums adds). */
+CLONES void llmlite_kv_combine(const float *query, const float *sink_k, const float *sink_v, int64_t sinks,
+                        const float *qscores, int64_t tq, int64_t tv, const float *recent_k, int64_t rk,
+                        const float *recent_v, int64_t rv, const float *new_k, const float *new_v,
+                        int64_t heads, int64_t group_queries, int64_t dim, float *probs, float *out) {
+    const int64_t length = sinks + tq + rk;
+    for (int64_t h = 0; h < heads; h++) {
+        for (int64_t j = 0; j < group_queries; j++) {
+            const float *q = query + (h * group_queries + j) * dim;
+            float *p = probs + (h * group_queries + j) * length, *o = out + (h * group_queries + j) * dim;
+            for (int64_t t = 0; t < length; t++) {
+                const float *k = NULL;
+                if (t < sinks) k = sink_k + (h * sinks + t) * dim;
+                else if (t >= sinks + tq) k = recent_k + (h * rk + t - sinks - tq) * dim;
+                if (t == length - 1) k = new_k + h * dim;
+                if (k == NULL) {
+                    p[t] = qscores[(h * group_queries + j) * tq + t - sinks];
+                } else {
+                    float acc = 0.0f;
+                    for (int64_t c = 0; c < dim; c++) acc += q[c] * k[c];
+                    p[t] = acc;
+                }
+            }
+            float top = p[0], total = 0.0f;
+            for (int64_t t = 1; t < length; t++) top = p[t] > top ? p[t] : top;
+            for (int64_t t = 0; t < length; t++) total += (p[t] = __builtin_expf(p[t] - top));
+            for (int64_t t = 0; t < length; t++) p[t] /= total;
+            for (int64_t c = 0; c < dim; c++) o[c] = 0.0f;
+            for (int64_t t = 0; t < length; t++) {
+                const float *v = NULL;
+                if (t == length - 1) v = new_v + h * dim;
+                else if (t < sinks) v = sink_v + (h * sinks + t) * dim;
+                else if (t >= sinks + tv) v = recent_v + (h * rv + t - sinks - tv) * dim;
+                if (v == NULL) continue;
+                for (int64_t c = 0; c < dim; c++) o[c] += p[t] * v[c];
+            }
+            p[length - 1] = 0.0f; /* its value entered exactly, above */
         }
     }
 }
