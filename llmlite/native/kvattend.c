@@ -23,6 +23,7 @@
 */
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
 #define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -181,6 +182,26 @@ void llmlite_kv_quantize_rows(const float *x, int64_t rows, int64_t channels, in
     }
 }
 
+/* e^x for x <= 0 (Cephes' expf: a degree-6 polynomial on [-ln2/2, ln2/2] times 2^n), within two
+   units in the last place and clamped at 2^-126 below x = -87; unlike the C library's, it
+   vectorises. */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float n = __builtin_nearbyintf(x * 1.44269504088896341f);
+    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
 /* The float parts of one decode step and the softmax, for one sequence. Keys are, in token order,
    sinks [H, S, D], the quantized ones (their scores given: qscores [H, G, Tq]) and the recent
    window [H, Rk, D]; values sinks, Tv quantized, recent [H, Rv, D]; S + Tq + Rk = S + Tv + Rv = L.
@@ -211,7 +232,8 @@ CLONES void llmlite_kv_combine(const float *query, const float *sink_k, const fl
             }
             float top = p[0], total = 0.0f;
             for (int64_t t = 1; t < length; t++) top = p[t] > top ? p[t] : top;
-            for (int64_t t = 0; t < length; t++) total += (p[t] = __builtin_expf(p[t] - top));
+            for (int64_t t = 0; t < length; t++) p[t] = exp_nonpositive(p[t] - top);
+            for (int64_t t = 0; t < length; t++) total += p[t];
             for (int64_t t = 0; t < length; t++) p[t] /= total;
             for (int64_t c = 0; c < dim; c++) o[c] = 0.0f;
             for (int64_t t = 0; t < length; t++) {
