@@ -253,11 +253,11 @@ class QuantizedKVLayer(CacheLayerMixin):
         if out.dtype != keys.dtype:  # rotate in the keys' precision, round once
             out.copy_(self._rotate(keys, start, inverse))
             return
-        cos, sin = self.rope.angles(start, keys.shape[-2], keys.device)
+        cos, sin = (t.to(keys.dtype) for t in self.rope.angles(start, keys.shape[-2], keys.device))
         half, sign = keys.shape[-1] // 2, 1.0 if inverse else -1.0
         lo, hi = keys[..., :half], keys[..., half:]
-        torch.mul(lo, cos.to(keys.dtype), out=out[..., :half]).addcmul_(hi, sin.to(keys.dtype), value=sign)
-        torch.mul(hi, cos.to(keys.dtype), out=out[..., half:]).addcmul_(lo, sin.to(keys.dtype), value=-sign)
+        torch.mul(lo, cos, out=out[..., :half]).addcmul_(hi, sin, value=sign)
+        torch.mul(hi, cos, out=out[..., half:]).addcmul_(lo, sin, value=-sign)
 
     def _read(self, new_keys: Tensor, new_values: Tensor) -> tuple[Tensor, Tensor]:
         """Everything stored, in the compute dtype, with the last tokens replaced by ``new_*``
