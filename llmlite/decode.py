@@ -88,7 +88,8 @@ def _cache_attention(cache: Cache, i: int, q: Tensor, k: Tensor, v: Tensor, scal
             return out
     keys, values = cache.update(k, v, i)
     length = keys.shape[2]
-    mask = torch.arange(length, device=q.device).view(1, -1) <= torch.arange(length - t, length).view(-1, 1)
+    positions = torch.arange(length, device=q.device)
+    mask = positions.view(1, -1) <= positions[length - t :].view(-1, 1)  # causal for the t new tokens
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling, enable_gqa=True)
 
 

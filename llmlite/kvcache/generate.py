@@ -144,7 +144,7 @@ def generate(
             cache_bytes = float16_cache_bytes(model.config, context) * _float_width(model) // 2
         else:
             cache_bytes = cache_memory(cache)["bytes"]
-        loop = "lean, compiled" if cfg.compile and cache is None else "lean"
+        loop = "lean, compiled" if cfg.compile else "lean"  # validate() refuses --compile with --kv-bits
     else:
         new, cache = _transformers_generate(model, tokenizer, ids, cfg)
         cache_bytes, length = cache_memory(cache)["bytes"], cache.get_seq_length()
