@@ -122,3 +122,28 @@ def test_native_quantization_is_torchs_bit_for_bit(bits, group):
     assert (got.bits, got.channels, got.group_size, got.axis) == (bits, 192, group, -1)
     empty = fused.NativeBackend().quantize(x[:, :, :0], bits, group, -1, torch.float16)
     assert empty.codes.shape == (2, 1, 0, -(-192 * bits // 8))
+
+
+@pytest.mark.parametrize(
+    "heads,dim,fraction,bits",
+    [(3, 64, 0.1, 2), (3, 64, 0.0, 2), (2, 16, 0.5, 4), (1, 8, 0.3, 8), (4, 64, 0.1, 2)],
+)
+def test_native_salient_keys_are_torchs_bit_for_bit(heads, dim, fraction, bits):
+    """The salient scheme's key encoder in C against ``salient.encode_keys``: the same plain codes
+    and steps, salient codes, scales and minima (channel counts that leave a byte partly filled,
+    no salient channels, a zero key whose step is 0)."""
+    from llmlite.kvcache.salient import encode_keys, fit_channels
+
+    gen = torch.Generator().manual_seed(heads * 100 + dim + bits)
+    spread = torch.rand(heads, 1, dim, generator=gen) * 3
+    keys = torch.randn(2, heads, 90, dim, generator=gen) * spread + torch.randn(heads, 1, dim, generator=gen)
+    keys = keys.half().float()
+    stats = fit_channels(keys[:, :, :64], fraction, torch.rand(heads, dim, generator=gen))
+    new = keys[:, :, 64:].clone()
+    new[1, :, 3] = stats.mean.float()  # normalises to zero: step 0
+    got = fused.NativeBackend().encode_keys(new, stats, bits, torch.float16)
+    want = encode_keys(new, stats, bits, torch.float16)
+    assert len(got.tensors()) == len(want.tensors()) == (2 if fraction == 0 else 5)
+    for a, b in zip(got.tensors(), want.tensors(), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert (got.plain.channels, got.plain.bits) == (want.plain.channels, want.plain.bits)

@@ -39,7 +39,6 @@ from llmlite.kvcache.salient import (
     SalientKeys,
     concat_keys,
     decode_keys,
-    encode_keys,
     fit_channels,
     hadamard,
     select_keys,
@@ -225,7 +224,9 @@ class QuantizedKVLayer(CacheLayerMixin):
             self.key_stats = fit_channels(keys, spec.salient, self.query_weight, spec.storage_dtype)
         old = waiting - spec.residual
         if old > 0:
-            block = encode_keys(self._old_keys(old), self.key_stats, spec.bits, spec.storage_dtype)
+            block = self.backend.encode_keys(
+                self._old_keys(old), self.key_stats, spec.bits, spec.storage_dtype
+            )
             self.quant_keys = block if self.quant_keys is None else concat_keys([self.quant_keys, block])
 
     def _quantized_keys(self) -> int:

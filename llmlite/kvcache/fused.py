@@ -24,7 +24,7 @@ from torch import Tensor
 
 from llmlite.kernels.native import load_library
 from llmlite.kvcache.quant import QuantizedTensor, TorchBackend
-from llmlite.kvcache.salient import SalientKeys
+from llmlite.kvcache.salient import ALPHA, ChannelStats, SalientKeys, encode_keys, salient_bits
 
 MODULE = "llmlite.native.kvattend"
 MAX_CHANNELS = 4096  # the C loops' stack buffers
@@ -40,6 +40,9 @@ def _load() -> ctypes.CDLL | None:
     lib.llmlite_kv_salient_scores.argtypes = [p, p, i32, i64, p, p, p, i32] + [p] * 6 + [i64] * 4 + [p]
     lib.llmlite_kv_combine.argtypes = [p, p, p, i64, p, i64, i64, p, i64, p, i64, p, p, i64, i64, i64, p, p]
     lib.llmlite_kv_quantize_rows.argtypes = [p, i64, i64, i32, i64, p, p, p]
+    lib.llmlite_kv_encode_salient.argtypes = (
+        [p] + [i64] * 4 + [p] * 3 + [i64, i32, i32, ctypes.c_float] + [p] * 5
+    )
     return lib
 
 
@@ -70,6 +73,31 @@ class NativeBackend(TorchBackend):
             codes.data_ptr(), scale.data_ptr(), minimum.data_ptr(),
         )  # fmt: skip
         return QuantizedTensor(codes, scale, minimum, bits, channels, group_size, -1)
+
+    def encode_keys(
+        self, keys: Tensor, stats: ChannelStats, bits: int, stats_dtype: torch.dtype
+    ) -> SalientKeys:
+        """``salient.encode_keys`` in one C call (``llmlite_kv_encode_salient``), bit for bit the
+        same, for float16 statistics on the CPU; torch's otherwise."""
+        if _LIB is None or stats_dtype != torch.float16 or keys.device.type != "cpu":
+            return encode_keys(keys, stats, bits, stats_dtype)
+        b, h, n, d = keys.shape
+        keys = keys.float().contiguous()
+        mean, std = stats.mean.float().flatten().contiguous(), stats.std.float().flatten().contiguous()
+        n_plain, n_salient, sbits = stats.n_plain, h * d - stats.n_plain, salient_bits(bits)
+        plain = torch.empty(b, 1, n, -(-n_plain * bits // 8), dtype=torch.uint8)
+        step = torch.empty(b, 1, n, 1, dtype=torch.float16)
+        codes = torch.empty(b, 1, n, -(-n_salient * sbits // 8), dtype=torch.uint8)
+        scale, minimum = torch.empty_like(step), torch.empty_like(step)
+        _LIB.llmlite_kv_encode_salient(
+            keys.data_ptr(), b, h, n, d, mean.data_ptr(), std.data_ptr(), stats.order.data_ptr(), n_plain,
+            bits, sbits, ALPHA[bits], plain.data_ptr(), step.data_ptr(), codes.data_ptr(), scale.data_ptr(),
+            minimum.data_ptr(),
+        )  # fmt: skip
+        salient = None
+        if n_salient:
+            salient = QuantizedTensor(codes, scale, minimum, sbits, n_salient, n_salient, -1)
+        return SalientKeys(QuantizedTensor(plain, step, None, bits, n_plain, max(1, n_plain), -1), salient)
 
 
 def default_backend() -> TorchBackend:

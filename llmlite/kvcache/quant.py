@@ -202,3 +202,9 @@ class TorchBackend:
 
     def dequantize(self, q: QuantizedTensor, dtype: torch.dtype) -> Tensor:
         return dequantize(q, dtype)
+
+    def encode_keys(self, keys: Tensor, stats, bits: int, stats_dtype: torch.dtype):
+        """The salient scheme's keys: ``salient.encode_keys``."""
+        from llmlite.kvcache.salient import encode_keys  # salient builds on this module
+
+        return encode_keys(keys, stats, bits, stats_dtype)

@@ -43,11 +43,16 @@ def hadamard(n: int, dtype: torch.dtype = torch.float32) -> Tensor:
 
 def quantize_symmetric(x: Tensor, bits: int, stats_dtype: torch.dtype | None = None) -> QuantizedTensor:
     """Per-token symmetric quantization of ``x`` ``[..., tokens, channels]`` (one group per token):
-    ``step = ALPHA[bits] * rms``, levels ``(code - 2**(bits-1) + 1/2) * step``, extremes clipped."""
+    ``step = ALPHA[bits] * rms``, levels ``(code - 2**(bits-1) + 1/2) * step``, extremes clipped.
+    The sum of squares is taken in float64, so that any summation order (the C encoder's in
+    ``kvcache.fused``) gives the same step."""
     stats_dtype = stats_dtype or x.dtype
     work = torch.promote_types(x.dtype, torch.float32)
     xw = x.to(work)
-    rms = xw.pow(2).mean(-1, keepdim=True).sqrt() if x.shape[-1] else xw.new_zeros(*x.shape[:-1], 1)
+    if x.shape[-1]:
+        rms = xw.double().pow(2).sum(-1, keepdim=True).div(x.shape[-1]).sqrt().to(work)
+    else:
+        rms = xw.new_zeros(*x.shape[:-1], 1)
     step = (ALPHA[bits] * rms).to(stats_dtype)
     safe = torch.where(step == 0, torch.ones_like(step), step).to(work)
     half = 1 << (bits - 1)
