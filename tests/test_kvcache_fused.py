@@ -11,8 +11,8 @@ from conftest import make_tiny
 
 from llmlite.decode import decode
 from llmlite.kvcache import fused
+from llmlite.kvcache.backend import TorchBackend
 from llmlite.kvcache.cache import QuantizedKVCache
-from llmlite.kvcache.quant import TorchBackend
 
 pytestmark = pytest.mark.skipif(not fused.AVAILABLE, reason="the kvattend extension is not built")
 INV_FREQ = 1 / 10000 ** (torch.arange(0, 64, 2).float() / 64)

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 from llmlite.kernels.native import load_library
-from llmlite.kvcache.quant import QuantizedTensor, TorchBackend
+from llmlite.kvcache.backend import TorchBackend
+from llmlite.kvcache.quant import QuantizedTensor
 from llmlite.kvcache.salient import ALPHA, ChannelStats, SalientKeys, encode_keys, salient_bits
 
 MODULE = "llmlite.native.kvattend"

@@ -187,24 +187,3 @@ def select(q: QuantizedTensor, fn) -> QuantizedTensor:
     """``q`` with ``fn`` applied to each of its tensors (e.g. a batch ``index_select``)."""
     minimum = None if q.minimum is None else fn(q.minimum)
     return QuantizedTensor(fn(q.codes), fn(q.scale), minimum, q.bits, q.channels, q.group_size, q.axis)
-
-
-class TorchBackend:
-    """The pure-PyTorch implementation of the cache's two operations. A faster backend (a Triton
-    kernel that dequantizes inside attention) replaces this object and keeps its signatures."""
-
-    name = "torch"
-
-    def quantize(
-        self, x: Tensor, bits: int, group_size: int, axis: int, stats_dtype: torch.dtype
-    ) -> QuantizedTensor:
-        return quantize(x, bits, group_size, axis, stats_dtype)
-
-    def dequantize(self, q: QuantizedTensor, dtype: torch.dtype) -> Tensor:
-        return dequantize(q, dtype)
-
-    def encode_keys(self, keys: Tensor, stats, bits: int, stats_dtype: torch.dtype):
-        """The salient scheme's keys: ``salient.encode_keys``."""
-        from llmlite.kvcache.salient import encode_keys  # salient builds on this module
-
-        return encode_keys(keys, stats, bits, stats_dtype)
