@@ -156,6 +156,9 @@ def quantize(
                 v2_windows=cfg.v2_windows,
                 refit=cfg.refit,
                 quantize_head=cfg.quantize_head,
+                clip=cfg.clip,
+                value_mapping=cfg.awq_vo,
+                dtype=cfg.dtype,
             )
             with measure() as core:
                 report = quantize_model(model, settings, windows, progress=progress)

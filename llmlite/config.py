@@ -21,6 +21,8 @@ OPTION_HELP = {
     "mse": "searches each group's clipping range on the weights",
     "refit": "fits scales to calibration outputs",
     "v2": "corrects GPTQ's target and needs calibration",
+    "clip": "searches AWQ's clipping ranges",
+    "awq_vo": "smooths v_proj -> o_proj with AWQ's scales",
 }
 
 
@@ -75,6 +77,19 @@ class QuantizeConfig:
         "data (--no-refit: GPTQ's own scales)",
         shown="on for GPTQ",
     )
+    # AWQ: each group's clipping range searched on the output error after smoothing (AutoAWQ's
+    # clipping grid), and the v_proj -> o_proj mapping that both peers skip on GQA models.
+    clip: bool | None = option(
+        None,
+        "AWQ: search each group's clipping range for the least output error (--no-clip: round to nearest)",
+        shown="on for AWQ",
+    )
+    awq_vo: bool | None = option(
+        None,
+        "AWQ: also smooth v_proj -> o_proj, one scale per value channel shared by the query heads that "
+        "read it (GQA)",
+        shown="on for AWQ",
+    )
     quantize_head: bool = option(False, "also quantize lm_head (untied from the embeddings)")
     dtype: str = option("float16", "storage of the tensors that stay unquantized", choices=DTYPES)
     output: str | None = option(
@@ -116,7 +131,10 @@ class QuantizeConfig:
             self.v2 = "v2" in method.options
         if self.refit is None:
             self.refit = "refit" in method.options
-        for name in ("v2", "refit"):
+        for name in ("clip", "awq_vo"):
+            if getattr(self, name) is None:
+                setattr(self, name, name in method.options)
+        for name in ("v2", "refit", "clip", "awq_vo"):
             if not isinstance(getattr(self, name), bool):
                 raise LlmliteError(f"option {name} must be true or false, got {getattr(self, name)!r}")
         if self.v2_windows < 0:

@@ -207,3 +207,38 @@ def int4pack_matmul(x: np.ndarray, codes, scale, zero, g_idx) -> np.ndarray:
     s, z = np.asarray(scale, np.float64)[:, g], np.asarray(zero, np.float64)[:, g]
     w = (np.asarray(codes, np.float64) - 8) * bf16(s) + bf16((8 - z) * s)
     return bf16(bf16(x) @ w.T)
+
+
+def awq_scales(w: np.ndarray, x: np.ndarray, bits: int, group_size: int, sym: bool, tie=None, grid=20):
+    """AWQ's duo-scaling search as AutoAWQ writes it, in float64 on the inputs ``x`` [tokens, in]
+    themselves: x̄ = mean|x|, w̄ = mean over rows of |W| / max|W| per row and group, candidates
+    s = x̄^r / (w̄^(1-r) + 1e-4) (clamped at 1e-4, normalised by sqrt(max · min)) for r = i / grid,
+    plus s = 1; the loss is the mean over tokens of ||x Wᵀ - (x / s) Q(W diag s)ᵀ||². With ``tie``
+    (column -> shared channel), x̄ and w̄ are averaged over each channel's columns. Returns
+    (best s [in], best r or None)."""
+    size = w.shape[1] if group_size == -1 else group_size
+    a = np.abs(w)
+    w_scaled = np.empty_like(a)
+    for i in range(0, w.shape[1], size):
+        w_scaled[:, i : i + size] = a[:, i : i + size] / (a[:, i : i + size].max(1, keepdims=True) + 1e-6)
+    x_mean, w_mean = np.abs(x).mean(0), w_scaled.mean(0)
+    if tie is not None:
+        n = tie.max() + 1
+        x_mean = np.array([x_mean[tie == c].mean() for c in range(n)])
+        w_mean = np.array([w_mean[tie == c].mean() for c in range(n)])
+    y = x @ w.T
+
+    def loss(s):
+        codes, scale, zero = rtn(w * s, bits, group_size, sym)
+        return (((x / s) @ ((codes - zero) * scale).T - y) ** 2).sum(1).mean()
+
+    best_s, best_r, best = np.ones(w.shape[1]), None, loss(np.ones(w.shape[1]))
+    for i in range(grid):
+        r = i / grid
+        s = np.maximum(x_mean**r / (w_mean ** (1 - r) + 1e-4), 1e-4)
+        s = s / np.sqrt(s.max() * s.min())
+        s = s if tie is None else s[tie]
+        e = loss(s)
+        if e < best:
+            best_s, best_r, best = s, r, e
+    return best_s, best_r

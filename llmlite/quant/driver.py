@@ -41,9 +41,11 @@ from llmlite.quant.checkpoint import quantized_error
 from llmlite.quant.compressed import is_compressed
 from llmlite.quant.gptq import accumulate_drift, accumulate_hessian, finish_hessian
 from llmlite.quant.grid import QuantizedWeight
+from llmlite.quant.hooks import Stop, input_of
 from llmlite.quant.linear import QuantLinear
 from llmlite.quant.method import GroupStats, Method, QuantSettings
 from llmlite.quant.methods import get
+from llmlite.quant.smooth import SmoothRecord, smooth_layer
 
 log = logging.getLogger("llmlite")
 CHUNK_TOKENS = 2048  # calibration tokens per forward call (bounds the temporaries)
@@ -65,19 +67,18 @@ class QuantReport:
     modules: list[ModuleRecord] = field(default_factory=list)
     path: str = ""  # "llama-staged", "generic-hooks" or "weights-only" (a method without calibration)
     seconds: float = 0.0  # wall time of the quantization itself (model loading excluded)
+    smoothing: list[SmoothRecord] = field(default_factory=list)  # AWQ: what each mapping chose
 
     def to_dict(self) -> dict:
-        modules = [asdict(m) for m in self.modules]
-        return {
+        out = {
             "settings": asdict(self.settings),
             "path": self.path,
             "seconds": self.seconds,
-            "modules": modules,
+            "modules": [asdict(m) for m in self.modules],
         }
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass early once the wanted input has been seen."""
+        if self.smoothing:
+            out["smoothing"] = [asdict(r) for r in self.smoothing]
+        return out
 
 
 def check_quantizable(model: nn.Module) -> nn.ModuleList:
@@ -146,6 +147,11 @@ def quantize_model(
         return report
     if calibration is None:
         raise ValueError(f"{method.name} needs calibration token windows")
+    if method.smooths and not all(_is_llama_style(layer) for layer in layers):
+        raise LlmliteError(
+            f"{method.name} folds its scales into the norm or linear before each group, which needs the "
+            f"Llama layer layout; {_architecture(model)} has another: use --method gptq or rtn"
+        )
     hidden, kwargs = _capture_layer_inputs(model, layers[0], calibration)
     hidden = _one_block(hidden)
     hidden_float = None
@@ -164,6 +170,11 @@ def quantize_model(
             done.update(_quantize_group(layer, names, inputs, float_inputs, method, settings, report, prefix))
 
         count = len(linears(layer))
+        if method.smooths:
+            grid = (settings.bits, settings.group_size, settings.sym, getattr(torch, settings.dtype))
+            report.smoothing += smooth_layer(
+                layer, hidden, kwargs, *grid, value_mapping=settings.value_mapping, prefix=f"layers.{i}."
+            )
         if staged:
             _llama_layer(layer, hidden, kwargs, quantize_group, hidden_float, settings.compact_mlp, buffers)
         else:
@@ -198,13 +209,13 @@ def _capture_layer_inputs(model: nn.Module, first: nn.Module, calibration: Tenso
         h = args[0] if args else kw.pop("hidden_states")
         hidden.append(h)
         kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
-        raise _Stop
+        raise Stop
 
     device = next(model.parameters()).device
     handle = first.register_forward_pre_hook(catch, with_kwargs=True)
     try:
         for i in range(0, calibration.shape[0], per_chunk):
-            with contextlib.suppress(_Stop):
+            with contextlib.suppress(Stop):
                 model(input_ids=calibration[i : i + per_chunk].to(device), use_cache=False)
     finally:
         handle.remove()
@@ -414,11 +425,11 @@ def _llama_layer(
 
     attn_in = _buffer(buffers, hidden, attn.o_proj.in_features, hidden[0].dtype)
     for a, h, kw in zip(attn_in, hidden, kwargs, strict=True):
-        a.copy_(_input_of(attn.o_proj, attn, layer.input_layernorm(h), kw))
+        a.copy_(input_of(attn.o_proj, attn, layer.input_layernorm(h), kw))
     attn_in_float = None
     if fl is not None:
         attn_in_float = [
-            _input_of(fl.self_attn.o_proj, fl.self_attn, fl.input_layernorm(g), kw)
+            input_of(fl.self_attn.o_proj, fl.self_attn, fl.input_layernorm(g), kw)
             for g, kw in zip(hidden_float, kwargs, strict=False)
         ]
         for g, a in zip(hidden_float, attn_in_float, strict=True):
@@ -467,24 +478,6 @@ def _fp16_scale(x: Tensor) -> float:
     return 2.0 ** math.ceil(math.log2(amax / 2**15)) if amax > 2**15 else 1.0
 
 
-def _input_of(target: nn.Module, module: nn.Module, x: Tensor, kwargs: dict) -> Tensor:
-    """The input ``target`` receives when ``module`` is called with ``x``; stops right there."""
-    seen = []
-
-    def grab(_m, args):
-        seen.append(args[0])
-        raise _Stop
-
-    handle = target.register_forward_pre_hook(grab)
-    try:
-        module(x, **kwargs)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return seen[0]
-
-
 @torch.no_grad()
 def _generic_layer(
     layer: nn.Module,
@@ -497,11 +490,11 @@ def _generic_layer(
     fl = None if hidden_float is None else copy.deepcopy(layer)
     for names in _groups(layer, hidden[0], kwargs[0]):
         module = layer.get_submodule(names[0])
-        inputs = (_input_of(module, layer, h, kw) for h, kw in zip(hidden, kwargs, strict=True))
+        inputs = (input_of(module, layer, h, kw) for h, kw in zip(hidden, kwargs, strict=True))
         float_inputs = None
         if fl is not None:
             target = fl.get_submodule(names[0])
-            float_inputs = [_input_of(target, fl, g, kw) for g, kw in zip(hidden_float, kwargs, strict=False)]
+            float_inputs = [input_of(target, fl, g, kw) for g, kw in zip(hidden_float, kwargs, strict=False)]
         quantize(names, inputs, float_inputs)
     for stream, run in ((hidden, layer), (hidden_float, fl)):
         for i, kw in enumerate(kwargs[: len(stream)] if stream is not None else ()):

@@ -20,7 +20,7 @@ from llmlite.quant.grid import QuantizedWeight
 # What the walk can measure on a group's calibration inputs (see ``GroupStats``).
 STATISTICS = frozenset({"hessian", "drift", "inputs"})
 # Settings that only some methods read; the config refuses them for the others.
-OPTIONAL_SETTINGS = frozenset({"mse", "refit", "v2"})
+OPTIONAL_SETTINGS = frozenset({"mse", "refit", "v2", "clip", "awq_vo"})
 
 
 @dataclass
@@ -43,6 +43,9 @@ class QuantSettings:
     # rounded (relative 2⁻¹¹, far below the quantization error): half the bytes of the largest
     # buffer. False: every activation in float32 (bit-identical to the hooks path).
     compact_mlp: bool = True
+    clip: bool = True  # AWQ: search each group's clipping range on the output error
+    value_mapping: bool = True  # AWQ: also smooth v_proj -> o_proj (GQA-aware)
+    dtype: str = "float16"  # storage of the unquantized tensors (AWQ rounds folded norms to it)
 
 
 @dataclass
@@ -81,6 +84,7 @@ class Method:
     needs: frozenset[str] = frozenset()  # of STATISTICS; empty: weights only, no calibration
     options: frozenset[str] = frozenset()  # of OPTIONAL_SETTINGS that the method reads
     help: str = ""  # one line for the CLI and the docs
+    smooths: bool = False  # AWQ's scales folded into each layer (``quant.smooth``) before its groups
 
     def __post_init__(self) -> None:
         unknown = (self.needs - STATISTICS) | (self.options - OPTIONAL_SETTINGS)
