@@ -6,7 +6,7 @@ llama.cpp's own quantization of the same model, in the same run.
 PATH is a Python with llama-cpp-python. Files (``.bench/llamacpp/``): the bundled float model
 written as a float32 GGUF file by llmlite's writer; llama.cpp's own F16, Q4_0 and Q4_K_M of it
 (``llama_model_quantize``, its default settings, no importance matrix); llmlite's GPTQ at
-``--group-size 32`` (defaults; ``--mse``; ``--mse`` with 2,048-token calibration windows) written
+``--group-size 32`` (defaults; ``--mse``; ``--mse`` with 2,048-token calibration windows; ``--mse`` with GPTAQ's drift on every window) written
 as Q4_0 (``quantize --format gguf``).
 Every file is scored by llama.cpp on the same token ids: WikiText-2 raw test tokenized by the
 model's tokenizer, non-overlapping 2,048-token windows, the mean next-token NLL of each window's
@@ -90,6 +90,11 @@ def main() -> None:
         "Q4_0, llmlite GPTQ --mse --seqlen 2048 (--group-size 32)": (
             BENCH / "llmlite-gptq-mse-s2048-g32.Q4_0.gguf",
             {"mse": True, "seqlen": 2048},
+        ),
+        # GPTAQ's drift measured on all 128 calibration windows (the default: 16)
+        "Q4_0, llmlite GPTQ --mse --v2-windows 0 (--group-size 32)": (
+            BENCH / "llmlite-gptq-mse-v2all-g32.Q4_0.gguf",
+            {"mse": True, "v2_windows": 0},
         ),
     }
     theirs = {name: BENCH / f"llama.cpp-{name}.gguf" for name in ("F16", "Q4_0", "Q4_K_M")}
