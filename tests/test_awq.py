@@ -102,3 +102,18 @@ def test_awq_methods_through_the_walk(tokenizer):
             errors[method] = float((model(ids).logits - want).pow(2).mean() / want.pow(2).mean())
     assert errors["awq"] < errors["rtn"] and errors["awq-gptq"] < errors["gptq"]
     assert report.to_dict()["smoothing"][1]["mapping"] == "layers.0.self_attn.v_proj -> o_proj"
+
+
+@pytest.mark.parametrize("group", [128, 32, 7, -1])
+@pytest.mark.parametrize("bits,sym", [(3, True), (4, False), (2, False), (8, True)])
+def test_fake_quantize_is_the_walks_rounding(group, bits, sym):
+    """The search's one-pass rounding equals ``on_grid(group_params(...)).dequantize()`` bit for
+    bit: a short last group (100 = 3 × 32 + 4), an all-zero row, one column."""
+    from llmlite.quant.grid import fake_quantize, group_params, on_grid
+
+    gen = torch.Generator().manual_seed(bits * 100 + abs(group))
+    for shape in [(6, 100), (3, 1)]:
+        w = torch.randn(*shape, generator=gen) * 0.1
+        w[0] = 0
+        want = on_grid(w, *group_params(w, bits, group, sym), group, bits).dequantize()
+        assert torch.equal(fake_quantize(w, bits, group, sym), want)

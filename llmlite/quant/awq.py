@@ -74,7 +74,7 @@ def candidate_scales(x_mean: Tensor, w_mean: Tensor, grid: int = GRID) -> list[t
 def output_error(w: Tensor, w_hat: Tensor, h: Tensor) -> float:
     """``tr(Δ H Δᵀ) / 2`` with ``Δ = Ŵ − W``: the summed squared output change per token."""
     d = w_hat - w
-    return float(((d @ h) * d).sum() / 2)
+    return float((d @ h).mul_(d).sum() / 2)
 
 
 @torch.no_grad()

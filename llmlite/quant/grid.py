@@ -139,3 +139,17 @@ def on_grid(w: Tensor, scale: Tensor, zero: Tensor, group_size: int, bits: int) 
     g = g_idx.long()
     codes = quantize_codes(w, scale[:, g], zero[:, g], bits)
     return QuantizedWeight(codes.to(torch.uint8), scale.float(), zero.to(torch.uint8), g_idx, bits)
+
+
+def fake_quantize(w: Tensor, bits: int, group_size: int, sym: bool) -> Tensor:
+    """``w`` ``[out, in]`` rounded to nearest on its groups' grids and read back: the values of
+    ``on_grid(w, *group_params(w, ...), ...).dequantize()`` in one pass over ``[out, groups, g]``.
+    The last group is padded with zeros, which leave its range as it is (ranges include 0)."""
+    out, cols = w.shape
+    g = cols if group_size == -1 else group_size
+    groups = math.ceil(cols / g) if cols else 0
+    padded = torch.nn.functional.pad(w, (0, groups * g - cols)).view(out, groups, g)
+    scale, zero = range_params(padded.amin(-1).clamp(max=0), padded.amax(-1).clamp(min=0), bits, sym)
+    scale, zero = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    q = (padded / scale).round_().add_(zero).clamp_(0, max_code(bits))  # in place: few fresh pages
+    return q.sub_(zero).mul_(scale).view(out, -1)[:, :cols]

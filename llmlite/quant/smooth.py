@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from llmlite.arch import LLAMA
 from llmlite.quant.awq import search_scales
 from llmlite.quant.gptq import accumulate_hessian, finish_hessian
-from llmlite.quant.grid import group_params, on_grid
+from llmlite.quant.grid import fake_quantize
 from llmlite.quant.hooks import input_of
 
 
@@ -59,7 +59,7 @@ class _InputStats:
 
 def rtn(bits: int, group_size: int, sym: bool):
     """Round to nearest on the grid the walk will use: weight → its dequantized values."""
-    return lambda w: on_grid(w, *group_params(w, bits, group_size, sym), group_size, bits).dequantize()
+    return lambda w: fake_quantize(w, bits, group_size, sym)
 
 
 def value_tie(heads: int, kv_heads: int, head_dim: int) -> Tensor:
