@@ -6,8 +6,8 @@ llama.cpp's own quantization of the same model, in the same run.
 PATH is a Python with llama-cpp-python. Files (``.bench/llamacpp/``): the bundled float model
 written as a float32 GGUF file by llmlite's writer; llama.cpp's own F16, Q4_0 and Q4_K_M of it
 (``llama_model_quantize``, its default settings, no importance matrix); llmlite's GPTQ at
-``--group-size 32`` (defaults; ``--mse``; ``--mse`` with 2,048-token calibration windows; ``--mse`` with GPTAQ's drift on every window) written
-as Q4_0 (``quantize --format gguf``).
+``--group-size 32`` (defaults; ``--mse``; ``--mse`` with 2,048-token calibration windows; ``--mse``
+with GPTAQ's drift on every window) written as Q4_0 (``quantize --format gguf``).
 Every file is scored by llama.cpp on the same token ids: WikiText-2 raw test tokenized by the
 model's tokenizer, non-overlapping 2,048-token windows, the mean next-token NLL of each window's
 last 2,047 tokens, exp. Scores are cached per file in ``.bench/llamacpp/scores.json``. Writes

@@ -25,9 +25,16 @@ from llmlite.kvcache.evaluate import CachedPerplexity, cached_perplexity
 from llmlite.kvcache.generate import generate
 from llmlite.memory import RunStats, measure
 from llmlite.models import check_window, load_model, local_source, model_path, own_weights
-from llmlite.quant.checkpoint import gptq_config, round_unquantized, save_gptq_checkpoint
-from llmlite.quant.driver import QuantReport, QuantSettings, check_quantizable, quantize_model
+from llmlite.quant.checkpoint import export_checkpoint, gptq_config, round_unquantized, save_checkpoint
+from llmlite.quant.driver import (
+    QuantReport,
+    QuantSettings,
+    check_quantizable,
+    check_smoothable,
+    quantize_model,
+)
 from llmlite.quant.gguf_file import check_gguf_family, write_gguf
+from llmlite.quant.layouts import check_fits
 from llmlite.quant.methods import get as get_method
 from llmlite.recipes import build
 from llmlite.results import Result
@@ -64,6 +71,7 @@ class QuantizeResult(Result):
         errors = [m.output_error for m in self.report.modules if m.output_error is not None]
         return {
             "output": None if self.output is None else str(self.output),
+            "format": self.config.format,
             "method": self.config.method,
             "bits": self.config.bits,
             "group_size": self.config.group_size,
@@ -122,7 +130,8 @@ def quantize(
     config: QuantizeConfig | None = None, *, recipe: str | None = None, progress: bool = True, **options
 ) -> QuantizeResult:
     """Quantize a model with a method of ``llmlite/quant/methods`` (RTN, GPTQ, ...) and, when
-    ``output`` is set, save a GPTQ-layout checkpoint.
+    ``output`` is set, save a checkpoint in layout ``format`` (GPTQ, AWQ GEMM, compressed-tensors,
+    or a GGUF file).
 
     Options are ``QuantizeConfig``'s fields (``llmlite.quantize(bits=3, output="out")``), or a
     ready ``config``; ``recipe`` names a YAML file of options that ``options`` override (with a
@@ -136,8 +145,11 @@ def quantize(
         with measure() as stats:
             model, tokenizer = load_model(cfg.model)
             check_quantizable(model)  # before any calibration work
+            check_smoothable(model, get_method(cfg.method))
             if cfg.format == "gguf":
                 check_gguf_family(model, cfg.model)
+            else:  # what the layout cannot hold, refused before the work
+                check_fits(model, cfg.format, cfg.bits, cfg.group_size, cfg.quantize_head)
             own_weights(model)  # so that replaced float weights are really freed
             windows = None
             if get_method(cfg.method).calibrated:
@@ -170,7 +182,7 @@ def quantize(
                 tokenizer.save_pretrained(folder)
                 write_gguf(model, Path(folder), tmp, Path(cfg.model).name)
         elif tmp is not None:
-            save_gptq_checkpoint(model, tokenizer, tmp, gptq_config(cfg), dtype)
+            save_checkpoint(model, tokenizer, tmp, cfg.format, gptq_config(cfg), dtype)
             record = {
                 "config": asdict(cfg),
                 "stats": asdict(stats),
@@ -267,20 +279,29 @@ class ExportResult(Result):
 
 
 def export(config: ExportConfig | None = None, *, recipe: str | None = None, **options) -> ExportResult:
-    """Write the checkpoint ``model`` as ``output`` in ``format`` (GGUF: llmlite's codes as
-    llama.cpp's block types, exactly; see ``quant/gguf_file.py``)."""
+    """Write the checkpoint ``model`` as ``output`` in ``format``: a GGUF file (llmlite's codes as
+    llama.cpp's block types, exactly; see ``quant/gguf_file.py``) or a checkpoint folder in the
+    GPTQ, AWQ GEMM or compressed-tensors layout (the same codes and scales; ``quant/layouts.py``)."""
     from llmlite.quant.compressed import compressed_linears
 
     cfg = config.validate() if config is not None else build(ExportConfig, recipe, **options)
     source = local_source(cfg.model)
     inputs = [("CHECKPOINT", source), ("--recipe", recipe)]
-    with staged_output(cfg.output, overwrite=cfg.overwrite, inputs=inputs, kind="file") as tmp:
-        model, _ = load_model(cfg.model, backend="torch")  # no compute: no backend to prepare
+    kind = "file" if cfg.format == "gguf" else "folder"
+    with staged_output(cfg.output, overwrite=cfg.overwrite, inputs=inputs, kind=kind) as tmp:
+        model, tokenizer = load_model(cfg.model, backend="torch")  # no compute: no backend to prepare
         if not compressed_linears(model) or source is None or not source.is_dir():
-            raise LlmliteError(
-                f"{cfg.model} is not a quantized llmlite checkpoint; run llmlite quantize --group-size 32 "
-                "--output DIR, then export DIR"
+            first = (
+                "llmlite quantize --group-size 32 --output DIR"
+                if kind == "file"
+                else "llmlite quantize --output DIR"
             )
-        kind = write_gguf(model, source, tmp, Path(cfg.model).name, cfg.type, cfg.embeddings)
+            raise LlmliteError(
+                f"{cfg.model} is not a quantized llmlite checkpoint; run {first}, then export DIR"
+            )
+        if cfg.format == "gguf":
+            weights = write_gguf(model, source, tmp, Path(cfg.model).name, cfg.type, cfg.embeddings)
+        else:
+            weights = export_checkpoint(model, tokenizer, source, tmp, cfg.format)
     output = Path(cfg.output)
-    return ExportResult(str(output), cfg.format, kind, output.stat().st_size)
+    return ExportResult(str(output), cfg.format, weights, size_on_disk(output))

@@ -293,7 +293,7 @@ VERBS = {
     for v in (
         Verb(
             "quantize",
-            "quantize a model and save a GPTQ-layout checkpoint",
+            "quantize a model and save a checkpoint (GPTQ, AWQ, compressed-tensors or GGUF)",
             ("llmlite.config:QuantizeConfig",),
             "llmlite.api:quantize",
             _show_quantize,
@@ -337,7 +337,7 @@ VERBS = {
         ),
         Verb(
             "export",
-            "write a quantized checkpoint as GGUF for llama.cpp, ollama and LM Studio",
+            "write a quantized checkpoint as GGUF (llama.cpp) or as a GPTQ, AWQ or compressed-tensors folder",
             ("llmlite.config:ExportConfig",),
             "llmlite.api:export",
             _show_export,

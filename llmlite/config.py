@@ -11,6 +11,7 @@ from llmlite.errors import LlmliteError
 from llmlite.kvcache.defaults import KV_DEFAULTS, KV_HELP
 from llmlite.models import DEFAULT_MODEL, refuse_quantized
 from llmlite.quant.grid import SUPPORTED_BITS
+from llmlite.quant.layouts import LAYOUTS, check_bits, check_head
 from llmlite.quant.methods import METHODS, get
 from llmlite.recipes import option
 
@@ -29,8 +30,13 @@ OPTION_HELP = {
 MODEL_HELP = "bundled name, local folder, .gguf file, hub id or llmlite checkpoint"
 
 
-QUANTIZE_FORMATS = ("gptq", "gguf")
-EXPORT_FORMATS = ("gguf",)
+QUANTIZE_FORMATS = ("gptq", "awq", "compressed-tensors", "gguf")
+EXPORT_FORMATS = ("gguf", "gptq", "awq", "compressed-tensors")
+FORMAT_HELP = (
+    "gptq (transformers + GPTQModel, vLLM, TGI), awq (AWQ GEMM, 4-bit) or compressed-tensors "
+    "(pack-quantized, 4/8-bit: vLLM's native format): a checkpoint folder; gguf: a file for llama.cpp "
+    "(group 32)"
+)
 
 
 @dataclass
@@ -97,9 +103,7 @@ class QuantizeConfig:
         "checkpoint folder to write (a .gguf file with --format gguf)",
         cli_required="the checkpoint folder, or the .gguf file with --format gguf, to write",
     )
-    format: str = option(
-        "gptq", "gptq: a checkpoint folder; gguf: a file for llama.cpp (group 32)", choices=QUANTIZE_FORMATS
-    )
+    format: str = option("gptq", FORMAT_HELP, choices=QUANTIZE_FORMATS)
     overwrite: bool = option(False, "replace an existing output")
 
     def validate(self) -> QuantizeConfig:
@@ -116,6 +120,9 @@ class QuantizeConfig:
             )
         if self.bits not in SUPPORTED_BITS:
             raise LlmliteError(f"{self.bits}-bit weights are not supported; use --bits 2, 3, 4 or 8")
+        if self.format in LAYOUTS:
+            check_bits(self.format, self.bits)
+            check_head(self.format, self.quantize_head)
         if self.group_size == 0 or self.group_size < -1:
             raise LlmliteError(
                 f"group size {self.group_size} is invalid; use a positive size such as 128, "
@@ -142,7 +149,8 @@ class QuantizeConfig:
         for name, what in OPTION_HELP.items():
             if getattr(self, name) and name not in method.options:
                 readers = [m.name for m in METHODS.values() if name in m.options]
-                raise LlmliteError(f"--{name} {what}; use it with --method {' or '.join(readers)}")
+                flag = "--" + name.replace("_", "-")
+                raise LlmliteError(f"{flag} {what}; use it with --method {' or '.join(readers)}")
         if not 0 < self.damp <= 1:
             raise LlmliteError(f"--damp {self.damp} is out of range; use a value in (0, 1], e.g. 0.01")
         refuse_quantized(self.model, "quantize")  # before any work: there is no float weight left
@@ -218,12 +226,15 @@ class ExportConfig:
 
     VERB: ClassVar[str] = "export"
     ABOUT: ClassVar[str] = (
-        "Write a llmlite checkpoint in another runtime's format, its codes carried exactly: gguf for "
+        "Write a quantized checkpoint in another runtime's format, its codes carried exactly: gguf for "
         "llama.cpp, ollama and LM Studio (Llama-family models quantized at group 32: 4-bit symmetric "
-        "as q4_0, asymmetric as q4_1, 8-bit symmetric as q8_0)."
+        "as q4_0, asymmetric as q4_1, 8-bit symmetric as q8_0); gptq, awq (AWQ GEMM, 4-bit) or "
+        "compressed-tensors (pack-quantized, 4/8-bit) folders for transformers, GPTQModel, vLLM and SGLang."
     )
 
-    model: str = option("", "llmlite checkpoint folder (llmlite quantize --group-size 32)", positional="1")
+    model: str = option(
+        "", "quantized checkpoint folder (llmlite quantize; gguf: --group-size 32)", positional="1"
+    )
     format: str = option("gguf", "the format to write", choices=EXPORT_FORMATS)
     type: str | None = option(
         None, "GGUF block type", choices=GGUF_TYPES, shown="the smallest that holds the weights exactly"
@@ -233,8 +244,10 @@ class ExportConfig:
         "the float embedding (and an unquantized lm_head): q8_0 as llama.cpp's quantizer writes it, or f16",
         choices=EMBEDDING_TYPES,
     )
-    output: str | None = option(None, "the file to write", cli_required="the file to write")
-    overwrite: bool = option(False, "replace an existing output file")
+    output: str | None = option(
+        None, "the folder to write (gguf: the file)", cli_required="the folder (gguf: the file) to write"
+    )
+    overwrite: bool = option(False, "replace an existing output")
 
     def validate(self) -> ExportConfig:
         if not self.model:
@@ -249,4 +262,8 @@ class ExportConfig:
             raise LlmliteError(
                 f"--type {self.type} is not a GGUF type llmlite writes; use one of: {', '.join(GGUF_TYPES)}"
             )
+        gguf_only = [("--type", self.type is not None), ("--embeddings", self.embeddings != "q8_0")]
+        for name, given in gguf_only:
+            if given and self.format != "gguf":
+                raise LlmliteError(f"{name} is a GGUF option; leave it out with --format {self.format}")
         return self

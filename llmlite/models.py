@@ -1,5 +1,6 @@
 """Load and save models: a bundled name, a local Hugging Face folder, a hub id, a ``.gguf`` file,
-or a quantized checkpoint in the GPTQ layout (llmlite's own or another tool's)."""
+or a quantized checkpoint in the GPTQ, AWQ GEMM or compressed-tensors pack-quantized layout
+(llmlite's own or another tool's)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from transformers.models.auto.modeling_auto import (
 
 from llmlite.errors import LlmliteError
 from llmlite.quant.checkpoint import load_gptq_checkpoint, quantized_error
+from llmlite.quant.layouts import READABLE_METHODS
 from llmlite.runinfo import staged_output
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -102,10 +104,10 @@ def load_model(
     if isinstance(where, Path) and where.suffix == ".gguf":
         model, tokenizer = _load_gguf(where, dtype)
     elif isinstance(where, Path) and (qc := quantization_config(where)):
-        if qc.get("quant_method") != "gptq":
+        if qc.get("quant_method") not in READABLE_METHODS:
             raise LlmliteError(
                 f"{source} is a checkpoint quantized with {qc.get('quant_method')!r}; llmlite reads float "
-                "models and GPTQ-layout checkpoints (quant_method 'gptq'): pass one of those"
+                f"models and checkpoints of quant_method {', '.join(READABLE_METHODS)}: pass one of those"
             )
         config = load_config(str(where))
         check_causal_lm(config, where)

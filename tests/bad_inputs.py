@@ -49,6 +49,18 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
         ["--format gguf", "--bits 4"],
     ),
     "quantize: --format onnx": ([*Q, "--format", "onnx", "--output", "m"], ["--format", "invalid choice"]),
+    "quantize: --format awq at 3 bits": (
+        [*QO, "--format", "awq", "--bits", "3"],
+        ["--format awq holds 4-bit", "--bits 4", "--format gptq"],
+    ),
+    "quantize: --format compressed-tensors at 2 bits": (
+        [*QO, "--format", "compressed-tensors", "--bits", "2"],
+        ["--format compressed-tensors holds 4 or 8-bit", "--format gptq"],
+    ),
+    "quantize: --format awq with --quantize-head": (
+        [*QO, "--format", "awq", "--quantize-head"],
+        ["--format awq", "lm_head", "--format gptq or compressed-tensors"],
+    ),
     "quantize: output is the current folder": ([*Q, "--output", "."], ["--output .", "current folder"]),
     "quantize: output is a parent of it": ([*Q, "--output", ".."], ["--output ..", "parent"]),
     "quantize: output is the model": ([*Q, "--output", "tiny", "--overwrite"], ["--output tiny", "--model"]),
@@ -102,7 +114,13 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "quantize: --v2-windows -1": ([*QO, "--method", "gptq", "--v2-windows", "-1"], ["--v2-windows -1"]),
     "quantize: --refit with rtn": ([*QO, "--refit"], ["--refit", "gptq"]),
     "quantize: --v2 with rtn": ([*QO, "--v2"], ["--v2", "gptq"]),
-    "quantize: --method awq": ([*QO, "--method", "awq"], ["--method", "invalid choice"]),
+    "quantize: --method awqq": ([*QO, "--method", "awqq"], ["--method", "invalid choice"]),
+    "quantize: --clip with gptq": ([*QO, "--method", "gptq", "--clip"], ["--clip", "awq"]),
+    "quantize: --awq-vo with rtn": ([*QO, "--awq-vo"], ["--awq-vo", "awq"]),
+    "quantize: AWQ on a layout without its mappings (OPT)": (
+        [*QO, "--method", "awq", "--model", "opt"],
+        ["--method awq", "Llama layer layout", "OPTForCausalLM"],
+    ),
     "quantize: --dtype int8": ([*QO, "--dtype", "int8"], ["--dtype", "invalid choice"]),
     "quantize: unknown option": ([*QO, "--bitz", "3"], ["--bitz"]),
     "quantize: missing calibration file": (
@@ -317,6 +335,26 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
         ["export", "ckpt", "--embeddings", "q4_0", "--output", "m.gguf"],
         ["--embeddings", "invalid choice"],
     ),
+    "export: --format awq of a 3-bit checkpoint": (
+        ["export", "ckpt3", "--format", "awq", "--output", "out"],
+        ["--format awq cannot hold", "4-bit", "3-bit", "--format gptq"],
+    ),
+    "export: --format compressed-tensors of a 3-bit checkpoint": (
+        ["export", "ckpt3", "--format", "compressed-tensors", "--output", "out"],
+        ["--format compressed-tensors cannot hold", "4- or 8-bit", "--format gptq"],
+    ),
+    "export: --format awq of a float model": (
+        ["export", "tiny", "--format", "awq", "--output", "out"],
+        ["tiny", "not a quantized llmlite"],
+    ),
+    "export: --type with --format awq": (
+        ["export", "ckpt", "--format", "awq", "--type", "q4_0", "--output", "out"],
+        ["--type", "GGUF option", "--format awq"],
+    ),
+    "export: --format awq into an existing folder": (
+        ["export", "ckpt", "--format", "awq", "--output", "exists"],
+        ["already exists", "--overwrite"],
+    ),
     "export: --type q9_9": (
         ["export", "ckpt", "--type", "q9_9", "--output", "m.gguf"],
         ["--type", "invalid choice"],
@@ -410,7 +448,15 @@ def build_workspace(root: Path, tiny: Path) -> Path:
     one efficiency report of the tiny model)."""
     import torch
     from safetensors.torch import load_file, save_file
-    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+    from transformers import (
+        AutoTokenizer,
+        BertConfig,
+        BertForMaskedLM,
+        GPT2Config,
+        GPT2LMHeadModel,
+        OPTConfig,
+        OPTForCausalLM,
+    )
 
     from llmlite.data import load_text
 
@@ -442,6 +488,19 @@ def build_workspace(root: Path, tiny: Path) -> Path:
     )
     gpt2.save_pretrained(root / "gpt2")
     tokenizer.save_pretrained(root / "gpt2")
+    opt = OPTForCausalLM(  # nn.Linear projections, but LayerNorms with biases: no AWQ mapping
+        OPTConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            num_hidden_layers=2,
+            ffn_dim=128,
+            num_attention_heads=2,
+            word_embed_proj_dim=64,
+            max_position_embeddings=256,
+        )
+    )
+    opt.save_pretrained(root / "opt")
+    tokenizer.save_pretrained(root / "opt")
     bert = BertForMaskedLM(
         BertConfig(
             vocab_size=len(tokenizer),
@@ -466,6 +525,10 @@ def build_workspace(root: Path, tiny: Path) -> Path:
 
     made = [
         (["quantize", "--model", "tiny", "--method", "rtn", "--output", "ckpt", "--quiet"], "ckpt"),
+        (
+            ["quantize", "--model", "tiny", "--method", "rtn", "--bits", "3", "--output", "ckpt3", "--quiet"],
+            "ckpt3",
+        ),
         (["eval", "tiny", "--tasks", "efficiency", "--ctx", "64", "--report", "report", "--quiet"], "report"),
         (
             [

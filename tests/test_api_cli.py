@@ -106,7 +106,7 @@ BAD = [  # verb, API options, CLI arguments, the error both give
     ("merge", {"adapter": "nowhere", "output": "o"}, "nowhere --output o", "nowhere"),
     ("generate", {"prompt": "Hi", "max_new_tokens": 0}, "Hi --max-new-tokens 0", "--max-new-tokens must"),
     ("convert_gqa", {"kv_heads": 0, "output": "o"}, "--kv-heads 0 --output o", "--kv-heads must be"),
-    ("quantize", {"method": "awq"}, "--method awq", "awq"),
+    ("quantize", {"method": "awqq"}, "--method awqq", "awqq"),
     ("export", {"model": "nowhere", "output": "m.gguf"}, "nowhere --output m.gguf", "nowhere"),
 ]
 
@@ -123,7 +123,7 @@ def test_the_same_error_through_both(capsys, tmp_path, monkeypatch, verb, option
         code = e.code
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and message in err[-1]
-    if "awq" not in message:  # argparse refuses an unknown choice itself, listing the choices
+    if "awqq" not in message:  # argparse refuses an unknown choice itself, listing the choices
         assert err[-1] == f"llmlite: error: {caught.value}"
 
 

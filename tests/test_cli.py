@@ -49,7 +49,7 @@ def leftovers(folder: Path, name: str):
         (["--bits", "5"], ["5-bit", "--bits 2, 3, 4 or 8"]),
         (["--group-size", "0"], ["group size 0", "-1"]),
         (["--bits", "five"], ["invalid int value"]),
-        (["--method", "awq"], ["invalid choice"]),
+        (["--method", "awqq"], ["invalid choice"]),
         (["--damp", "2"], ["--damp"]),
     ],
 )

@@ -163,4 +163,4 @@ def test_metrics_ask_the_protocol_not_the_class(tokenizer):
     assert macs_per_token(model, 16)["linear"] == dense_macs
     low_rank_params = 4 * sum(w.shape)
     assert param_count(model) == dense_params + low_rank_params  # its factors, plus its logical weight
-    assert set(CODECS) == {"gptq"}
+    assert set(CODECS) == {"gptq", "gemm", "pack-quantized"}

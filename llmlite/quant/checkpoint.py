@@ -7,8 +7,10 @@ each quantized Linear, everything else as is), ``config.json`` with ``quantizati
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -19,8 +21,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from llmlite import __version__
 from llmlite.errors import LlmliteError
-from llmlite.quant.formats import CODECS, GPTQ, Codec
-from llmlite.quant.grid import SUPPORTED_BITS
+from llmlite.quant.formats import GPTQ, Codec
+from llmlite.quant.grid import SUPPORTED_BITS, QuantizedWeight
+from llmlite.quant.layouts import LAYOUTS, Fitted, fit, reading
 from llmlite.quant.linear import QuantLinear
 
 WEIGHTS = "model.safetensors"
@@ -56,6 +59,7 @@ def gptq_config(options) -> dict:
             "v2_alpha": o.v2_alpha if o.v2 else None,
             "v2_windows": o.v2_windows if o.v2 else None,
             "refit": o.refit,
+            **({"clip": o.clip, "awq_vo": o.awq_vo} if o.method.startswith("awq") else {}),
         },
     }
 
@@ -88,26 +92,72 @@ def save_gptq_checkpoint(
     ``round_unquantized`` first for exactness). A module whose bits or group size differ from
     ``qconfig``'s is listed in its ``dynamic`` block (GPTQModel's and vLLM's per-module overrides)."""
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    weights = {name: (layer.quantized_weight(), layer.bias) for name, layer in quantized.items()}
+    qconfig = {**qconfig, "checkpoint_format": codec.name, **_dynamic(quantized, qconfig)}
+    write_checkpoint(model, tokenizer, folder, weights, codec, qconfig, dtype)
+
+
+def save_checkpoint(
+    model: PreTrainedModel, tokenizer, folder: Path, fmt: str, qconfig: dict, dtype: torch.dtype
+) -> Fitted:
+    """Write ``model`` into ``folder`` in the layout ``fmt`` of ``layouts.LAYOUTS`` (gptq, awq,
+    compressed-tensors), ``qconfig`` being its own ``quantization_config``; a weight the layout
+    cannot hold is refused before anything is written. Returns what was written."""
+    fitted = fit(model, fmt, qconfig)
+    if fmt == "gptq":
+        save_gptq_checkpoint(model, tokenizer, folder, fitted.qconfig, dtype)
+    else:
+        write_checkpoint(model, tokenizer, folder, fitted.weights, LAYOUTS[fmt].codec, fitted.qconfig, dtype)
+    return fitted
+
+
+def export_checkpoint(model: PreTrainedModel, tokenizer, source: Path, folder: Path, fmt: str) -> str:
+    """Write ``model``, loaded from the checkpoint folder ``source``, into ``folder`` in layout
+    ``fmt``: its unquantized tensors in the dtype ``source`` stores them in (so exactly), its run
+    record ``llmlite.json`` copied over. Returns what its weights are (``Fitted.describe``)."""
+    config = json.loads((source / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype")
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        dtype = torch.float16
+    fitted = save_checkpoint(model, tokenizer, folder, fmt, getattr(model, "llmlite_quantization", {}), dtype)
+    if (source / "llmlite.json").is_file():
+        shutil.copyfile(source / "llmlite.json", folder / "llmlite.json")
+    return fitted.describe()
+
+
+def write_checkpoint(
+    model: PreTrainedModel,
+    tokenizer,
+    folder: Path,
+    weights: dict[str, tuple[QuantizedWeight, torch.Tensor | None]],
+    codec: Codec,
+    qconfig: dict,
+    dtype: torch.dtype,
+) -> None:
+    """Write ``model`` into ``folder`` with the modules named in ``weights`` (weight, bias) in
+    ``codec``'s layout, everything else stored in ``dtype``, ``qconfig`` as its
+    ``quantization_config``, and its tokenizer."""
     state = {
         k: v if not v.is_floating_point() else v.to(dtype)
         for k, v in model.state_dict().items()
-        if k.rpartition(".")[0] not in quantized
+        if k.rpartition(".")[0] not in weights
     }
-    for name, layer in quantized.items():
-        for key, tensor in codec.write(layer.quantized_weight(), layer.bias).items():
+    for name, (weight, bias) in weights.items():
+        for key, tensor in codec.write(weight, bias).items():
             state[f"{name}.{key}"] = tensor
     head = model.get_output_embeddings()
-    if head is not None and head.weight is model.get_input_embeddings().weight:
+    if head is not None and getattr(head, "weight", None) is model.get_input_embeddings().weight:
         head_name = next(n for n, m in model.named_modules() if m is head)
         state.pop(f"{head_name}.weight", None)  # tied: loaders re-tie it to the embeddings
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / WEIGHTS), metadata={"format": "pt"})
-    qconfig = {**qconfig, "checkpoint_format": codec.name, **_dynamic(quantized, qconfig)}
     config = model.config.to_dict()
     config["quantization_config"] = qconfig
     config["dtype"] = str(dtype).removeprefix("torch.")
     config.pop("_name_or_path", None)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    (folder / "quantize_config.json").write_text(json.dumps(qconfig, indent=2) + "\n")
+    if qconfig.get("quant_method") == "gptq":
+        (folder / "quantize_config.json").write_text(json.dumps(qconfig, indent=2) + "\n")
     if model.generation_config is not None:
         model.generation_config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -138,17 +188,14 @@ def quantized_error(source: str, qc: dict, verb: str) -> LlmliteError:
 def load_gptq_checkpoint(
     folder: Path, qc: dict, config, dtype: torch.dtype = torch.float32, backend: str = "auto"
 ):
-    """Load a checkpoint of a layout in ``formats.CODECS`` (GPTQ v1) into a model with
-    ``QuantLinear`` layers set to ``backend``; every tensor is checked against the shapes of
-    ``config`` (the folder's transformers config, ``qc`` its ``quantization_config``, whose
-    ``dynamic`` block may give a module other bits or another group size) first."""
-    grid = _grid(folder, qc, "quantization_config")
-    layout = qc.get("checkpoint_format", "gptq")
-    codec = CODECS.get(layout) if isinstance(layout, str) else None
-    if codec is None:
-        raise LlmliteError(
-            f"{folder}: checkpoint_format '{layout}' unsupported; llmlite reads {', '.join(CODECS)} (v1)"
-        )
+    """Load a checkpoint of a layout in ``layouts.LAYOUTS`` (GPTQ v1, AWQ GEMM, compressed-tensors
+    pack-quantized) into a model with ``QuantLinear`` layers set to ``backend``; every tensor is
+    checked against the shapes of ``config`` (the folder's transformers config, ``qc`` its
+    ``quantization_config``, whose ``dynamic`` block or config groups may give a module other
+    bits or another group size) first."""
+    read = reading(qc, str(folder / "config.json"))
+    codec = read.codec
+    grid = _grid(folder, read.grid, "quantization_config", codec)
     state = _read_weights(folder)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -157,7 +204,7 @@ def load_gptq_checkpoint(
     marker = f".{codec.marker}"
     names = sorted(k[: -len(marker)] for k in state if k.endswith(marker))
     for name in names:
-        module_grid = _module_grid(folder, name, grid, qc.get("dynamic"))
+        module_grid = _module_grid(folder, name, grid, read.dynamic, codec)
         model.set_submodule(name, _quant_layer(model, name, state, module_grid, codec, backend, folder))
     expected = model.state_dict()
     for key, tensor in state.items():
@@ -194,24 +241,30 @@ def load_gptq_checkpoint(
     return model, tokenizer
 
 
-def _grid(folder: Path, qc: dict, where: str) -> tuple[int, int]:
-    """``bits`` and ``group_size`` of a ``quantization_config`` (or one of its ``dynamic``
-    entries, named by ``where``), checked."""
+def _grid(folder: Path, qc: dict, where: str, codec: Codec = GPTQ) -> tuple[int, int, bool]:
+    """``bits``, ``group_size`` and ``sym`` of a ``quantization_config`` (or one of its ``dynamic``
+    entries, named by ``where``), checked against what ``codec`` holds."""
     where = f"{folder / 'config.json'}: {where}"
     bits, group_size = qc.get("bits"), qc.get("group_size", -1)
     if isinstance(bits, bool) or not isinstance(bits, int):
         raise LlmliteError(f"{where}.bits must be a whole number, got {bits!r}; re-create the checkpoint")
     if bits not in SUPPORTED_BITS:
         raise LlmliteError(f"{folder}: GPTQ bits {bits} unsupported; llmlite reads {SUPPORTED_BITS}")
+    if bits not in codec.bits:
+        raise LlmliteError(
+            f"{folder}: {codec.name} layout with bits {bits} unsupported; it holds {codec.bits}"
+        )
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size == 0 or group_size < -1:
         raise LlmliteError(
             f"{where}.group_size must be a positive whole number or -1, got {group_size!r}; "
             "re-create the checkpoint"
         )
-    return bits, group_size
+    return bits, group_size, qc.get("sym") is True
 
 
-def _module_grid(folder: Path, name: str, grid: tuple[int, int], dynamic) -> tuple[int, int]:
+def _module_grid(
+    folder: Path, name: str, grid: tuple[int, int, bool], dynamic, codec: Codec
+) -> tuple[int, int, bool]:
     """The bits and group size of module ``name``: the first ``dynamic`` pattern (``+:REGEX``
     or a bare regex, GPTQModel's convention) that matches it overrides the checkpoint's."""
     if not isinstance(dynamic, dict):
@@ -227,8 +280,8 @@ def _module_grid(folder: Path, name: str, grid: tuple[int, int], dynamic) -> tup
                 f"expression ({e}); re-create the checkpoint"
             ) from None
         if matches:
-            merged = {"bits": grid[0], "group_size": grid[1], **override}
-            return _grid(folder, merged, f"quantization_config.dynamic[{pattern!r}]")
+            merged = {"bits": grid[0], "group_size": grid[1], "sym": grid[2], **override}
+            return _grid(folder, merged, f"quantization_config.dynamic[{pattern!r}]", codec)
     return grid
 
 
@@ -236,7 +289,7 @@ def _quant_layer(
     model: PreTrainedModel,
     name: str,
     state: dict[str, torch.Tensor],
-    grid: tuple[int, int],
+    grid: tuple[int, int, bool],
     codec: Codec,
     backend: str,
     folder: Path,
@@ -253,11 +306,17 @@ def _quant_layer(
             f"{folder}: {name}.{codec.marker} belongs to no linear layer of {type(model).__name__}; "
             "re-create the checkpoint"
         )
-    bits, group_size = grid
+    bits, group_size, sym = grid
     bias = f"{name}.bias" in state
     sizes = f"{bits}-bit, group size {group_size}, {linear.in_features} -> {linear.out_features} features"
+    why = codec.refusal(codec.empty(linear.in_features, linear.out_features, bits, group_size, sym))
+    if why is not None:
+        raise LlmliteError(
+            f"{folder}: {name} cannot be in this layout ({sizes}): {why}; re-create the checkpoint"
+        )
+    layout = _layout(codec, linear.in_features, linear.out_features, bits, group_size, bias, sym)
     tensors = {}
-    for key, want in codec.layout(linear.in_features, linear.out_features, bits, group_size, bias).items():
+    for key, want in layout.items():
         found = state.pop(f"{name}.{key}", None)
         if found is None:
             raise LlmliteError(f"{folder}: {name}.{key} is missing ({sizes}); re-create the checkpoint")
@@ -273,6 +332,11 @@ def _quant_layer(
             )
         tensors[key] = found
     weight = codec.read(tensors, bits)
+    if weight.shape != (linear.out_features, linear.in_features):
+        raise LlmliteError(
+            f"{folder}: {name} holds a {list(weight.shape)} weight, expected "
+            f"[{linear.out_features}, {linear.in_features}]; re-create the checkpoint"
+        )
     groups = weight.scale.shape[1]
     if weight.g_idx.numel() and (int(weight.g_idx.min()) < 0 or int(weight.g_idx.max()) >= groups):
         raise LlmliteError(
@@ -280,6 +344,13 @@ def _quant_layer(
             "re-create the checkpoint"
         )
     return QuantLinear.from_weight(weight, tensors.get("bias"), group_size, backend)
+
+
+@functools.lru_cache(maxsize=32)
+def _layout(codec: Codec, *sizes) -> dict[str, torch.Tensor]:
+    """``codec.layout(*sizes)``, computed once per shape (a model's layers repeat a few shapes;
+    packing an empty weight per module was a third of a checkpoint's load time). Read-only."""
+    return codec.layout(*sizes)
 
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -320,7 +391,7 @@ def _is_tied(model: PreTrainedModel, key: str) -> bool:
     head = model.get_output_embeddings()
     return (
         head is not None
-        and head.weight is model.get_input_embeddings().weight
+        and getattr(head, "weight", None) is model.get_input_embeddings().weight
         and key.endswith(".weight")
         and (model.get_submodule(key[: -len(".weight")]) is head)
     )

@@ -100,6 +100,15 @@ def check_quantizable(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def check_smoothable(model: nn.Module, method: Method) -> None:
+    """A one-line error when ``method`` smooths (AWQ) and ``model``'s layers lack its mappings."""
+    if method.smooths and not all(_is_llama_style(layer) for layer in decoder_layers(model)):
+        raise LlmliteError(
+            f"--method {method.name} folds its scales into the norm or linear before each group, which "
+            f"needs the Llama layer layout; {_architecture(model)} has another: use --method gptq or rtn"
+        )
+
+
 def _architecture(model: nn.Module) -> str:
     archs = getattr(getattr(model, "config", None), "architectures", None)
     return archs[0] if archs else type(model).__name__
@@ -147,11 +156,7 @@ def quantize_model(
         return report
     if calibration is None:
         raise ValueError(f"{method.name} needs calibration token windows")
-    if method.smooths and not all(_is_llama_style(layer) for layer in layers):
-        raise LlmliteError(
-            f"{method.name} folds its scales into the norm or linear before each group, which needs the "
-            f"Llama layer layout; {_architecture(model)} has another: use --method gptq or rtn"
-        )
+    check_smoothable(model, method)
     hidden, kwargs = _capture_layer_inputs(model, layers[0], calibration)
     hidden = _one_block(hidden)
     hidden_float = None
