@@ -161,8 +161,9 @@ def own_weights(model: nn.Module) -> None:
         tensor.data = tensor.data.clone()
 
 
-def is_gptq_checkpoint(folder: Path) -> bool:
-    return quantization_config(folder).get("quant_method") == "gptq"
+def is_quantized_checkpoint(folder: Path) -> bool:
+    """Whether ``folder`` holds a quantized checkpoint llmlite reads (GPTQ, AWQ, compressed-tensors)."""
+    return quantization_config(folder).get("quant_method") in READABLE_METHODS
 
 
 def quantization_config(folder: Path) -> dict:

@@ -16,7 +16,7 @@ from torch import nn
 from llmlite.arch import LORA_TARGETS
 from llmlite.errors import LlmliteError
 from llmlite.memory import trim_heap
-from llmlite.models import is_gptq_checkpoint, load_model, resolve_model
+from llmlite.models import is_quantized_checkpoint, load_model, resolve_model
 from llmlite.quant.compressed import is_compressed
 from llmlite.quant.linear import QuantLinear
 from llmlite.training.fused_lora import fuse_lora_layers
@@ -62,11 +62,11 @@ def _load_nf4(source: str, dtype: torch.dtype, device: torch.device):
     from llmlite.models import check_causal_lm, load_config, load_tokenizer
 
     where = resolve_model(source)
-    if isinstance(where, Path) and (where.suffix == ".gguf" or is_gptq_checkpoint(where)):
-        kind = "a GGUF file" if where.suffix == ".gguf" else "already quantized (GPTQ)"
+    if isinstance(where, Path) and (where.suffix == ".gguf" or is_quantized_checkpoint(where)):
+        kind = "a GGUF file" if where.suffix == ".gguf" else "already quantized"
         raise LlmliteError(
             f"--method qlora quantizes a float model to NF4, but {source} is {kind}; pass a Hugging Face "
-            "folder or hub id (or use --method lora on a GPTQ checkpoint)"
+            "folder or hub id (or use --method lora on the quantized checkpoint)"
         )
     config = BitsAndBytesConfig(
         load_in_4bit=True,
