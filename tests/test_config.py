@@ -80,10 +80,10 @@ def test_recipe_then_explicit_options(tmp_path):
         ("bits: [\n", "cannot read recipe"),
         ("group-size: -3\n", "group size -3"),
         ("v2: true\nv2-alpha: 0\n", "--v2-alpha 0 is out of range"),
-        ("v2: true\nmethod: rtn\n", "use it with --method gptq"),
+        ("v2: true\nmethod: rtn\n", "use it with --method awq-gptq or gptq"),
         ("v2: true\nv2-windows: -1\n", "--v2-windows -1 is invalid"),
         ("v2: sometimes\n", "option v2 must be true or false"),
-        ("method: rtn\nrefit: true\n", "--refit fits scales .* use it with --method gptq"),
+        ("method: rtn\nrefit: true\n", "--refit fits scales .* use it with --method awq-gptq or gptq"),
         ("refit: 1\n", "must be true or false"),
     ],
 )

@@ -107,9 +107,12 @@ def test_a_method_gets_the_statistics_it_asks_for(tokenizer, monkeypatch):
 @pytest.mark.parametrize(
     "options,message",
     [
-        ({"method": "rtn-clip", "mse": True}, "--mse searches .*; use it with --method gptq or rtn"),
-        ({"method": "rtn-clip", "refit": True}, "--refit fits scales .*; use it with --method gptq"),
-        ({"method": "rtn", "v2": True}, "--v2 corrects .*; use it with --method gptq"),
+        (
+            {"method": "rtn-clip", "mse": True},
+            "--mse searches .*; use it with --method awq-gptq or gptq or rtn",
+        ),
+        ({"method": "rtn-clip", "refit": True}, "--refit fits .*; use it with --method awq-gptq or gptq"),
+        ({"method": "rtn", "v2": True}, "--v2 corrects .*; use it with --method awq-gptq or gptq"),
     ],
 )
 def test_options_a_method_does_not_read_are_refused(options, message):
