@@ -30,10 +30,11 @@ def hessian(x: torch.Tensor) -> torch.Tensor:
 
 
 def test_every_method_file_is_found():
-    assert {"rtn", "gptq", "rtn-clip"} <= set(METHODS)
+    assert {"rtn", "gptq", "rtn-clip", "awq", "awq-gptq"} <= set(METHODS)
     assert not get("rtn").calibrated and get("gptq").needs == {"hessian", "drift"}
-    with pytest.raises(LlmliteError, match="unknown method 'awq'; use one of: gptq, rtn, rtn-clip"):
-        get("awq")
+    assert get("awq").smooths and get("awq-gptq").smooths and not get("gptq").smooths
+    with pytest.raises(LlmliteError, match="unknown method 'sparsegpt'; use one of: awq, awq-gptq, gptq"):
+        get("sparsegpt")
     with pytest.raises(ValueError, match="unknown statistics"):
         Method("bad", lambda w, s, q: None, needs=frozenset({"gradients"}))
 
