@@ -36,6 +36,9 @@ from llmlite.quant.driver import (
 from llmlite.quant.gguf_file import check_gguf_family, write_gguf
 from llmlite.quant.layouts import check_fits
 from llmlite.quant.methods import get as get_method
+from llmlite.quant.mixed import PLOT
+from llmlite.quant.mixed import plan as plan_bits
+from llmlite.quant.mixed import plot as plot_bits
 from llmlite.recipes import build
 from llmlite.results import Result
 from llmlite.runinfo import environment, staged_output
@@ -73,7 +76,8 @@ class QuantizeResult(Result):
             "output": None if self.output is None else str(self.output),
             "format": self.config.format,
             "method": self.config.method,
-            "bits": self.config.bits,
+            "bits": self.config.bits if self.report.mixed is None else self.report.settings.bits,
+            **({} if self.report.mixed is None else {"average_bits": self.report.mixed["average_bits"]}),
             "group_size": self.config.group_size,
             "sym": self.config.sym,
             "act_order": self.config.act_order,
@@ -152,10 +156,17 @@ def quantize(
                 check_fits(model, cfg.format, cfg.bits, cfg.group_size, cfg.quantize_head)
             own_weights(model)  # so that replaced float weights are really freed
             windows = None
-            if get_method(cfg.method).calibrated:
+            if get_method(cfg.method).calibrated or cfg.mixed:
                 check_window(model.config, cfg.seqlen, "--seqlen")
                 ids = tokenize(tokenizer, load_text(cfg.calibration))
                 windows = calibration_windows(ids, cfg.samples, cfg.seqlen, cfg.seed)
+            dtype = getattr(torch, cfg.dtype)
+            mixed = None
+            if cfg.mixed:  # each linear's width, before any weight changes
+                mixed = plan_bits(
+                    model, windows, cfg.bits_candidates, cfg.group_size, cfg.sym, cfg.format, dtype,
+                    cfg.avg_bits, cfg.budget_mb, progress,
+                )  # fmt: skip
             settings = QuantSettings(
                 method=cfg.method,
                 bits=cfg.bits,
@@ -171,18 +182,28 @@ def quantize(
                 clip=cfg.clip,
                 value_mapping=cfg.awq_vo,
                 dtype=cfg.dtype,
+                module_bits=None if mixed is None else mixed.bits,
             )
+            if mixed is not None:
+                settings.bits = mixed.top_bits
             with measure() as core:
-                report = quantize_model(model, settings, windows, progress=progress)
+                report = quantize_model(
+                    model, settings, windows if get_method(cfg.method).calibrated else None, progress=progress
+                )
             report.seconds = core.seconds
-            dtype = getattr(torch, cfg.dtype)
+            report.mixed = None if mixed is None else mixed.to_dict()
             round_unquantized(model, dtype)
         if tmp is not None and cfg.format == "gguf":
             with tempfile.TemporaryDirectory() as folder:  # write_gguf reads the tokenizer's files
                 tokenizer.save_pretrained(folder)
                 write_gguf(model, Path(folder), tmp, Path(cfg.model).name)
         elif tmp is not None:
-            save_checkpoint(model, tokenizer, tmp, cfg.format, gptq_config(cfg), dtype)
+            qconfig = gptq_config(cfg)
+            if mixed is not None:  # the most common width on top, the others in `dynamic`
+                qconfig["bits"] = mixed.top_bits
+                qconfig["meta"]["mixed"] = {"target": mixed.target, "average_bits": mixed.average_bits}
+                plot_bits(mixed, tmp / PLOT)
+            save_checkpoint(model, tokenizer, tmp, cfg.format, qconfig, dtype)
             record = {
                 "config": asdict(cfg),
                 "stats": asdict(stats),

@@ -55,6 +55,22 @@ class QuantizeConfig:
         "gptq", "; ".join(f"{m.name}: {m.help}" for m in METHODS.values()), choices=tuple(METHODS)
     )
     bits: int = option(4, "bits per weight: 2, 3, 4 or 8")
+    # Mixed precision (``quant/mixed.py``): each linear's width chosen for the least predicted loss
+    avg_bits: float | None = option(
+        None,
+        "mixed precision: choose each linear's width (of --bits-candidates) for the least predicted loss "
+        "at this average of code bits per weight (scales not counted: uniform 4-bit is 4.0)",
+    )
+    budget_mb: float | None = option(
+        None,
+        "mixed precision: as --avg-bits, with the checkpoint's tensors (quantized linears in --format's "
+        "layout plus the float ones in --dtype) at most this many MiB",
+    )
+    bits_candidates: list[int] | str | None = option(
+        None,
+        "mixed precision: the widths to choose from, e.g. 3,4,8",
+        shown="the widths --format holds: 2,3,4,8 for gptq, 4,8 for compressed-tensors",
+    )
     group_size: int = option(128, "columns per scale; -1 = one group per output channel")
     sym: bool = option(True, "symmetric grid; --asym: asymmetric grid (zero-points)", negative="--asym")
     # static groups: no cost at inference; llm-compressor's default too
@@ -112,6 +128,7 @@ class QuantizeConfig:
             raise LlmliteError(
                 f"--format {self.format} is not supported; use {' or '.join(QUANTIZE_FORMATS)}"
             )
+        self._check_mixed()
         carried = self.group_size == 32 and (self.bits == 4 or (self.bits == 8 and self.sym))
         if self.format == "gguf" and not carried:
             raise LlmliteError(
@@ -155,6 +172,64 @@ class QuantizeConfig:
             raise LlmliteError(f"--damp {self.damp} is out of range; use a value in (0, 1], e.g. 0.01")
         refuse_quantized(self.model, "quantize")  # before any work: there is no float weight left
         return self
+
+    @property
+    def mixed(self) -> bool:
+        return self.avg_bits is not None or self.budget_mb is not None
+
+    def _check_mixed(self) -> None:
+        """Mixed-precision options: one budget, a format that holds several widths, the candidates
+        resolved to a sorted list the format holds, and a budget they can meet."""
+        if not self.mixed:
+            if self.bits_candidates is not None:
+                raise LlmliteError(
+                    "--bits-candidates is read with --avg-bits or --budget-mb; add one of them"
+                )
+            return
+        flag = "--avg-bits" if self.avg_bits is not None else "--budget-mb"
+        if self.avg_bits is not None and self.budget_mb is not None:
+            raise LlmliteError("--avg-bits and --budget-mb both set the size; give one of them")
+        if self.format not in LAYOUTS or len(LAYOUTS[self.format].codec.bits) < 2:
+            mixed = " or ".join(sorted(n for n, lay in LAYOUTS.items() if len(lay.codec.bits) > 1))
+            raise LlmliteError(
+                f"--format {self.format} holds one weight width for every linear, so not {flag}'s mixed "
+                f"widths; use --format {mixed}"
+            )
+        if self.bits != 4:
+            raise LlmliteError(
+                f"--bits {self.bits} and {flag} both set the width; drop --bits ({flag} picks each "
+                "linear's width from --bits-candidates)"
+            )
+        if self.quantize_head:
+            raise LlmliteError(
+                f"{flag} chooses the widths of the decoder layers' linears; drop --quantize-head"
+            )
+        held = LAYOUTS[self.format].codec.bits
+        widths = self.bits_candidates
+        if widths is None:
+            widths = list(held)
+        elif isinstance(widths, str):
+            try:
+                widths = [int(w) for w in widths.replace(" ", "").split(",")]
+            except ValueError:
+                raise LlmliteError(
+                    f"--bits-candidates {self.bits_candidates!r} is not a list of widths; use e.g. 3,4,8"
+                ) from None
+        bad = sorted(set(w for w in widths if w not in held))
+        if not widths or bad:
+            raise LlmliteError(
+                f"--bits-candidates {','.join(map(str, bad)) or '(none)'}: --format {self.format} holds "
+                f"{', '.join(map(str, held))}-bit weights; choose among them"
+            )
+        self.bits_candidates = sorted(set(widths))
+        low, high = self.bits_candidates[0], self.bits_candidates[-1]
+        if self.avg_bits is not None and not low <= self.avg_bits <= high:
+            raise LlmliteError(
+                f"--avg-bits {self.avg_bits:g} is outside the candidate widths {low} to {high}; use a value "
+                "between them (or change --bits-candidates)"
+            )
+        if self.budget_mb is not None and self.budget_mb <= 0:
+            raise LlmliteError(f"--budget-mb {self.budget_mb:g} must be a positive size in MiB")
 
 
 @dataclass

@@ -28,7 +28,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -68,6 +68,7 @@ class QuantReport:
     path: str = ""  # "llama-staged", "generic-hooks" or "weights-only" (a method without calibration)
     seconds: float = 0.0  # wall time of the quantization itself (model loading excluded)
     smoothing: list[SmoothRecord] = field(default_factory=list)  # AWQ: what each mapping chose
+    mixed: dict | None = None  # mixed precision: the plan (``mixed.MixedPlan.to_dict``)
 
     def to_dict(self) -> dict:
         out = {
@@ -78,6 +79,8 @@ class QuantReport:
         }
         if self.smoothing:
             out["smoothing"] = [asdict(r) for r in self.smoothing]
+        if self.mixed is not None:
+            out["mixed"] = self.mixed
         return out
 
 
@@ -176,9 +179,13 @@ def quantize_model(
 
         count = len(linears(layer))
         if method.smooths:
-            grid = (settings.bits, settings.group_size, settings.sym, getattr(torch, settings.dtype))
+            prefix = f"layers.{i}."
+            bits = settings.bits
+            if settings.module_bits is not None:
+                bits = lambda n, p=prefix: settings.bits_for(p + n)  # noqa: E731
+            grid = (bits, settings.group_size, settings.sym, getattr(torch, settings.dtype))
             report.smoothing += smooth_layer(
-                layer, hidden, kwargs, *grid, value_mapping=settings.value_mapping, prefix=f"layers.{i}."
+                layer, hidden, kwargs, *grid, value_mapping=settings.value_mapping, prefix=prefix
             )
         if staged:
             _llama_layer(layer, hidden, kwargs, quantize_group, hidden_float, settings.compact_mlp, buffers)
@@ -317,30 +324,65 @@ def _quantize_group(
     w = torch.cat([m.weight.detach().float() for m in modules])
     stats = _stats(inputs, float_inputs, w, keep_inputs="inputs" in method.needs)
     start = time.perf_counter()
-    result = method.run(w, stats, settings)
-    if result.damp is not None and result.damp != settings.damp:
-        log.warning(
-            "%s: Hessian not positive definite at damp %g; used %g",
-            prefix + names[0],
-            settings.damp,
-            result.damp,
-        )
+    parts, damps = _run_by_width(w, stats, [m.out_features for m in modules], names, method, settings, prefix)
     seconds = (time.perf_counter() - start) / len(names)
-    quantized, row, qw = {}, 0, result.weight
-    for name, module in zip(names, modules, strict=True):
+    quantized, row = {}, 0
+    for name, module, part in zip(names, modules, parts, strict=True):
         rows = slice(row, row + module.out_features)
         row += module.out_features
-        part = QuantizedWeight(qw.codes[rows], qw.scale[rows], qw.zero[rows], qw.g_idx, qw.bits)
         qlinear = _quant_linear(module, part, settings)
         module.weight.data = part.dequantize(module.weight.dtype)  # QuantLinear's values, bit for bit
         if module.bias is not None:
             module.bias.data = qlinear.bias.to(module.bias.dtype)
         error = relative_output_error(w[rows], module.weight.detach().float(), stats.hessian)
         report.modules.append(
-            ModuleRecord(prefix + name, tuple(module.weight.shape), seconds, result.damp, error)
+            ModuleRecord(prefix + name, tuple(module.weight.shape), seconds, damps[name], error)
         )
         quantized[name] = qlinear
     return quantized
+
+
+def _run_by_width(
+    w: Tensor,
+    stats: GroupStats,
+    rows: list[int],
+    names: list[str],
+    method: Method,
+    settings: QuantSettings,
+    prefix: str,
+) -> tuple[list[QuantizedWeight], dict[str, float | None]]:
+    """``method`` on the stacked weight ``w`` of a group (``rows``: each module's output rows),
+    once per width when mixed precision gives its modules different ones (the rows of one width
+    stacked; a method treats rows independently given the shared Hessian, so one width's run is
+    the stacked run's rows). Returns each module's weight and the damping each run used."""
+    widths = [settings.bits_for(prefix + n) for n in names]
+    starts = [sum(rows[:k]) for k in range(len(rows))]
+    parts: list[QuantizedWeight | None] = [None] * len(names)
+    damps: dict[str, float | None] = {}
+    for bits in sorted(set(widths)):
+        chosen = [k for k, b in enumerate(widths) if b == bits]
+        index = torch.cat([torch.arange(starts[k], starts[k] + rows[k]) for k in chosen])
+        every = len(chosen) == len(names)
+        sub = stats if every else GroupStats(stats.hessian, _rows(stats.drift, index), stats.inputs)
+        result = method.run(w if every else w[index], sub, replace(settings, bits=bits))
+        if result.damp is not None and result.damp != settings.damp:
+            log.warning(
+                "%s: Hessian not positive definite at damp %g; used %g",
+                prefix + names[chosen[0]],
+                settings.damp,
+                result.damp,
+            )
+        qw, row = result.weight, 0
+        for k in chosen:
+            part = slice(row, row + rows[k])
+            row += rows[k]
+            parts[k] = QuantizedWeight(qw.codes[part], qw.scale[part], qw.zero[part], qw.g_idx, qw.bits)
+            damps[names[k]] = result.damp
+    return parts, damps
+
+
+def _rows(t: Tensor | None, index: Tensor) -> Tensor | None:
+    return None if t is None else t[index]
 
 
 def _quantize_alone(
@@ -354,7 +396,8 @@ def _quantize_alone(
 ) -> None:
     """A method without calibration on one linear, replaced at once."""
     start = time.perf_counter()
-    result = method.run(module.weight.detach().float(), GroupStats(), settings)
+    own = replace(settings, bits=settings.bits_for(full_name))
+    result = method.run(module.weight.detach().float(), GroupStats(), own)
     qlinear = _quant_linear(module, result.weight, settings)
     report.modules.append(ModuleRecord(full_name, tuple(module.weight.shape), time.perf_counter() - start))
     _install(parent, {name: qlinear})

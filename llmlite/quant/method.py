@@ -46,6 +46,13 @@ class QuantSettings:
     clip: bool = True  # AWQ: search each group's clipping range on the output error
     value_mapping: bool = True  # AWQ: also smooth v_proj -> o_proj (GQA-aware)
     dtype: str = "float16"  # storage of the unquantized tensors (AWQ rounds folded norms to it)
+    # Mixed precision: the width of each linear by the walk's name (``layers.3.mlp.down_proj``);
+    # those not named (and the head) take ``bits``.
+    module_bits: dict[str, int] | None = None
+
+    def bits_for(self, name: str) -> int:
+        """The width linear ``name`` is quantized at."""
+        return (self.module_bits or {}).get(name, self.bits)
 
 
 @dataclass

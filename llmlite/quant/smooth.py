@@ -17,6 +17,7 @@ scale that rounding left, so the checkpoint holds the function the walk calibrat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,15 @@ class _InputStats:
 def rtn(bits: int, group_size: int, sym: bool):
     """Round to nearest on the grid the walk will use: weight → its dequantized values."""
     return lambda w: fake_quantize(w, bits, group_size, sym)
+
+
+def rtn_rows(widths: list[int], rows: list[int], group_size: int, sym: bool):
+    """``rtn`` of a stacked weight whose row blocks (``rows`` each) take their own ``widths``."""
+    if len(set(widths)) == 1:
+        return rtn(widths[0], group_size, sym)
+    return lambda w: torch.cat(
+        [fake_quantize(p, b, group_size, sym) for p, b in zip(w.split(rows), widths, strict=True)]
+    )
 
 
 def value_tie(heads: int, kv_heads: int, head_dim: int) -> Tensor:
@@ -111,7 +121,7 @@ def smooth_layer(
     layer: nn.Module,
     hidden: list[Tensor],
     kwargs: list[dict],
-    bits: int,
+    bits: int | Callable[[str], int],
     group_size: int,
     sym: bool,
     dtype: torch.dtype = torch.float16,
@@ -120,10 +130,11 @@ def smooth_layer(
 ) -> list[SmoothRecord]:
     """Search and fold AWQ's scales into ``layer`` (Llama layout, float weights) on its inputs
     ``hidden`` (chunks ``[b, seqlen, d]``, with the model's per-chunk ``kwargs``); the search uses
-    round to nearest at ``bits`` / ``group_size`` / ``sym``. ``value_mapping=False`` skips
+    round to nearest at ``bits`` (or ``bits(name)`` per linear: mixed precision) / ``group_size`` /
+    ``sym``. ``value_mapping=False`` skips
     ``v_proj → o_proj``. Returns what each mapping chose."""
     stats = _layer_inputs(layer, hidden, kwargs)
-    quantize = rtn(bits, group_size, sym)
+    width = bits if callable(bits) else lambda _name: bits
     config = layer.self_attn.config
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = layer.self_attn.head_dim
@@ -136,6 +147,7 @@ def smooth_layer(
         linears = [layer.get_submodule(n) for n in names]
         h, x_mean = stat.finish()
         w = torch.cat([m.weight.detach().float() for m in linears])
+        quantize = rtn_rows([width(n) for n in names], [m.out_features for m in linears], group_size, sym)
         tie = value_tie(heads, kv_heads, head_dim) if is_value else None
         found = search_scales(w, h, x_mean, quantize, group_size, tie)
         short = ",".join(n.rsplit(".", 1)[-1] for n in names)
