@@ -12,7 +12,7 @@ from transformers import DynamicCache
 
 from llmlite.kvcache.cache import KVSpec, QuantizedKVCache, QuantizedKVLayer, kv_cache_for
 from llmlite.kvcache.evaluate import cached_perplexity, float16_cache_bytes
-from llmlite.kvcache.quant import dequantize, pack, quantize, unpack
+from llmlite.kvcache.quant import APPEND_CHUNK, dequantize, pack, quantize, unpack
 
 
 def reference(x: torch.Tensor, bits: int, group: int, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,10 +125,12 @@ def test_layout_residual_sinks_and_exact_bytes():
     quantized_keys = 40 - 3 - layer.recent_keys.shape[-2]
     assert layer.quant_keys.tokens == quantized_keys and quantized_keys % 8 == 0
     assert layer.quant_values.tokens == 40 - 3 - 5
-    # bytes by hand: float16 full-precision tokens; 4-bit codes; a float16 scale and minimum per group
+    # bytes by hand: float16 full-precision tokens; 4-bit codes; a float16 scale and minimum per
+    # group; the quantized parts grew by appends into buffers with room for APPEND_CHUNK tokens
     fp_tokens = 3 + 3 + layer.recent_keys.shape[-2] + 5
-    codes = quantized_keys * 2 * 16 // 2 + (40 - 8) * 2 * 16 // 2
-    stats = 2 * 2 * (quantized_keys // 8 * 2 * 16 + (40 - 8) * math.ceil(2 * 16 / 8))
+    rows, groups = APPEND_CHUNK, APPEND_CHUNK // 8  # 32 tokens, 4 key groups: one chunk of room each
+    codes = rows * 2 * 16 // 2 + rows * 2 * 16 // 2
+    stats = 2 * 2 * (groups * 2 * 16 + rows * math.ceil(2 * 16 / 8))
     expected = fp_tokens * 2 * 16 * 2 + codes + stats
     memory = cache.memory()
     assert memory["bytes"] == expected == layer.nbytes()

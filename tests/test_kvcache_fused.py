@@ -125,25 +125,42 @@ def test_native_quantization_is_torchs_bit_for_bit(bits, group):
 
 
 @pytest.mark.parametrize(
-    "heads,dim,fraction,bits",
-    [(3, 64, 0.1, 2), (3, 64, 0.0, 2), (2, 16, 0.5, 4), (1, 8, 0.3, 8), (4, 64, 0.1, 2)],
+    "heads,dim,fraction,bits,rope",
+    [
+        (3, 64, 0.1, 2, True),
+        (3, 64, 0.0, 2, True),
+        (2, 16, 0.5, 4, False),
+        (1, 8, 0.3, 8, True),
+        (4, 64, 0.1, 2, False),
+    ],
 )
-def test_native_salient_keys_are_torchs_bit_for_bit(heads, dim, fraction, bits):
-    """The salient scheme's key encoder in C against ``salient.encode_keys``: the same plain codes
-    and steps, salient codes, scales and minima (channel counts that leave a byte partly filled,
-    no salient channels, a zero key whose step is 0)."""
-    from llmlite.kvcache.salient import encode_keys, fit_channels
+def test_native_salient_store_is_torchs_bit_for_bit(heads, dim, fraction, bits, rope):
+    """The salient scheme's key store in C against ``TorchBackend.store_keys`` (RoPE undone in
+    float32, then ``salient.encode_keys``): the same plain codes and steps, salient codes, scales
+    and minima (channel counts that leave a byte partly filled, no salient channels, a zero key
+    whose step is 0), for a first block, then blocks appended one token and several at a time,
+    read from a window longer than the tokens taken (as the cache's recent keys)."""
+    from llmlite.kvcache.rope import RopeTable
+    from llmlite.kvcache.salient import fit_channels
 
     gen = torch.Generator().manual_seed(heads * 100 + dim + bits)
     spread = torch.rand(heads, 1, dim, generator=gen) * 3
-    keys = torch.randn(2, heads, 90, dim, generator=gen) * spread + torch.randn(heads, 1, dim, generator=gen)
+    keys = torch.randn(2, heads, 160, dim, generator=gen) * spread + torch.randn(heads, 1, dim, generator=gen)
     keys = keys.half().float()
     stats = fit_channels(keys[:, :, :64], fraction, torch.rand(heads, dim, generator=gen))
-    new = keys[:, :, 64:].clone()
-    new[1, :, 3] = stats.mean.float()  # normalises to zero: step 0
-    got = fused.NativeBackend().encode_keys(new, stats, bits, torch.float16)
-    want = encode_keys(new, stats, bits, torch.float16)
-    assert len(got.tensors()) == len(want.tensors()) == (2 if fraction == 0 else 5)
-    for a, b in zip(got.tensors(), want.tensors(), strict=True):
-        assert a.dtype == b.dtype and torch.equal(a, b)
+    keys[1, :, 70] = stats.mean.float()  # normalises to zero without RoPE: step 0
+    table = RopeTable(1 / 10000 ** (torch.arange(0, dim, 2).float() / dim))
+    got = want = None
+    at = 64
+    for n in (9, 1, 1, 70, 3):
+        window = keys[:, :, at : at + n + 5]  # the cache's recent keys: the first n are stored
+        angles = table.angles(at + 100, n, keys.device) if rope else None
+        got = fused.NativeBackend().store_keys(got, window[:, :, :n], angles, stats, bits, torch.float16)
+        want = TorchBackend().store_keys(want, window[:, :, :n], angles, stats, bits, torch.float16)
+        at += n
+        assert got.tokens == want.tokens == at - 64
+        assert len(got.tensors()) == len(want.tensors()) == (2 if fraction == 0 else 5)
+        for a, b in zip(got.tensors(), want.tensors(), strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b)
     assert (got.plain.channels, got.plain.bits) == (want.plain.channels, want.plain.bits)
+    assert (want.plain.scale == 0).any() or rope

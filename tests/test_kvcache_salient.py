@@ -11,7 +11,7 @@ import torch
 
 from llmlite.errors import LlmliteError
 from llmlite.kvcache.cache import KVSpec, QuantizedKVCache, kv_cache_for, query_energy
-from llmlite.kvcache.quant import dequantize, unpack
+from llmlite.kvcache.quant import APPEND_CHUNK, dequantize, unpack
 from llmlite.kvcache.salient import (
     ALPHA,
     FIT_TOKENS,
@@ -155,9 +155,10 @@ def test_salient_layout_and_exact_bytes():
     channels = heads * dim
     salient = round(0.25 * channels)
     fp_tokens = 2 * (sinks + residual)  # keys and values, float16
-    keys = quantized * (math.ceil((channels - salient) * 2 / 8) + 2)  # 2-bit codes, a float16 step
-    keys += quantized * (math.ceil(salient * 4 / 8) + 2 * 2)  # 4-bit codes, float16 minimum and scale
-    values = quantized * (channels * 2 // 8 + 2 * 2 * math.ceil(channels / 32))
+    rows = math.ceil(quantized / APPEND_CHUNK) * APPEND_CHUNK  # appended to buffers with room
+    keys = rows * (math.ceil((channels - salient) * 2 / 8) + 2)  # 2-bit codes, a float16 step
+    keys += rows * (math.ceil(salient * 4 / 8) + 2 * 2)  # 4-bit codes, float16 minimum and scale
+    values = rows * (channels * 2 // 8 + 2 * 2 * math.ceil(channels / 32))
     stats = 2 * channels * 2 + 2 * 4 * channels  # float16 means and deviations, int32 order and inverse
     expected = fp_tokens * channels * 2 + keys + values + stats
     assert cache.memory()["bytes"] == expected == layer.nbytes()

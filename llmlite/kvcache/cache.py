@@ -32,12 +32,12 @@ from llmlite.arch import LLAMA, attention_modules
 from llmlite.errors import LlmliteError
 from llmlite.kvcache import fused
 from llmlite.kvcache.defaults import KV_DEFAULTS
-from llmlite.kvcache.quant import SUPPORTED_BITS, QuantizedTensor, concat, select
+from llmlite.kvcache.quant import SUPPORTED_BITS, QuantizedTensor, select
+from llmlite.kvcache.rope import RopeTable, rotate
 from llmlite.kvcache.salient import (
     FIT_TOKENS,
     ChannelStats,
     SalientKeys,
-    concat_keys,
     decode_keys,
     fit_channels,
     hadamard,
@@ -94,25 +94,6 @@ def _cat(parts: list[Tensor]) -> Tensor:
     t = parts[0]
     exact = t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
     return t if exact else t.clone(memory_format=torch.contiguous_format)
-
-
-class RopeTable:
-    """Cosine and sine of the model's RoPE angles ``[positions, head_dim / 2]`` (float32),
-    computed once for a cache's layers and grown (doubling) as the cache grows."""
-
-    def __init__(self, inv_freq: Tensor | None):
-        self.inv_freq = inv_freq
-        self.cos = self.sin = torch.empty(0, 0)
-
-    def angles(self, start: int, count: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """``(cos, sin)`` of positions ``start ... start + count - 1``."""
-        end = start + count
-        if self.cos.shape[0] < end or self.cos.device != device:
-            size = max(end, 2 * self.cos.shape[0], 256)
-            positions = torch.arange(size, device=device, dtype=torch.float32)
-            angles = torch.outer(positions, self.inv_freq.to(device, torch.float32))
-            self.cos, self.sin = angles.cos(), angles.sin()
-        return self.cos[start:end], self.sin[start:end]
 
 
 class QuantizedKVLayer(CacheLayerMixin):
@@ -192,8 +173,9 @@ class QuantizedKVLayer(CacheLayerMixin):
             old_keys = (self.recent_keys.shape[-2] - spec.residual) // spec.group_size * spec.group_size
             if old_keys > 0:
                 block = self._old_keys(old_keys)
-                block = self.backend.quantize(block, spec.bits, spec.group_size, -2, spec.storage_dtype)
-                self.quant_keys = block if self.quant_keys is None else concat([self.quant_keys, block])
+                self.quant_keys = self.backend.append_quantized(
+                    self.quant_keys, block, spec.bits, spec.group_size, -2, spec.storage_dtype
+                )
         old_values = self.recent_values.shape[-2] - spec.residual
         if old_values > 0:
             b, h, _, d = self.recent_values.shape
@@ -201,8 +183,9 @@ class QuantizedKVLayer(CacheLayerMixin):
             if self.rotation is not None:
                 block = block.float() @ self.rotation
             block = block.transpose(1, 2).reshape(b, 1, old_values, h * d)
-            block = self.backend.quantize(block, spec.bits, spec.group_size, -1, spec.storage_dtype)
-            self.quant_values = block if self.quant_values is None else concat([self.quant_values, block])
+            self.quant_values = self.backend.append_quantized(
+                self.quant_values, block, spec.bits, spec.group_size, -1, spec.storage_dtype
+            )
             self.recent_values = self.recent_values[..., old_values:, :].clone()
 
     def _old_keys(self, count: int) -> Tensor:
@@ -216,28 +199,27 @@ class QuantizedKVLayer(CacheLayerMixin):
         """Keys one token at a time, once the channel statistics are fitted on the first
         ``FIT_TOKENS`` keys after the sinks (until then they wait in full precision)."""
         spec, waiting = self.spec, self.recent_keys.shape[-2]
+        start = self.sink_keys.shape[-2] + self._quantized_keys()
         if self.key_stats is None:
             if waiting < FIT_TOKENS or waiting <= spec.residual:
                 return
-            start = self.sink_keys.shape[-2]
             keys = self._rotate(self.recent_keys.float(), start, inverse=True)
             self.key_stats = fit_channels(keys, spec.salient, self.query_weight, spec.storage_dtype)
         old = waiting - spec.residual
         if old > 0:
-            block = self.backend.encode_keys(
-                self._old_keys(old), self.key_stats, spec.bits, spec.storage_dtype
-            )
-            self.quant_keys = block if self.quant_keys is None else concat_keys([self.quant_keys, block])
+            angles = None if self.inv_freq is None else self.rope.angles(start, old, self.device)
+            self.quant_keys = self.backend.store_keys(
+                self.quant_keys, self.recent_keys[..., :old, :], angles, self.key_stats, spec.bits,
+                spec.storage_dtype,
+            )  # fmt: skip
+            self.recent_keys = self.recent_keys[..., old:, :].clone()  # frees the flushed part
 
     def _quantized_keys(self) -> int:
         return 0 if self.quant_keys is None else self.quant_keys.tokens
 
     def _rotate(self, keys: Tensor, start: int, inverse: bool = False) -> Tensor:
         """Keys at cache positions ``start...`` rotated back to before RoPE (``inverse``) or forward
-        again. Keys are quantized before RoPE (KVQuant): a channel's values then vary with the
-        content, not with the position, and a per-channel grid fits them far better. The rotation
-        is the model's frequencies, fixed when the cache is made, so undoing and redoing it is
-        exact whatever positions the model used."""
+        again (``rope.rotate``); unchanged without RoPE frequencies."""
         if self.inv_freq is None:
             return keys
         out = torch.empty_like(keys)
@@ -245,20 +227,14 @@ class QuantizedKVLayer(CacheLayerMixin):
         return out
 
     def _rotate_into(self, keys: Tensor, start: int, out: Tensor, inverse: bool = False) -> None:
-        """``_rotate(keys, start, inverse)`` written into ``out`` (not ``keys``): with ``c``, ``s``
-        the cosine and sine of each position's angles, ``out = (lo·c ∓ hi·s, hi·c ± lo·s)`` for the
-        halves ``lo``, ``hi`` of each head (``rotate_half``'s pairing), in four half-width passes."""
+        """``_rotate(keys, start, inverse)`` written into ``out`` (not ``keys``)."""
         if self.inv_freq is None:
             out.copy_(keys)
             return
         if out.dtype != keys.dtype:  # rotate in the keys' precision, round once
             out.copy_(self._rotate(keys, start, inverse))
             return
-        cos, sin = (t.to(keys.dtype) for t in self.rope.angles(start, keys.shape[-2], keys.device))
-        half, sign = keys.shape[-1] // 2, 1.0 if inverse else -1.0
-        lo, hi = keys[..., :half], keys[..., half:]
-        torch.mul(lo, cos, out=out[..., :half]).addcmul_(hi, sin, value=sign)
-        torch.mul(hi, cos, out=out[..., half:]).addcmul_(lo, sin, value=-sign)
+        rotate(keys, *self.rope.angles(start, keys.shape[-2], keys.device), out, inverse)
 
     def _read(self, new_keys: Tensor, new_values: Tensor) -> tuple[Tensor, Tensor]:
         """Everything stored, in the compute dtype, with the last tokens replaced by ``new_*``

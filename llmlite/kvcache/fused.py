@@ -24,8 +24,8 @@ from torch import Tensor
 
 from llmlite.kernels.native import load_library
 from llmlite.kvcache.backend import TorchBackend
-from llmlite.kvcache.quant import QuantizedTensor
-from llmlite.kvcache.salient import ALPHA, ChannelStats, SalientKeys, encode_keys, salient_bits
+from llmlite.kvcache.quant import QuantizedTensor, reserve
+from llmlite.kvcache.salient import ALPHA, ChannelStats, SalientKeys, salient_bits
 
 MODULE = "llmlite.native.kvattend"
 MAX_CHANNELS = 4096  # the C loops' stack buffers
@@ -41,9 +41,8 @@ def _load() -> ctypes.CDLL | None:
     lib.llmlite_kv_salient_scores.argtypes = [p, p, i32, i64, p, p, p, i32] + [p] * 6 + [i64] * 4 + [p]
     lib.llmlite_kv_combine.argtypes = [p, p, p, i64, p, i64, i64, p, i64, p, i64, p, p, i64, i64, i64, p, p]
     lib.llmlite_kv_quantize_rows.argtypes = [p, i64, i64, i32, i64, p, p, p]
-    lib.llmlite_kv_encode_salient.argtypes = (
-        [p] + [i64] * 4 + [p] * 3 + [i64, i32, i32, ctypes.c_float] + [p] * 5
-    )
+    f32 = ctypes.c_float
+    lib.llmlite_kv_encode_salient.argtypes = [p, *[i64] * 4, *[p] * 5, i64, i32, i32, f32, *[p] * 5]
     return lib
 
 
@@ -75,30 +74,78 @@ class NativeBackend(TorchBackend):
         )  # fmt: skip
         return QuantizedTensor(codes, scale, minimum, bits, channels, group_size, -1)
 
-    def encode_keys(
-        self, keys: Tensor, stats: ChannelStats, bits: int, stats_dtype: torch.dtype
+    def append_quantized(
+        self,
+        into: QuantizedTensor | None,
+        x: Tensor,
+        bits: int,
+        group_size: int,
+        axis: int,
+        stats_dtype: torch.dtype,
+    ) -> QuantizedTensor:
+        """``TorchBackend.append_quantized`` with the rows quantized in C straight into the room
+        ``quant.reserve`` makes at the end of ``into`` (values: ``axis=-1``, float16, CPU)."""
+        if into is None or axis != -1 or stats_dtype != torch.float16 or x.device.type != "cpu":
+            return super().append_quantized(into, x, bits, group_size, axis, stats_dtype)
+        b, _, n, channels = x.shape
+        rows, first = x.float().contiguous(), into.tokens
+        out = reserve(into, n)
+        for i in range(b):
+            _LIB.llmlite_kv_quantize_rows(
+                rows[i].data_ptr(), n, channels, bits, group_size, *(_row(t, i, first) for t in out.tensors())
+            )
+        return out
+
+    def store_keys(
+        self,
+        into: SalientKeys | None,
+        keys: Tensor,
+        angles: tuple[Tensor, Tensor] | None,
+        stats: ChannelStats,
+        bits: int,
+        stats_dtype: torch.dtype,
     ) -> SalientKeys:
-        """``salient.encode_keys`` in one C call (``llmlite_kv_encode_salient``), bit for bit the
-        same, for float16 statistics on the CPU; torch's otherwise."""
+        """``TorchBackend.store_keys`` in one C call per sequence (``llmlite_kv_encode_salient``),
+        bit for bit the same, writing straight into the room ``quant.reserve`` makes at the end
+        of ``into``; for float16 statistics on the CPU (torch's otherwise)."""
         if _LIB is None or stats_dtype != torch.float16 or keys.device.type != "cpu":
-            return encode_keys(keys, stats, bits, stats_dtype)
+            return super().store_keys(into, keys, angles, stats, bits, stats_dtype)
         b, h, n, d = keys.shape
-        keys = keys.float().contiguous()
-        mean, std = stats.mean.float().flatten().contiguous(), stats.std.float().flatten().contiguous()
+        keys = keys.float()
+        if keys.stride(-1) != 1 or keys.stride(-2) != d:
+            keys = keys.contiguous()
+        window = keys.stride(1) // d
         n_plain, n_salient, sbits = stats.n_plain, h * d - stats.n_plain, salient_bits(bits)
-        plain = torch.empty(b, 1, n, -(-n_plain * bits // 8), dtype=torch.uint8)
-        step = torch.empty(b, 1, n, 1, dtype=torch.float16)
-        codes = torch.empty(b, 1, n, -(-n_salient * sbits // 8), dtype=torch.uint8)
-        scale, minimum = torch.empty_like(step), torch.empty_like(step)
-        _LIB.llmlite_kv_encode_salient(
-            keys.data_ptr(), b, h, n, d, mean.data_ptr(), std.data_ptr(), stats.order.data_ptr(), n_plain,
-            bits, sbits, ALPHA[bits], plain.data_ptr(), step.data_ptr(), codes.data_ptr(), scale.data_ptr(),
-            minimum.data_ptr(),
-        )  # fmt: skip
-        salient = None
-        if n_salient:
-            salient = QuantizedTensor(codes, scale, minimum, sbits, n_salient, n_salient, -1)
-        return SalientKeys(QuantizedTensor(plain, step, None, bits, n_plain, max(1, n_plain), -1), salient)
+        if into is None:
+            into = _empty_keys(b, n_plain, n_salient, bits, sbits, keys.device)
+        first, plain = into.tokens, reserve(into.plain, n)
+        salient = None if into.salient is None else reserve(into.salient, n)
+        cos, sin = (0, 0) if angles is None else (t.data_ptr() for t in angles)  # rows of the RoPE table
+        outputs = [*plain.tensors(), *(salient.tensors() if salient is not None else [plain.scale] * 3)]
+        for i in range(b):
+            rows = (_row(t, i, first) for t in outputs)
+            _LIB.llmlite_kv_encode_salient(
+                _row(keys, i, 0), h, window, n, d, cos, sin, stats.mean.data_ptr(), stats.std.data_ptr(),
+                stats.order.data_ptr(), n_plain, bits, sbits, ALPHA[bits], *rows,
+            )  # fmt: skip
+        return SalientKeys(plain, salient)
+
+
+def _row(t: Tensor, i: int, row: int) -> int:
+    """The address of ``t[i, ..., row, 0]`` (sequence ``i``; rows along dim -2)."""
+    return t.data_ptr() + (i * t.stride(0) + row * t.stride(-2)) * t.element_size()
+
+
+def _empty_keys(b: int, n_plain: int, n_salient: int, bits: int, sbits: int, device) -> SalientKeys:
+    """``SalientKeys`` of no tokens, for ``reserve`` to grow."""
+    step = torch.empty(b, 1, 0, 1, dtype=torch.float16, device=device)
+    codes = torch.empty(b, 1, 0, -(-n_plain * bits // 8), dtype=torch.uint8, device=device)
+    plain = QuantizedTensor(codes, step, None, bits, n_plain, max(1, n_plain), -1)
+    if not n_salient:
+        return SalientKeys(plain, None)
+    codes = torch.empty(b, 1, 0, -(-n_salient * sbits // 8), dtype=torch.uint8, device=device)
+    salient = QuantizedTensor(codes, step.clone(), step.clone(), sbits, n_salient, n_salient, -1)
+    return SalientKeys(plain, salient)
 
 
 def default_backend() -> TorchBackend:

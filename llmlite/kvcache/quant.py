@@ -167,20 +167,49 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Tensor
     return torch.addcmul(minimum, codes, scale)
 
 
-def concat(parts: list[QuantizedTensor]) -> QuantizedTensor:
-    """Quantized blocks joined along the token axis (key blocks must hold whole groups)."""
-    first = parts[0]
-    if len(parts) == 1:
-        return first
-    return QuantizedTensor(
-        codes=torch.cat([p.codes for p in parts], dim=-2),
-        scale=torch.cat([p.scale for p in parts], dim=-2),
-        minimum=None if first.minimum is None else torch.cat([p.minimum for p in parts], dim=-2),
-        bits=first.bits,
-        channels=first.channels,
-        group_size=first.group_size,
-        axis=first.axis,
-    )
+APPEND_CHUNK = 64  # tokens of room a quantized tensor that grows in the cache reserves at a time
+
+
+def grown(t: Tensor, rows: int, chunk: int = APPEND_CHUNK) -> Tensor:
+    """``t [..., n, w]`` as ``[..., n + rows, w]`` along the token (or token-group) axis, its first
+    ``n`` rows unchanged, the new ones not yet written: a view of ``t``'s own buffer where that has
+    room, else of a new buffer with room rounded up to whole ``chunk`` rows. So appending one
+    token copies one row, not the whole cache; a buffer's slack is less than ``chunk`` rows
+    (counted by ``QuantizedKVLayer.nbytes``). ``t`` must be such a view or own its storage, and
+    nothing else may write to the buffer (the cache's quantized tensors)."""
+    *lead, n, w = t.shape
+    need, stride = n + rows, t.stride()
+    if n and w and lead and stride[-1] == 1 and stride[-2] == w and not t.storage_offset():
+        room = stride[-3] // w >= need  # rows of the buffer t starts (a fresh tensor: n, no room)
+        if room and t.untyped_storage().nbytes() >= stride[0] * lead[0] * t.element_size():
+            return t.as_strided((*lead, need, w), stride)
+    capacity = -(-need // chunk) * chunk
+    buffer = t.new_empty(*lead, capacity, w)
+    buffer[..., :n, :] = t
+    return buffer[..., :need, :]
+
+
+def reserve(q: QuantizedTensor, rows: int, scale_rows: int | None = None) -> QuantizedTensor:
+    """``q`` with ``rows`` more tokens (and ``scale_rows`` more rows of statistics; default
+    ``rows``, as per token) whose codes and statistics are not yet written (``grown``: room for
+    ``APPEND_CHUNK`` tokens at a time, i.e. ``APPEND_CHUNK // group_size`` rows of per-channel
+    key statistics)."""
+    scale_rows = rows if scale_rows is None else scale_rows
+    chunk = APPEND_CHUNK if q.axis == -1 else max(1, APPEND_CHUNK // q.group_size)
+    minimum = None if q.minimum is None else grown(q.minimum, scale_rows, chunk)
+    scale = grown(q.scale, scale_rows, chunk)
+    return QuantizedTensor(grown(q.codes, rows), scale, minimum, q.bits, q.channels, q.group_size, q.axis)
+
+
+def append(q: QuantizedTensor | None, block: QuantizedTensor) -> QuantizedTensor:
+    """``block`` appended to ``q`` along the token axis (key blocks must hold whole groups),
+    copying only ``block`` (``reserve``); ``block`` itself where ``q`` is None."""
+    if q is None:
+        return block
+    out = reserve(q, block.codes.shape[-2], block.scale.shape[-2])
+    for old, room, new in zip(q.tensors(), out.tensors(), block.tensors(), strict=True):
+        room[..., old.shape[-2] :, :] = new
+    return out
 
 
 def select(q: QuantizedTensor, fn) -> QuantizedTensor:

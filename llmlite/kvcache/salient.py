@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from llmlite.kvcache.quant import QuantizedTensor, concat, dequantize, pack, quantize, select
+from llmlite.kvcache.quant import QuantizedTensor, append, dequantize, pack, quantize, select
 
 # step = ALPHA[bits] × the token's root mean square: the mean-square-optimal uniform step for a
 # Gaussian (0.996 and 0.335 at 2 and 4 bits, Max 1960; about 0.03 at 8) widened ~10% for heavier
@@ -153,11 +153,12 @@ def decode_keys(
     return flat.view(b, n, heads, hd // heads).transpose(1, 2).to(dtype)
 
 
-def concat_keys(parts: list[SalientKeys]) -> SalientKeys:
-    if len(parts) == 1:
-        return parts[0]
-    salient = None if parts[0].salient is None else concat([p.salient for p in parts])
-    return SalientKeys(concat([p.plain for p in parts]), salient)
+def append_keys(q: SalientKeys | None, block: SalientKeys) -> SalientKeys:
+    """``block`` appended to ``q`` along the token axis (``quant.append``)."""
+    if q is None:
+        return block
+    salient = None if q.salient is None else append(q.salient, block.salient)
+    return SalientKeys(append(q.plain, block.plain), salient)
 
 
 def select_keys(q: SalientKeys, fn) -> SalientKeys:

@@ -191,46 +191,63 @@ void llmlite_kv_quantize_rows(const float *x, int64_t rows, int64_t channels, in
                      minimum + r * groups);
 }
 
-/* The salient scheme's key encoder (llmlite/kvcache/salient.py's encode_keys with float16
-   statistics), bit for bit. Keys before RoPE, keys [B, H, N, D] float32; per token, over the
-   H*D channels: z = (k - mean) / std, taken in `order` (plain channels first, n_plain of them);
-   plain: step = (float16)(alpha * (float)sqrt(sum z^2 / n_plain in double)), codes
+/* The salient scheme's store of keys (llmlite/kvcache/backend.py's TorchBackend.store_keys with
+   float16 statistics: mean16/std16 [H*D]), bit for bit, for one sequence. keys [H, window, D]
+   float32 as the cache holds them, after RoPE; the first `tokens` of each head's window are
+   taken, rotated back to before RoPE when cos/sin [tokens, D/2] are given (kvcache/rope.py's
+   order: lo*c + hi*s, hi*c + (-lo)*s, each product rounded, no fused multiply-add), then, over
+   the H*D channels: z = (k - mean) / std, taken in `order` (plain channels first, n_plain of
+   them); plain: step = (float16)(alpha * (float)sqrt(sum z^2 / n_plain in double)), codes
    clamp(floor(z / step) + 2^(bits-1)); salient: quantize_row at sbits, one group.
-   plain [B, N, ceil(n_plain*bits/8)], step [B, N]; salient [B, N, ceil(n_salient*sbits/8)],
-   sscale/smin [B, N]. H*D <= MAX_CHANNELS. */
-void llmlite_kv_encode_salient(const float *keys, int64_t batch, int64_t heads, int64_t tokens, int64_t dim,
-                               const float *mean, const float *std, const int32_t *order, int64_t n_plain,
-                               int bits, int sbits, float alpha, uint8_t *plain, _Float16 *step,
-                               uint8_t *salient, _Float16 *sscale, _Float16 *smin) {
-    const int64_t channels = heads * dim, n_salient = channels - n_plain;
+   Written from the given rows on: plain [tokens, ceil(n_plain*bits/8)], step [tokens];
+   salient [tokens, ceil(n_salient*sbits/8)], sscale/smin [tokens]. H*D <= MAX_CHANNELS. */
+__attribute__((optimize("fp-contract=off")))
+void llmlite_kv_encode_salient(const float *keys, int64_t heads, int64_t window, int64_t tokens, int64_t dim,
+                               const float *cos, const float *sin, const _Float16 *mean16,
+                               const _Float16 *std16, const int32_t *order, int64_t n_plain, int bits,
+                               int sbits, float alpha, uint8_t *plain, _Float16 *step, uint8_t *salient,
+                               _Float16 *sscale, _Float16 *smin) {
+    const int64_t channels = heads * dim, n_salient = channels - n_plain, half = dim / 2;
     const int64_t pwidth = (n_plain * bits + 7) / 8, swidth = (n_salient * sbits + 7) / 8;
-    const int per_byte = 8 / bits, half = 1 << (bits - 1);
-    const float top = (float)(2 * half - 1);
-    float z[MAX_CHANNELS];
-    for (int64_t b = 0; b < batch; b++) {
-        for (int64_t t = 0; t < tokens; t++) {
-            const int64_t row = b * tokens + t;
-            for (int64_t i = 0; i < channels; i++) {
-                const int64_t c = order[i], h = c / dim;
-                z[i] = (keys[((b * heads + h) * tokens + t) * dim + c % dim] - mean[c]) / std[c];
+    const int per_byte = 8 / bits, levels = 1 << (bits - 1);
+    const float top = (float)(2 * levels - 1);
+    float k[MAX_CHANNELS], z[MAX_CHANNELS], mean[MAX_CHANNELS], std[MAX_CHANNELS];
+    for (int64_t c = 0; c < channels; c++) {
+        mean[c] = (float)mean16[c];
+        std[c] = (float)std16[c];
+    }
+    for (int64_t t = 0; t < tokens; t++) {
+        for (int64_t h = 0; h < heads; h++) {
+            const float *src = keys + (h * window + t) * dim;
+            float *dst = k + h * dim;
+            if (cos == NULL) {
+                memcpy(dst, src, dim * sizeof *dst);
+                continue;
             }
-            double squares = 0.0;
-            for (int64_t i = 0; i < n_plain; i++) squares += (double)z[i] * (double)z[i];
-            const float rms = n_plain ? (float)__builtin_sqrt(squares / (double)n_plain) : 0.0f;
-            const _Float16 s16 = (_Float16)(alpha * rms);
-            step[row] = s16;
-            const float s = (float)s16 == 0.0f ? 1.0f : (float)s16;
-            uint8_t *out = plain + row * pwidth;
-            for (int64_t i = 0; i < pwidth; i++) out[i] = 0;
-            for (int64_t i = 0; i < n_plain; i++) {
-                float q = __builtin_floorf(z[i] / s) + (float)half;
-                q = q < 0.0f ? 0.0f : (q > top ? top : q);
-                out[i / per_byte] |= (uint8_t)((int)q << (bits * (i % per_byte)));
+            const float *ct = cos + t * half, *st = sin + t * half;
+            for (int64_t c = 0; c < half; c++) {
+                const float lo_c = src[c] * ct[c], hi_s = src[c + half] * st[c];
+                const float hi_c = src[c + half] * ct[c], lo_s = -src[c] * st[c];
+                dst[c] = lo_c + hi_s;
+                dst[c + half] = hi_c + lo_s;
             }
-            if (n_salient > 0)
-                quantize_row(z + n_plain, n_salient, sbits, n_salient, salient + row * swidth, sscale + row,
-                             smin + row);
         }
+        for (int64_t i = 0; i < channels; i++) z[i] = (k[order[i]] - mean[order[i]]) / std[order[i]];
+        double squares = 0.0;
+        for (int64_t i = 0; i < n_plain; i++) squares += (double)z[i] * (double)z[i];
+        const float rms = n_plain ? (float)__builtin_sqrt(squares / (double)n_plain) : 0.0f;
+        const _Float16 s16 = (_Float16)(alpha * rms);
+        step[t] = s16;
+        const float s = (float)s16 == 0.0f ? 1.0f : (float)s16;
+        uint8_t *out = plain + t * pwidth;
+        for (int64_t i = 0; i < pwidth; i++) out[i] = 0;
+        for (int64_t i = 0; i < n_plain; i++) {
+            float q = __builtin_floorf(z[i] / s) + (float)levels;
+            q = q < 0.0f ? 0.0f : (q > top ? top : q);
+            out[i / per_byte] |= (uint8_t)((int)q << (bits * (i % per_byte)));
+        }
+        if (n_salient > 0)
+            quantize_row(z + n_plain, n_salient, sbits, n_salient, salient + t * swidth, sscale + t, smin + t);
     }
 }
 
