@@ -112,14 +112,15 @@ def test_keys_round_trip_against_a_float64_reference():
         expected.view(b, n, h, d).transpose(1, 2) * stats.std[None, :, None] + stats.mean[None, :, None]
     )
     torch.testing.assert_close(decode_keys(q, stats, h, torch.float64), expected, rtol=0, atol=1e-9)
-    assert q.plain.channels == 18 and q.salient.channels == 6 and q.salient.bits == 4
+    # every channel's low 2 bits in channel order, the 6 salient channels' high 2 bits apart
+    assert q.n_salient == 6 and q.bits == 2 and q.low.shape[-1] == 24 * 2 // 8 and q.high.shape[-1] == 2
 
 
 def test_8bit_keys_are_close_and_no_salient_channels_is_allowed():
     keys = torch.randn(1, 2, 30, 16) * 3 + 1
     stats = fit_channels(keys, 0.0, None)
     q = encode_keys(keys, stats, 8, torch.float32)
-    assert q.salient is None
+    assert q.n_salient == 0 and q.high is q.scale is q.minimum is None
     assert (decode_keys(q, stats, 2) - keys).abs().max() < 0.05 * keys.std()
 
 

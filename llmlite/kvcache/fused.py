@@ -25,7 +25,7 @@ from torch import Tensor
 from llmlite.kernels.native import load_library
 from llmlite.kvcache.backend import TorchBackend
 from llmlite.kvcache.quant import QuantizedTensor, reserve
-from llmlite.kvcache.salient import ALPHA, ChannelStats, SalientKeys, salient_bits
+from llmlite.kvcache.salient import ALPHA, ChannelStats, SalientKeys, reserve_keys, salient_bits
 
 MODULE = "llmlite.native.kvattend"
 MAX_CHANNELS = 4096  # the C loops' stack buffers
@@ -37,8 +37,8 @@ def _load() -> ctypes.CDLL | None:
         return None
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.llmlite_kv_key_scores.argtypes = [p] * 6 + [i64] * 4 + [i32, i64, p]
-    lib.llmlite_kv_value_sums.argtypes = [p] * 4 + [i64] * 5 + [i32, i64, p]
-    lib.llmlite_kv_salient_scores.argtypes = [p, p, i32, i64, p, p, p, i32] + [p] * 6 + [i64] * 4 + [p]
+    lib.llmlite_kv_value_sums.argtypes = [p] * 4 + [i64] * 5 + [i32, i64, p, p]
+    lib.llmlite_kv_salient_scores.argtypes = [p, p, i32, p, p, p, i32, p, i64, *[p] * 5, *[i64] * 4, p]
     lib.llmlite_kv_combine.argtypes = [p, p, p, i64, p, i64, i64, p, i64, p, i64, p, p, i64, i64, i64, p, p]
     lib.llmlite_kv_quantize_rows.argtypes = [p, i64, i64, i32, i64, p, p, p]
     f32 = ctypes.c_float
@@ -114,21 +114,19 @@ class NativeBackend(TorchBackend):
         keys = keys.float()
         if keys.stride(-1) != 1 or keys.stride(-2) != d:
             keys = keys.contiguous()
-        window = keys.stride(1) // d
-        n_plain, n_salient, sbits = stats.n_plain, h * d - stats.n_plain, salient_bits(bits)
+        window, chosen = keys.stride(1) // d, stats.salient
         if into is None:
-            into = _empty_keys(b, n_plain, n_salient, bits, sbits, keys.device)
-        first, plain = into.tokens, reserve(into.plain, n)
-        salient = None if into.salient is None else reserve(into.salient, n)
+            into = _empty_keys(b, h * d, chosen.numel(), bits, keys.device)
+        first, out = into.tokens, reserve_keys(into, n)
         cos, sin = (0, 0) if angles is None else (t.data_ptr() for t in angles)  # rows of the RoPE table
-        outputs = [*plain.tensors(), *(salient.tensors() if salient is not None else [plain.scale] * 3)]
+        fields = [t if t is not None else out.step for t in out.fields()]  # absent ones are not written
         for i in range(b):
-            rows = (_row(t, i, first) for t in outputs)
+            rows = (_row(t, i, first) for t in fields)
             _LIB.llmlite_kv_encode_salient(
                 _row(keys, i, 0), h, window, n, d, cos, sin, stats.mean.data_ptr(), stats.std.data_ptr(),
-                stats.order.data_ptr(), n_plain, bits, sbits, ALPHA[bits], *rows,
+                chosen.data_ptr(), chosen.numel(), bits, salient_bits(bits), ALPHA[bits], *rows,
             )  # fmt: skip
-        return SalientKeys(plain, salient)
+        return out
 
 
 def _row(t: Tensor, i: int, row: int) -> int:
@@ -136,16 +134,18 @@ def _row(t: Tensor, i: int, row: int) -> int:
     return t.data_ptr() + (i * t.stride(0) + row * t.stride(-2)) * t.element_size()
 
 
-def _empty_keys(b: int, n_plain: int, n_salient: int, bits: int, sbits: int, device) -> SalientKeys:
-    """``SalientKeys`` of no tokens, for ``reserve`` to grow."""
-    step = torch.empty(b, 1, 0, 1, dtype=torch.float16, device=device)
-    codes = torch.empty(b, 1, 0, -(-n_plain * bits // 8), dtype=torch.uint8, device=device)
-    plain = QuantizedTensor(codes, step, None, bits, n_plain, max(1, n_plain), -1)
+def _empty_keys(b: int, channels: int, n_salient: int, bits: int, device) -> SalientKeys:
+    """``SalientKeys`` of no tokens (``salient.encode_keys``' layout), for ``reserve_keys`` to grow."""
+    high_bits = salient_bits(bits) - bits
+
+    def empty(width: int, dtype: torch.dtype = torch.float16) -> Tensor:
+        return torch.empty(b, 1, 0, width, dtype=dtype, device=device)
+
+    low = empty(-(-channels * bits // 8), torch.uint8)
     if not n_salient:
-        return SalientKeys(plain, None)
-    codes = torch.empty(b, 1, 0, -(-n_salient * sbits // 8), dtype=torch.uint8, device=device)
-    salient = QuantizedTensor(codes, step.clone(), step.clone(), sbits, n_salient, n_salient, -1)
-    return SalientKeys(plain, salient)
+        return SalientKeys(low, empty(1), None, None, None, bits, 0)
+    high = empty(-(-n_salient * high_bits // 8), torch.uint8) if high_bits else None
+    return SalientKeys(low, empty(1), high, empty(1), empty(1), bits, n_salient)
 
 
 def default_backend() -> TorchBackend:
@@ -164,36 +164,28 @@ def unsupported(layer, query: Tensor) -> str | None:
         return "not one new token on the CPU"
     if layer.inv_freq is None:
         return "no RoPE frequencies"
+    if spec.storage_dtype != torch.float16:
+        return f"{spec.storage_dtype} statistics (the C loops read float16)"
     h, d = layer.recent_values.shape[1], layer.recent_values.shape[-1]
-    if d % 2 or h * d > MAX_CHANNELS or (d * spec.bits) % 8:
+    heads = query.shape[1]
+    if d % 2 or h * d > MAX_CHANNELS or heads * d > 8 * MAX_CHANNELS or (d * spec.bits) % 8:
         return f"{h} heads of {d} channels at {spec.bits} bits"
     return None
 
 
 def _salient_scores(layer, qg: Tensor) -> Tensor:
-    """``_key_scores`` for the salient scheme's keys (plain and salient channels, per token)."""
+    """``_key_scores`` for the salient scheme's keys (``salient.SalientKeys``, float16 statistics)."""
     keys, stats = layer.quant_keys, layer.key_stats
-    plain, salient = keys.plain, keys.salient
     b, h, groups, d = qg.shape
-    tokens = plain.tokens
-    cos, sin = layer.rope.angles(layer.sink_keys.shape[-2], tokens, qg.device)
-    mean, std = stats.mean.float().flatten(), stats.std.float().flatten()
-    inverse = stats.inverse.to(torch.int32).contiguous()
-    scores = qg.new_empty(b, h, groups, tokens)
+    cos, sin = layer.rope.angles(layer.sink_keys.shape[-2], keys.tokens, qg.device)
+    fields = [t if t is not None else keys.step for t in keys.fields()]  # absent ones are not read
+    scores = qg.new_empty(b, h, groups, keys.tokens)
     for i in range(b):
-        codes, step = plain.codes[i, 0].contiguous(), plain.scale[i, 0].float().contiguous()
-        if salient is None:
-            s_codes = s_scale = s_min = codes  # not read: no salient channels
-            s_bits = plain.bits
-        else:
-            s_codes, s_bits = salient.codes[i, 0].contiguous(), salient.bits
-            s_scale = salient.scale[i, 0].float().contiguous()
-            s_min = salient.minimum[i, 0].float().contiguous()
-        query = qg[i].contiguous()
+        low, step, high, scale, minimum = (_row(t, i, 0) for t in fields)
         _LIB.llmlite_kv_salient_scores(
-            codes.data_ptr(), step.data_ptr(), plain.bits, plain.channels, s_codes.data_ptr(),
-            s_scale.data_ptr(), s_min.data_ptr(), s_bits, inverse.data_ptr(), mean.data_ptr(), std.data_ptr(),
-            cos.data_ptr(), sin.data_ptr(), query.data_ptr(), h, tokens, d, groups, scores[i].data_ptr(),
+            low, step, keys.bits, high, scale, minimum, salient_bits(keys.bits), stats.salient.data_ptr(),
+            keys.n_salient, stats.mean.data_ptr(), stats.std.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+            _row(qg, i, 0), h, keys.tokens, d, groups, _row(scores, i, 0),
         )  # fmt: skip
     return scores
 
@@ -217,16 +209,17 @@ def _key_scores(layer, qg: Tensor) -> Tensor:
 
 def _add_value_sums(layer, probs: Tensor, out: Tensor) -> None:
     """Add to ``out [b, kv_heads, group, d]`` the quantized values weighted by their columns of
-    ``probs [b, kv_heads, group, L]`` (after the sinks)."""
+    ``probs [b, kv_heads, group, L]`` (after the sinks); the salient scheme's rotated values are
+    turned back (``layer.rotation``) in the same call. Statistics float16."""
     q = layer.quant_values
     b, h, groups, length = probs.shape
     d, sinks = out.shape[-1], layer.sink_values.shape[-2]
+    rotation = 0 if layer.rotation is None else layer.rotation.data_ptr()
     for i in range(b):
-        codes, scale, minimum = q.codes[i, 0].contiguous(), q.scale[i, 0].float(), q.minimum[i, 0].float()
-        start = probs[i].data_ptr() + sinks * probs.element_size()
+        start = _row(probs, i, 0) + sinks * probs.element_size()
         _LIB.llmlite_kv_value_sums(
-            codes.data_ptr(), scale.data_ptr(), minimum.data_ptr(), start, length,
-            h, q.tokens, d, groups, q.bits, q.group_size, out[i].data_ptr(),
+            _row(q.codes, i, 0), _row(q.scale, i, 0), _row(q.minimum, i, 0), start, length,
+            h, q.tokens, d, groups, q.bits, q.group_size, rotation, _row(out, i, 0),
         )  # fmt: skip
 
 
@@ -266,10 +259,5 @@ def attend(layer, query: Tensor, new_key: Tensor, new_value: Tensor, scaling: fl
             kv_heads, qg.shape[2], d, probs[i].data_ptr(), out[i].data_ptr(),
         )  # fmt: skip
     if tv:
-        if layer.rotation is None:
-            _add_value_sums(layer, probs, out)
-        else:  # the salient scheme's values are stored rotated: sum in that basis, turn back once
-            rotated = torch.zeros_like(out)
-            _add_value_sums(layer, probs, rotated)
-            out += rotated @ layer.rotation
+        _add_value_sums(layer, probs, out)
     return out.reshape(b, heads, 1, d).to(query.dtype)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from llmlite.kvcache.quant import QuantizedTensor, append, dequantize, pack, quantize, select
+from llmlite.kvcache.quant import QuantizedTensor, grown, pack, quantize, unpack
 
 # step = ALPHA[bits] × the token's root mean square: the mean-square-optimal uniform step for a
 # Gaussian (0.996 and 0.335 at 2 and 4 bits, Max 1960; about 0.03 at 8) widened ~10% for heavier
@@ -41,23 +41,31 @@ def hadamard(n: int, dtype: torch.dtype = torch.float32) -> Tensor:
     return (h / math.sqrt(n)).to(dtype)
 
 
-def quantize_symmetric(x: Tensor, bits: int, stats_dtype: torch.dtype | None = None) -> QuantizedTensor:
-    """Per-token symmetric quantization of ``x`` ``[..., tokens, channels]`` (one group per token):
-    ``step = ALPHA[bits] * rms``, levels ``(code - 2**(bits-1) + 1/2) * step``, extremes clipped.
-    The sum of squares is taken in float64, so that any summation order (the C encoder's in
-    ``kvcache.fused``) gives the same step."""
-    stats_dtype = stats_dtype or x.dtype
+def symmetric_step(x: Tensor, bits: int, stats_dtype: torch.dtype | None = None) -> Tensor:
+    """Per-token step ``ALPHA[bits] * rms`` of ``x [..., tokens, channels]`` in ``stats_dtype``,
+    ``[..., tokens, 1]`` (0 without channels). The sum of squares is taken in float64, so that any
+    summation order (the C encoder's in ``kvcache.fused``) gives the same step."""
     work = torch.promote_types(x.dtype, torch.float32)
-    xw = x.to(work)
     if x.shape[-1]:
-        rms = xw.double().pow(2).sum(-1, keepdim=True).div(x.shape[-1]).sqrt().to(work)
+        rms = x.to(work).double().pow(2).sum(-1, keepdim=True).div(x.shape[-1]).sqrt().to(work)
     else:
-        rms = xw.new_zeros(*x.shape[:-1], 1)
-    step = (ALPHA[bits] * rms).to(stats_dtype)
+        rms = x.new_zeros(*x.shape[:-1], 1, dtype=work)
+    return (ALPHA[bits] * rms).to(stats_dtype or x.dtype)
+
+
+def symmetric_codes(x: Tensor, step: Tensor, bits: int) -> Tensor:
+    """Codes ``clamp(floor(x / step) + 2**(bits-1))`` (``step`` 0 taken as 1), in ``x``'s work dtype."""
+    work = torch.promote_types(x.dtype, torch.float32)
     safe = torch.where(step == 0, torch.ones_like(step), step).to(work)
     half = 1 << (bits - 1)
-    codes = (xw / safe).floor_().add_(half).clamp_(0, 2 * half - 1)
-    channels = x.shape[-1]
+    return (x.to(work) / safe).floor_().add_(half).clamp_(0, 2 * half - 1)
+
+
+def quantize_symmetric(x: Tensor, bits: int, stats_dtype: torch.dtype | None = None) -> QuantizedTensor:
+    """Per-token symmetric quantization of ``x`` ``[..., tokens, channels]`` (one group per token):
+    ``step = ALPHA[bits] * rms``, levels ``(code - 2**(bits-1) + 1/2) * step``, extremes clipped."""
+    step = symmetric_step(x, bits, stats_dtype)
+    codes, channels = symmetric_codes(x, step, bits), x.shape[-1]
     return QuantizedTensor(pack(codes, bits), step.contiguous(), None, bits, channels, max(1, channels), -1)
 
 
@@ -109,18 +117,38 @@ def fit_channels(
 
 @dataclass
 class SalientKeys:
-    """Quantized keys of the ``salient`` scheme: the plain channels (symmetric, ``bits``) and the
-    salient ones (asymmetric, ``2 * bits`` up to 8), both per token, flat over heads."""
+    """Quantized keys of the ``salient`` scheme, per token, in channel order (flat over heads), so
+    that reading a token needs no gather: ``low`` holds every channel's ``bits``-bit code (a plain
+    channel's symmetric code; a salient channel's low bits), ``high`` the salient channels' other
+    bits (their ``2 * bits`` up to 8, in ascending channel order; None at 8 bits or without
+    salient channels). A plain channel reads ``(low - 2**(bits-1) + 1/2) * step``, a salient one
+    ``(low + high * 2**bits) * scale + minimum``."""
 
-    plain: QuantizedTensor  # [batch, 1, tokens, n_plain]
-    salient: QuantizedTensor | None  # [batch, 1, tokens, n_salient]
+    low: Tensor  # uint8 [batch, 1, tokens, ceil(channels * bits / 8)]
+    step: Tensor  # [batch, 1, tokens, 1]
+    high: Tensor | None  # uint8 [batch, 1, tokens, ceil(n_salient * (salient_bits - bits) / 8)]
+    scale: Tensor | None  # [batch, 1, tokens, 1]; None without salient channels
+    minimum: Tensor | None
+    bits: int
+    n_salient: int
 
     @property
     def tokens(self) -> int:
-        return self.plain.tokens
+        return self.low.shape[-2]
 
     def tensors(self) -> list[Tensor]:
-        return [*self.plain.tensors(), *(self.salient.tensors() if self.salient is not None else ())]
+        return [t for t in (self.low, self.step, self.high, self.scale, self.minimum) if t is not None]
+
+    def map(self, fn) -> SalientKeys:
+        """The same keys with ``fn`` applied to each tensor (``fn(tensor, field name)``)."""
+        low, step, high, scale, minimum = (
+            None if t is None else fn(t, name)
+            for t, name in zip(self.fields(), ("low", "step", "high", "scale", "minimum"), strict=True)
+        )
+        return SalientKeys(low, step, high, scale, minimum, self.bits, self.n_salient)
+
+    def fields(self) -> tuple[Tensor | None, ...]:
+        return self.low, self.step, self.high, self.scale, self.minimum
 
 
 def salient_bits(bits: int) -> int:
@@ -132,13 +160,18 @@ def encode_keys(keys: Tensor, stats: ChannelStats, bits: int, stats_dtype: torch
     b, h, n, d = keys.shape
     work = torch.promote_types(keys.dtype, torch.float32)
     z = (keys.to(work) - stats.mean.to(work)[None, :, None]) / stats.std.to(work)[None, :, None]
-    ordered = z.transpose(1, 2).reshape(b, 1, n, h * d).index_select(-1, stats.order)
-    plain = quantize_symmetric(ordered[..., : stats.n_plain], bits, stats_dtype)
-    salient = None
-    if stats.n_plain < h * d:
-        chosen = ordered[..., stats.n_plain :]
-        salient = quantize(chosen, salient_bits(bits), chosen.shape[-1], -1, stats_dtype)
-    return SalientKeys(plain, salient)
+    z = z.transpose(1, 2).reshape(b, 1, n, h * d)
+    step = symmetric_step(z[..., stats.plain.long()], bits, stats_dtype)
+    codes = symmetric_codes(z, step, bits)
+    chosen, high_bits = stats.salient.long(), salient_bits(bits) - bits
+    high = scale = minimum = None
+    if chosen.numel():
+        q = quantize(z[..., chosen], salient_bits(bits), chosen.numel(), -1, stats_dtype)
+        salient = unpack(q.codes, q.bits, chosen.numel(), torch.int32)
+        codes[..., chosen] = (salient & ((1 << bits) - 1)).to(codes.dtype)
+        high = pack(salient >> bits, high_bits) if high_bits else None
+        scale, minimum = q.scale, q.minimum
+    return SalientKeys(pack(codes, bits), step.contiguous(), high, scale, minimum, bits, chosen.numel())
 
 
 def decode_keys(
@@ -146,20 +179,38 @@ def decode_keys(
 ) -> Tensor:
     """The inverse of ``encode_keys``: keys ``[batch, heads, tokens, dim]`` in ``dtype``."""
     work = torch.promote_types(dtype, torch.float32)
-    parts = [dequantize(q.plain, work)] + ([dequantize(q.salient, work)] if q.salient is not None else [])
-    flat = torch.cat(parts, -1).index_select(-1, stats.inverse)  # one gather back to channel order
+    channels = stats.mean.numel()
+    codes = unpack(q.low, q.bits, channels, work)
+    flat = (codes + (0.5 - (1 << (q.bits - 1)))) * q.step.to(work)
+    if q.n_salient:
+        chosen = stats.salient.long()
+        salient = codes[..., chosen]
+        if q.high is not None:
+            salient += unpack(q.high, salient_bits(q.bits) - q.bits, q.n_salient, work) * (1 << q.bits)
+        flat[..., chosen] = torch.addcmul(q.minimum.to(work), salient, q.scale.to(work))
     b, _, n, hd = flat.shape
     flat = torch.addcmul(stats.mean.to(work).flatten(), flat, stats.std.to(work).flatten())
     return flat.view(b, n, heads, hd // heads).transpose(1, 2).to(dtype)
 
 
 def append_keys(q: SalientKeys | None, block: SalientKeys) -> SalientKeys:
-    """``block`` appended to ``q`` along the token axis (``quant.append``)."""
+    """``block`` appended to ``q`` along the token axis, copying only ``block`` (``quant.grown``)."""
     if q is None:
         return block
-    salient = None if q.salient is None else append(q.salient, block.salient)
-    return SalientKeys(append(q.plain, block.plain), salient)
+    rows = block.tokens
+
+    def grow(t: Tensor, name: str) -> Tensor:
+        room = grown(t, rows)
+        room[..., t.shape[-2] :, :] = getattr(block, name)
+        return room
+
+    return q.map(grow)
+
+
+def reserve_keys(q: SalientKeys, rows: int) -> SalientKeys:
+    """``q`` with ``rows`` more tokens not yet written (``quant.grown``)."""
+    return q.map(lambda t, _name: grown(t, rows))
 
 
 def select_keys(q: SalientKeys, fn) -> SalientKeys:
-    return SalientKeys(select(q.plain, fn), None if q.salient is None else select(q.salient, fn))
+    return q.map(lambda t, _name: fn(t))

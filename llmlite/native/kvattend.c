@@ -14,10 +14,10 @@
        v[c] = code(t, c) * vscale[t, c / group] + vmin[t, c / group]          (c over H * D channels)
        out[h, j, :] += probs[h, j, t] * v[h * D : (h + 1) * D]
 
-   salient-scheme key scores (llmlite/kvcache/salient.py): per token, the plain channels (symmetric,
-   (code - 2^(bits-1) + 1/2) * step[t]) and the salient ones (code * sscale[t] + smin[t]) in the
-   stored channel order, then k[c] = mean[c] + std[c] * ordered[inverse[c]] over all H * D
-   channels, then RoPE and the dot products per head as above.
+   salient-scheme key scores (llmlite/kvcache/salient.py): per token, every channel in channel
+   order as a plain one (symmetric, (code - 2^(bits-1) + 1/2) * step[t]), the salient ones then
+   rewritten ((low + high * 2^bits) * sscale[t] + smin[t]), k[c] = mean[c] + std[c] * that over
+   all H * D channels, then RoPE and the dot products per head as above.
 
    One thread (see dequant4.c); target_clones builds AVX-512, AVX2 and baseline versions.
 */
@@ -41,6 +41,25 @@ static float LUT2[256][4];
 __attribute__((constructor)) static void fill_table(void) {
     for (int b = 0; b < 256; b++)
         for (int i = 0; i < 4; i++) LUT2[b][i] = (float)((b >> (2 * i)) & 3);
+}
+
+/* A float16 (its bits) as float, exactly: integer operations that need no F16C instructions
+   (GCC calls a library routine for a _Float16 cast unless F16C is enabled, ~5 ns a value). */
+static inline float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
+    uint32_t bits;
+    if (exponent == 0x1f) {
+        bits = sign | 0x7f800000u | (mantissa << 13);
+    } else if (exponent) {
+        bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+    } else {  /* zero or subnormal: mantissa * 2^-24, exact in float */
+        const float value = (float)mantissa * 5.9604644775390625e-8f;
+        memcpy(&bits, &value, sizeof bits);
+        bits |= sign;
+    }
+    float out;
+    memcpy(&out, &bits, sizeof out);
+    return out;
 }
 
 static inline void unpack(const uint8_t *codes, int bits, int64_t channels, float *out) {
@@ -101,54 +120,82 @@ CLONES void llmlite_kv_key_scores(const uint8_t *codes, const float *kscale, con
     }
 }
 
-/* plain codes [T, ceil(n_plain*bits/8)] with step [T]; salient codes [T, ceil(n_salient*sbits/8)]
-   with sscale/smin [T]; inverse int32 [H*D]; mean/std [H*D]; cos/sin [T, D/2]; query [H, G, D];
-   scores [H, G, T]. H*D <= MAX_CHANNELS. */
-CLONES void llmlite_kv_salient_scores(const uint8_t *plain, const float *step, int bits, int64_t n_plain,
-                                      const uint8_t *salient, const float *sscale, const float *smin,
-                                      int sbits, const int32_t *inverse, const float *mean, const float *std,
-                                      const float *cos, const float *sin, const float *query, int64_t heads,
-                                      int64_t tokens, int64_t dim, int64_t group_queries, float *scores) {
-    const int64_t channels = heads * dim, n_salient = channels - n_plain, half = dim / 2;
-    const int64_t pwidth = (n_plain * bits + 7) / 8, swidth = (n_salient * sbits + 7) / 8;
-    const float offset = 0.5f - (float)(1 << (bits - 1));
-    float ordered[MAX_CHANNELS], k[MAX_CHANNELS], r[MAX_CHANNELS];
+/* The salient scheme's keys (see llmlite_kv_encode_salient): low [T, H*D*bits/8] with step [T];
+   high [T, ceil(n_salient*(sbits-bits)/8)] with sscale/smin [T]; chosen int32 [n_salient]; mean/std
+   [H*D]; statistics float16; cos/sin [T, D/2]; query [H, G, D]; scores [H, G, T]. Every channel is
+   read in channel order (no gather), then the salient ones are rewritten; H*D <= MAX_CHANNELS and
+   a multiple of 8/bits. */
+CLONES void llmlite_kv_salient_scores(const uint8_t *low, const uint16_t *step, int bits, const uint8_t *high,
+                                      const uint16_t *sscale, const uint16_t *smin, int sbits,
+                                      const int32_t *chosen, int64_t n_salient, const uint16_t *mean16,
+                                      const uint16_t *std16, const float *cos, const float *sin,
+                                      const float *query, int64_t heads, int64_t tokens, int64_t dim,
+                                      int64_t group_queries, float *scores) {
+    const int64_t channels = heads * dim, half = dim / 2, high_bits = sbits - bits;
+    const int64_t lwidth = channels * bits / 8, hwidth = (n_salient * high_bits + 7) / 8;
+    const float offset = 0.5f - (float)(1 << (bits - 1)), lift = (float)(1 << bits);
+    float codes[MAX_CHANNELS], k[MAX_CHANNELS], r[MAX_CHANNELS], up[MAX_CHANNELS];
+    float mean[MAX_CHANNELS], std[MAX_CHANNELS];
+    for (int64_t c = 0; c < channels; c++) {
+        mean[c] = half_to_float(mean16[c]);
+        std[c] = half_to_float(std16[c]);
+    }
+    for (int64_t j = 0; j < n_salient; j++) up[j] = 0.0f;
     for (int64_t t = 0; t < tokens; t++) {
-        unpack_any(plain + t * pwidth, bits, n_plain, ordered);
-        for (int64_t c = 0; c < n_plain; c++) ordered[c] = (ordered[c] + offset) * step[t];
+        unpack(low + t * lwidth, bits, channels, codes);
+        const float s = half_to_float(step[t]);
+        for (int64_t c = 0; c < channels; c++) k[c] = mean[c] + std[c] * ((codes[c] + offset) * s);
         if (n_salient > 0) {
-            unpack_any(salient + t * swidth, sbits, n_salient, ordered + n_plain);
-            for (int64_t c = n_plain; c < channels; c++) ordered[c] = ordered[c] * sscale[t] + smin[t];
+            if (high_bits) unpack_any(high + t * hwidth, high_bits, n_salient, up);
+            const float ss = half_to_float(sscale[t]), sm = half_to_float(smin[t]);
+            for (int64_t j = 0; j < n_salient; j++) {
+                const int64_t c = chosen[j];
+                k[c] = mean[c] + std[c] * ((codes[c] + up[j] * lift) * ss + sm);
+            }
         }
-        for (int64_t c = 0; c < channels; c++) k[c] = mean[c] + std[c] * ordered[inverse[c]];
         for (int64_t h = 0; h < heads; h++)
             rotate_and_score(k + h * dim, cos + t * half, sin + t * half, query + h * group_queries * dim, dim,
                              group_queries, tokens, t, r, scores + h * group_queries * tokens);
     }
 }
 
-/* codes [T, H*D*bits/8], vscale/vmin [T, ceil(H*D/group)] (a last group may be short), probs
-   [H, G, T] with rows `stride` apart, out [H, G, D] (added to). H*D <= MAX_CHANNELS, a multiple of 8/bits. */
-CLONES void llmlite_kv_value_sums(const uint8_t *codes, const float *vscale, const float *vmin,
+/* codes [T, H*D*bits/8], vscale/vmin float16 [T, ceil(H*D/group)] (a last group may be short),
+   probs [H, G, T] with rows `stride` apart, out [H, G, D] (added to). With `rotation` [D, D]
+   (the salient scheme's values, stored rotated within each head), the sums are taken in the rotated
+   basis and turned back once: out += sums @ rotation. H*D <= MAX_CHANNELS, a multiple of 8/bits. */
+CLONES void llmlite_kv_value_sums(const uint8_t *codes, const uint16_t *vscale, const uint16_t *vmin,
                                   const float *probs, int64_t stride, int64_t heads, int64_t tokens, int64_t dim,
-                                  int64_t group_queries, int bits, int64_t group, float *out) {
+                                  int64_t group_queries, int bits, int64_t group, const float *rotation,
+                                  float *out) {
     const int64_t channels = heads * dim, width = channels * bits / 8, groups = (channels + group - 1) / group;
-    float v[MAX_CHANNELS];
+    float v[MAX_CHANNELS], sums[MAX_CHANNELS * 8], *acc = out;
+    if (rotation != NULL) {
+        if (heads * group_queries * dim > MAX_CHANNELS * 8) return; /* fused.unsupported refuses these */
+        acc = sums;
+        for (int64_t i = 0; i < heads * group_queries * dim; i++) acc[i] = 0.0f;
+    }
     for (int64_t t = 0; t < tokens; t++) {
-        const float *s = vscale + t * groups, *m = vmin + t * groups;
         unpack(codes + t * width, bits, channels, v);
         for (int64_t g = 0; g < groups; g++) {
             const int64_t end = (g + 1) * group < channels ? (g + 1) * group : channels;
-            for (int64_t c = g * group; c < end; c++) v[c] = v[c] * s[g] + m[g];
+            const float s = half_to_float(vscale[t * groups + g]), m = half_to_float(vmin[t * groups + g]);
+            for (int64_t c = g * group; c < end; c++) v[c] = v[c] * s + m;
         }
         for (int64_t h = 0; h < heads; h++) {
             for (int64_t j = 0; j < group_queries; j++) {
                 const float p = probs[(h * group_queries + j) * stride + t];
-                float *o = out + (h * group_queries + j) * dim;
+                float *o = acc + (h * group_queries + j) * dim;
                 const float *vh = v + h * dim;
                 for (int64_t c = 0; c < dim; c++) o[c] += p * vh[c];
             }
         }
+    }
+    if (rotation != NULL) {
+        for (int64_t i = 0; i < heads * group_queries; i++)
+            for (int64_t r = 0; r < dim; r++) {
+                const float a = acc[i * dim + r];
+                for (int64_t c = 0; c < dim; c++) out[i * dim + c] += a * rotation[r * dim + c];
+            }
     }
 }
 
@@ -158,29 +205,39 @@ CLONES void llmlite_kv_value_sums(const uint8_t *codes, const float *vscale, con
    float16, codes round((x - minimum) / scale) from the rounded values (ties to even), clamped,
    packed along the channels (first in the lowest bits, padding bits zero).
    codes [rows, ceil(channels*bits/8)], scale/minimum float16 bits [rows, ceil(channels/group)]. */
+static void quantize_codes(const float *row, int64_t n, int bits, uint8_t *codes, _Float16 *scale,
+                           _Float16 *minimum) {
+    const float qmax = (float)((1 << bits) - 1);
+    float lo = row[0], hi = row[0];
+    for (int64_t c = 1; c < n; c++) {
+        lo = row[c] < lo ? row[c] : lo;
+        hi = row[c] > hi ? row[c] : hi;
+    }
+    const _Float16 s16 = (_Float16)((hi - lo) / qmax), m16 = (_Float16)lo;
+    *scale = s16;
+    *minimum = m16;
+    const float s = (float)s16 == 0.0f ? 1.0f : (float)s16, m = (float)m16;
+    for (int64_t c = 0; c < n; c++) {
+        float q = __builtin_nearbyintf((row[c] - m) / s);
+        codes[c] = (uint8_t)(q < 0.0f ? 0.0f : (q > qmax ? qmax : q));
+    }
+}
+
+/* codes [n] (each < 2^bits) packed 8/bits to a byte, the first in the lowest bits, padding zero */
+static void pack_codes(const uint8_t *codes, int64_t n, int bits, uint8_t *out) {
+    const int per_byte = 8 / bits;
+    for (int64_t b = 0; b < (n * bits + 7) / 8; b++) out[b] = 0;
+    for (int64_t c = 0; c < n; c++) out[c / per_byte] |= (uint8_t)(codes[c] << (bits * (c % per_byte)));
+}
+
 static void quantize_row(const float *row, int64_t channels, int bits, int64_t group, uint8_t *out,
                          _Float16 *scale, _Float16 *minimum) {
-    const int per_byte = 8 / bits;
-    const int64_t width = (channels * bits + 7) / 8, groups = (channels + group - 1) / group;
-    const float qmax = (float)((1 << bits) - 1);
-    for (int64_t b = 0; b < width; b++) out[b] = 0;
-    for (int64_t g = 0; g < groups; g++) {
-        const int64_t start = g * group, end = start + group < channels ? start + group : channels;
-        float lo = row[start], hi = row[start];
-        for (int64_t c = start + 1; c < end; c++) {
-            lo = row[c] < lo ? row[c] : lo;
-            hi = row[c] > hi ? row[c] : hi;
-        }
-        const _Float16 s16 = (_Float16)((hi - lo) / qmax), m16 = (_Float16)lo;
-        scale[g] = s16;
-        minimum[g] = m16;
-        const float s = (float)s16 == 0.0f ? 1.0f : (float)s16, m = (float)m16;
-        for (int64_t c = start; c < end; c++) {
-            float q = __builtin_nearbyintf((row[c] - m) / s);
-            q = q < 0.0f ? 0.0f : (q > qmax ? qmax : q);
-            out[c / per_byte] |= (uint8_t)((int)q << (bits * (c % per_byte)));
-        }
+    uint8_t codes[MAX_CHANNELS];
+    for (int64_t g = 0, start = 0; start < channels; g++, start += group) {
+        const int64_t n = start + group < channels ? group : channels - start;
+        quantize_codes(row + start, n, bits, codes + start, scale + g, minimum + g);
     }
+    pack_codes(codes, channels, bits, out);
 }
 
 void llmlite_kv_quantize_rows(const float *x, int64_t rows, int64_t channels, int bits, int64_t group,
@@ -196,26 +253,30 @@ void llmlite_kv_quantize_rows(const float *x, int64_t rows, int64_t channels, in
    float32 as the cache holds them, after RoPE; the first `tokens` of each head's window are
    taken, rotated back to before RoPE when cos/sin [tokens, D/2] are given (kvcache/rope.py's
    order: lo*c + hi*s, hi*c + (-lo)*s, each product rounded, no fused multiply-add), then, over
-   the H*D channels: z = (k - mean) / std, taken in `order` (plain channels first, n_plain of
-   them); plain: step = (float16)(alpha * (float)sqrt(sum z^2 / n_plain in double)), codes
-   clamp(floor(z / step) + 2^(bits-1)); salient: quantize_row at sbits, one group.
-   Written from the given rows on: plain [tokens, ceil(n_plain*bits/8)], step [tokens];
-   salient [tokens, ceil(n_salient*sbits/8)], sscale/smin [tokens]. H*D <= MAX_CHANNELS. */
+   the H*D channels: z = (k - mean) / std; step = (float16)(alpha * (float)sqrt(sum of z^2 over
+   the n_plain plain channels, in double, / n_plain)); every channel's code clamp(floor(z / step)
+   + 2^(bits-1)); the salient channels (`chosen`, ascending) quantized together at sbits
+   (quantize_codes), their low `bits` bits replacing their codes and the rest in `high`.
+   Written from the given rows on: low [tokens, H*D*bits/8], step [tokens], high [tokens,
+   ceil(n_salient*(sbits-bits)/8)], sscale/smin [tokens]. H*D <= MAX_CHANNELS. */
 __attribute__((optimize("fp-contract=off")))
 void llmlite_kv_encode_salient(const float *keys, int64_t heads, int64_t window, int64_t tokens, int64_t dim,
                                const float *cos, const float *sin, const _Float16 *mean16,
-                               const _Float16 *std16, const int32_t *order, int64_t n_plain, int bits,
-                               int sbits, float alpha, uint8_t *plain, _Float16 *step, uint8_t *salient,
+                               const _Float16 *std16, const int32_t *chosen, int64_t n_salient, int bits,
+                               int sbits, float alpha, uint8_t *low, _Float16 *step, uint8_t *high,
                                _Float16 *sscale, _Float16 *smin) {
-    const int64_t channels = heads * dim, n_salient = channels - n_plain, half = dim / 2;
-    const int64_t pwidth = (n_plain * bits + 7) / 8, swidth = (n_salient * sbits + 7) / 8;
-    const int per_byte = 8 / bits, levels = 1 << (bits - 1);
+    const int64_t channels = heads * dim, n_plain = channels - n_salient, half = dim / 2;
+    const int high_bits = sbits - bits, levels = 1 << (bits - 1);
+    const int64_t lwidth = (channels * bits + 7) / 8, hwidth = (n_salient * high_bits + 7) / 8;
     const float top = (float)(2 * levels - 1);
-    float k[MAX_CHANNELS], z[MAX_CHANNELS], mean[MAX_CHANNELS], std[MAX_CHANNELS];
+    float k[MAX_CHANNELS], z[MAX_CHANNELS], zs[MAX_CHANNELS], mean[MAX_CHANNELS], std[MAX_CHANNELS];
+    uint8_t codes[MAX_CHANNELS], scodes[MAX_CHANNELS], is_salient[MAX_CHANNELS];
     for (int64_t c = 0; c < channels; c++) {
         mean[c] = (float)mean16[c];
         std[c] = (float)std16[c];
+        is_salient[c] = 0;
     }
+    for (int64_t j = 0; j < n_salient; j++) is_salient[chosen[j]] = 1;
     for (int64_t t = 0; t < tokens; t++) {
         for (int64_t h = 0; h < heads; h++) {
             const float *src = keys + (h * window + t) * dim;
@@ -232,22 +293,29 @@ void llmlite_kv_encode_salient(const float *keys, int64_t heads, int64_t window,
                 dst[c + half] = hi_c + lo_s;
             }
         }
-        for (int64_t i = 0; i < channels; i++) z[i] = (k[order[i]] - mean[order[i]]) / std[order[i]];
         double squares = 0.0;
-        for (int64_t i = 0; i < n_plain; i++) squares += (double)z[i] * (double)z[i];
+        for (int64_t c = 0; c < channels; c++) {
+            z[c] = (k[c] - mean[c]) / std[c];
+            if (!is_salient[c]) squares += (double)z[c] * (double)z[c];
+        }
         const float rms = n_plain ? (float)__builtin_sqrt(squares / (double)n_plain) : 0.0f;
         const _Float16 s16 = (_Float16)(alpha * rms);
         step[t] = s16;
         const float s = (float)s16 == 0.0f ? 1.0f : (float)s16;
-        uint8_t *out = plain + t * pwidth;
-        for (int64_t i = 0; i < pwidth; i++) out[i] = 0;
-        for (int64_t i = 0; i < n_plain; i++) {
-            float q = __builtin_floorf(z[i] / s) + (float)levels;
-            q = q < 0.0f ? 0.0f : (q > top ? top : q);
-            out[i / per_byte] |= (uint8_t)((int)q << (bits * (i % per_byte)));
+        for (int64_t c = 0; c < channels; c++) {
+            float q = __builtin_floorf(z[c] / s) + (float)levels;
+            codes[c] = (uint8_t)(q < 0.0f ? 0.0f : (q > top ? top : q));
         }
-        if (n_salient > 0)
-            quantize_row(z + n_plain, n_salient, sbits, n_salient, salient + t * swidth, sscale + t, smin + t);
+        if (n_salient > 0) {
+            for (int64_t j = 0; j < n_salient; j++) zs[j] = z[chosen[j]];
+            quantize_codes(zs, n_salient, sbits, scodes, sscale + t, smin + t);
+            for (int64_t j = 0; j < n_salient; j++) {
+                codes[chosen[j]] = scodes[j] & ((1 << bits) - 1);
+                scodes[j] >>= bits;
+            }
+            if (high_bits) pack_codes(scodes, n_salient, high_bits, high + t * hwidth);
+        }
+        pack_codes(codes, channels, bits, low + t * lwidth);
     }
 }
 
