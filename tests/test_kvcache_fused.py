@@ -75,11 +75,38 @@ def test_attend_at_the_edges():
     check_steps(QuantizedKVCache(2, 64, 0, 0, inv_freq=INV_FREQ, scheme="salient", salient=0.0), 100, 2)
 
 
+@pytest.mark.parametrize("kind", ["subnormal", "largest"])
+def test_float16_specials_in_the_stored_tokens(kind):
+    """The C loops read the cache's float16 sinks, window and statistics as bits: subnormals
+    (below 2^-14) and zeros, or the largest normals, must come out exactly."""
+    cache = QuantizedKVCache(4, 64, 32, 4, inv_freq=INV_FREQ, scheme="kivi")
+    gen = torch.Generator().manual_seed(3)
+    keys, values = torch.randn(2, 1, 3, 40, 64, generator=gen)
+    if kind == "subnormal":
+        values *= 3e-6  # float16 subnormals everywhere, zeros in a few tokens
+        values[..., 20:24, :] = 0.0
+    else:
+        keys[..., 30, :8] = 60000.0 * torch.sign(keys[..., 30, :8])
+        values[..., 31, :8] = -65504.0
+    cache.update(keys, values, 0)
+    layer, q = cache.layers[0], torch.randn(1, 9, 1, 64, generator=gen) * 1e-4
+    new_k, new_v = torch.randn(2, 1, 3, 1, 64, generator=gen) * (values.abs().max() / 4)
+    layer.store(new_k, new_v)
+    got = fused.attend(layer, q, new_k, new_v, 0.125)
+    stored_k, stored_v = layer._read(new_k, new_v)
+    want = F.scaled_dot_product_attention(
+        q.double(), stored_k.double(), stored_v.double(), scale=0.125, enable_gqa=True
+    )
+    scale = float(stored_v.abs().max())
+    torch.testing.assert_close(got.double() / scale, want / scale, rtol=0, atol=2e-7)
+
+
 def test_layers_it_does_not_serve_say_why():
     q = torch.randn(1, 9, 1, 64)
     for cache, reason in [
         (QuantizedKVCache(16, inv_freq=INV_FREQ), "16-bit"),
         (QuantizedKVCache(4, 64, 0, 0, scheme="kivi"), "RoPE"),
+        (QuantizedKVCache(4, 64, 0, 0, torch.float32, inv_freq=INV_FREQ), "float16"),
     ]:
         cache.update(torch.randn(1, 3, 100, 64), torch.randn(1, 3, 100, 64), 0)
         assert reason in fused.unsupported(cache.layers[0], q)

@@ -36,7 +36,7 @@ def _load() -> ctypes.CDLL | None:
     if lib is None:
         return None
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.llmlite_kv_key_scores.argtypes = [p] * 6 + [i64] * 4 + [i32, i64, p]
+    lib.llmlite_kv_key_scores.argtypes = [p, p, p, i64, i64, p, p, p, *[i64] * 4, i32, i64, p]
     lib.llmlite_kv_value_sums.argtypes = [p] * 4 + [i64] * 5 + [i32, i64, p, p]
     lib.llmlite_kv_salient_scores.argtypes = [p, p, i32, p, p, p, i32, p, i64, *[p] * 5, *[i64] * 4, p]
     lib.llmlite_kv_combine.argtypes = [p, p, p, i64, p, i64, i64, p, i64, p, i64, p, p, i64, i64, i64, p, p]
@@ -191,18 +191,19 @@ def _salient_scores(layer, qg: Tensor) -> Tensor:
 
 
 def _key_scores(layer, qg: Tensor) -> Tensor:
-    """Scores ``[b, kv_heads, group, tokens]`` of the quantized keys for ``qg [b, kv_heads, group, d]``."""
+    """Scores ``[b, kv_heads, group, tokens]`` of the quantized keys for ``qg [b, kv_heads, group, d]``
+    (KIVI: per-channel float16 statistics)."""
     q = layer.quant_keys
     b, h, tokens, _ = q.codes.shape
     d, groups = qg.shape[-1], qg.shape[2]
     cos, sin = layer.rope.angles(layer.sink_keys.shape[-2], tokens, qg.device)
     scores = qg.new_empty(b, h, groups, tokens)
+    code_rows, stat_rows = q.codes.stride(1) // q.codes.shape[-1], q.scale.stride(1) // d  # room per head
     for i in range(b):
-        codes, scale, minimum = q.codes[i].contiguous(), q.scale[i].float(), q.minimum[i].float()
-        query = qg[i].contiguous()
         _LIB.llmlite_kv_key_scores(
-            codes.data_ptr(), scale.data_ptr(), minimum.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-            query.data_ptr(), h, tokens, d, groups, q.bits, q.group_size, scores[i].data_ptr(),
+            _row(q.codes, i, 0), _row(q.scale, i, 0), _row(q.minimum, i, 0), code_rows, stat_rows,
+            cos.data_ptr(), sin.data_ptr(), _row(qg, i, 0), h, tokens, d, groups, q.bits, q.group_size,
+            _row(scores, i, 0),
         )  # fmt: skip
     return scores
 
@@ -237,26 +238,18 @@ def attend(layer, query: Tensor, new_key: Tensor, new_value: Tensor, scaling: fl
         qscores = qg.new_empty(b, kv_heads, qg.shape[2], 0)
     tq = qscores.shape[-1]
     tv = 0 if layer.quant_values is None else layer.quant_values.tokens
-    sink_k, sink_v, recent_k, recent_v, new_k, new_v = (
-        t.float().contiguous()
-        for t in (
-            layer.sink_keys,
-            layer.sink_values,
-            layer.recent_keys,
-            layer.recent_values,
-            new_key,
-            new_value,
-        )
+    sink_k, sink_v, recent_k, recent_v = (  # float16, as stored (``unsupported`` checks)
+        t.contiguous() for t in (layer.sink_keys, layer.sink_values, layer.recent_keys, layer.recent_values)
     )
+    new_k, new_v = new_key.float().contiguous(), new_value.float().contiguous()
     sinks, rk, rv = sink_k.shape[2], recent_k.shape[2], recent_v.shape[2]
     probs = qg.new_empty(b, kv_heads, qg.shape[2], sinks + tq + rk)
     out = torch.empty_like(qg)
     for i in range(b):
         _LIB.llmlite_kv_combine(
-            qg[i].data_ptr(), sink_k[i].data_ptr(), sink_v[i].data_ptr(), sinks,
-            qscores[i].data_ptr(), tq, tv, recent_k[i].data_ptr(), rk, recent_v[i].data_ptr(), rv,
-            new_k[i].data_ptr(), new_v[i].data_ptr(),
-            kv_heads, qg.shape[2], d, probs[i].data_ptr(), out[i].data_ptr(),
+            _row(qg, i, 0), _row(sink_k, i, 0), _row(sink_v, i, 0), sinks, _row(qscores, i, 0), tq, tv,
+            _row(recent_k, i, 0), rk, _row(recent_v, i, 0), rv, _row(new_k, i, 0), _row(new_v, i, 0),
+            kv_heads, qg.shape[2], d, _row(probs, i, 0), _row(out, i, 0),
         )  # fmt: skip
     if tv:
         _add_value_sums(layer, probs, out)

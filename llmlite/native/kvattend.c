@@ -43,20 +43,17 @@ __attribute__((constructor)) static void fill_table(void) {
         for (int i = 0; i < 4; i++) LUT2[b][i] = (float)((b >> (2 * i)) & 3);
 }
 
-/* A float16 (its bits) as float, exactly: integer operations that need no F16C instructions
-   (GCC calls a library routine for a _Float16 cast unless F16C is enabled, ~5 ns a value). */
+/* A float16 (its bits) as float, exactly, by integer operations that vectorise and need no F16C
+   instructions (GCC calls a library routine for a _Float16 cast unless F16C is enabled, ~5 ns a
+   value): normal numbers rebias the exponent (+112), subnormals are mantissa * 2^-24, and
+   infinities and NaNs keep their mantissa. */
 static inline float half_to_float(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
-    uint32_t bits;
-    if (exponent == 0x1f) {
-        bits = sign | 0x7f800000u | (mantissa << 13);
-    } else if (exponent) {
-        bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
-    } else {  /* zero or subnormal: mantissa * 2^-24, exact in float */
-        const float value = (float)mantissa * 5.9604644775390625e-8f;
-        memcpy(&bits, &value, sizeof bits);
-        bits |= sign;
-    }
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, rest = h & 0x7fffu;
+    const float subnormal = (float)rest * 5.9604644775390625e-8f;
+    uint32_t small;
+    memcpy(&small, &subnormal, sizeof small);
+    const uint32_t normal = (rest << 13) + 0x38000000u, special = (rest << 13) | 0x7f800000u;
+    const uint32_t bits = sign | (rest >= 0x7c00u ? special : rest >= 0x0400u ? normal : small);
     float out;
     memcpy(&out, &bits, sizeof out);
     return out;
@@ -100,20 +97,21 @@ static inline void rotate_and_score(const float *k, const float *ct, const float
     }
 }
 
-/* codes [H, T, D*bits/8], kscale/kmin [H, ceil(T/group), D], cos/sin [T, D/2], query [H, G, D],
-   scores [H, G, T]. D <= MAX_CHANNELS, D even and a multiple of 8/bits. */
-CLONES void llmlite_kv_key_scores(const uint8_t *codes, const float *kscale, const float *kmin,
-                                  const float *cos, const float *sin, const float *query, int64_t heads,
-                                  int64_t tokens, int64_t dim, int64_t group_queries, int bits,
-                                  int64_t group, float *scores) {
-    const int64_t width = dim * bits / 8, half = dim / 2, groups = (tokens + group - 1) / group;
+/* codes [H, T, D*bits/8], kscale/kmin float16 [H, ceil(T/group), D], each head's rows `code_rows`
+   and `stat_rows` apart (buffers with room to grow); cos/sin [T, D/2], query [H, G, D], scores
+   [H, G, T]. D <= MAX_CHANNELS, D even and a multiple of 8/bits. */
+CLONES void llmlite_kv_key_scores(const uint8_t *codes, const uint16_t *kscale, const uint16_t *kmin,
+                                  int64_t code_rows, int64_t stat_rows, const float *cos, const float *sin,
+                                  const float *query, int64_t heads, int64_t tokens, int64_t dim,
+                                  int64_t group_queries, int bits, int64_t group, float *scores) {
+    const int64_t width = dim * bits / 8, half = dim / 2, groups = stat_rows;
     float k[MAX_CHANNELS], r[MAX_CHANNELS];
     for (int64_t h = 0; h < heads; h++) {
         for (int64_t t = 0; t < tokens; t++) {
-            const float *s = kscale + (h * groups + t / group) * dim, *m = kmin + (h * groups + t / group) * dim;
+            const uint16_t *s = kscale + (h * groups + t / group) * dim, *m = kmin + (h * groups + t / group) * dim;
             const float *ct = cos + t * half, *st = sin + t * half;
-            unpack(codes + (h * tokens + t) * width, bits, dim, k);
-            for (int64_t c = 0; c < dim; c++) k[c] = k[c] * s[c] + m[c];
+            unpack(codes + (h * code_rows + t) * width, bits, dim, k);
+            for (int64_t c = 0; c < dim; c++) k[c] = k[c] * half_to_float(s[c]) + half_to_float(m[c]);
             rotate_and_score(k, ct, st, query + h * group_queries * dim, dim, group_queries, tokens, t, r,
                              scores + h * group_queries * tokens);
         }
@@ -339,47 +337,48 @@ static inline float exp_nonpositive(float x) {
     return p * scale;
 }
 
+static inline float dot_half(const float *q, const uint16_t *k, int64_t dim) {
+    float acc = 0.0f;
+    for (int64_t c = 0; c < dim; c++) acc += q[c] * half_to_float(k[c]);
+    return acc;
+}
+
 /* The float parts of one decode step and the softmax, for one sequence. Keys are, in token order,
    sinks [H, S, D], the quantized ones (their scores given: qscores [H, G, Tq]) and the recent
    window [H, Rk, D]; values sinks, Tv quantized, recent [H, Rv, D]; S + Tq + Rk = S + Tv + Rv = L.
-   The last token's key and value are new_k/new_v [H, D] (exact), not the stored ones.
+   Sinks and recent tokens are float16 (their bits), as the cache stores them. The last token's
+   key and value are new_k/new_v [H, D] (float32, exact), not the stored ones.
    Writes probs [H, G, L] (the last token's set to 0 once its exact value is added) and out [H, G, D]: the
    weighted sum of every value except the quantized ones (which llmlite_kv_value_sums adds). */
-CLONES void llmlite_kv_combine(const float *query, const float *sink_k, const float *sink_v, int64_t sinks,
-                        const float *qscores, int64_t tq, int64_t tv, const float *recent_k, int64_t rk,
-                        const float *recent_v, int64_t rv, const float *new_k, const float *new_v,
+CLONES void llmlite_kv_combine(const float *query, const uint16_t *sink_k, const uint16_t *sink_v, int64_t sinks,
+                        const float *qscores, int64_t tq, int64_t tv, const uint16_t *recent_k, int64_t rk,
+                        const uint16_t *recent_v, int64_t rv, const float *new_k, const float *new_v,
                         int64_t heads, int64_t group_queries, int64_t dim, float *probs, float *out) {
     const int64_t length = sinks + tq + rk;
     for (int64_t h = 0; h < heads; h++) {
         for (int64_t j = 0; j < group_queries; j++) {
-            const float *q = query + (h * group_queries + j) * dim;
+            const float *q = query + (h * group_queries + j) * dim, *nk = new_k + h * dim;
             float *p = probs + (h * group_queries + j) * length, *o = out + (h * group_queries + j) * dim;
-            for (int64_t t = 0; t < length; t++) {
-                const float *k = NULL;
-                if (t < sinks) k = sink_k + (h * sinks + t) * dim;
-                else if (t >= sinks + tq) k = recent_k + (h * rk + t - sinks - tq) * dim;
-                if (t == length - 1) k = new_k + h * dim;
-                if (k == NULL) {
-                    p[t] = qscores[(h * group_queries + j) * tq + t - sinks];
-                } else {
-                    float acc = 0.0f;
-                    for (int64_t c = 0; c < dim; c++) acc += q[c] * k[c];
-                    p[t] = acc;
-                }
+            for (int64_t t = 0; t < length - 1; t++) {
+                if (t < sinks) p[t] = dot_half(q, sink_k + (h * sinks + t) * dim, dim);
+                else if (t >= sinks + tq) p[t] = dot_half(q, recent_k + (h * rk + t - sinks - tq) * dim, dim);
+                else p[t] = qscores[(h * group_queries + j) * tq + t - sinks];
             }
+            float acc = 0.0f;
+            for (int64_t c = 0; c < dim; c++) acc += q[c] * nk[c];
+            p[length - 1] = acc;
             float top = p[0], total = 0.0f;
             for (int64_t t = 1; t < length; t++) top = p[t] > top ? p[t] : top;
             for (int64_t t = 0; t < length; t++) p[t] = exp_nonpositive(p[t] - top);
             for (int64_t t = 0; t < length; t++) total += p[t];
             for (int64_t t = 0; t < length; t++) p[t] /= total;
-            for (int64_t c = 0; c < dim; c++) o[c] = 0.0f;
-            for (int64_t t = 0; t < length; t++) {
-                const float *v = NULL;
-                if (t == length - 1) v = new_v + h * dim;
-                else if (t < sinks) v = sink_v + (h * sinks + t) * dim;
+            for (int64_t c = 0; c < dim; c++) o[c] = p[length - 1] * new_v[h * dim + c];
+            for (int64_t t = 0; t < length - 1; t++) {
+                const uint16_t *v = NULL;
+                if (t < sinks) v = sink_v + (h * sinks + t) * dim;
                 else if (t >= sinks + tv) v = recent_v + (h * rv + t - sinks - tv) * dim;
                 if (v == NULL) continue;
-                for (int64_t c = 0; c < dim; c++) o[c] += p[t] * v[c];
+                for (int64_t c = 0; c < dim; c++) o[c] += p[t] * half_to_float(v[c]);
             }
             p[length - 1] = 0.0f; /* its value entered exactly, above */
         }
