@@ -12,7 +12,7 @@ from transformers import DynamicCache
 
 from llmlite.kvcache.cache import KVSpec, QuantizedKVCache, QuantizedKVLayer, kv_cache_for
 from llmlite.kvcache.evaluate import cached_perplexity, float16_cache_bytes
-from llmlite.kvcache.quant import APPEND_CHUNK, dequantize, pack, quantize, unpack
+from llmlite.kvcache.quant import APPEND_CHUNK, append, dequantize, pack, quantize, unpack
 
 
 def reference(x: torch.Tensor, bits: int, group: int, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,6 +80,30 @@ def test_pack_round_trip(bits, channels):
     packed = pack(codes, bits)
     assert packed.shape[-1] == math.ceil(channels * bits / 8)
     assert torch.equal(unpack(packed, bits, channels), codes)
+
+
+@pytest.mark.parametrize("axis,group", [(-1, 32), (-2, 8)])
+def test_append_equals_concatenation_and_keeps_earlier_views(axis, group):
+    """Blocks appended into buffers with room (``quant.append``) read back as ``torch.cat`` of
+    them, for values (per token) and keys (whole token groups), batch 2 and 3 heads; the views
+    handed out earlier keep their data, and storage is reallocated only when the room runs out."""
+    gen = torch.Generator().manual_seed(abs(axis) * 100 + group)
+    step = group if axis == -2 else 1
+    sizes = [step * n for n in (3, 1, 1, 5, 1, 40, 2, 1)]
+    blocks = [quantize(torch.randn(2, 3, n, 48, generator=gen), 4, group, axis) for n in sizes]
+    q, seen, moves = None, [], 0
+    for block in blocks:
+        before = None if q is None else q.codes.untyped_storage().data_ptr()
+        q = append(q, block)
+        moves += before is not None and q.codes.untyped_storage().data_ptr() != before
+        seen.append((q, [t.clone() for t in q.tensors()]))
+    for name in ("codes", "scale", "minimum"):
+        assert torch.equal(getattr(q, name), torch.cat([getattr(b, name) for b in blocks], -2)), name
+    for view, copies in seen:
+        assert all(torch.equal(t, c) for t, c in zip(view.tensors(), copies, strict=True))
+    tokens = sum(sizes)
+    assert q.tokens == tokens and 1 <= moves <= -(-tokens // APPEND_CHUNK) + 1
+    assert torch.equal(dequantize(q), torch.cat([dequantize(b) for b in blocks], -2))
 
 
 def test_rope_is_undone_and_redone_exactly():

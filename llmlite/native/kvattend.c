@@ -105,13 +105,19 @@ CLONES void llmlite_kv_key_scores(const uint8_t *codes, const uint16_t *kscale, 
                                   const float *query, int64_t heads, int64_t tokens, int64_t dim,
                                   int64_t group_queries, int bits, int64_t group, float *scores) {
     const int64_t width = dim * bits / 8, half = dim / 2, groups = stat_rows;
-    float k[MAX_CHANNELS], r[MAX_CHANNELS];
+    float k[MAX_CHANNELS], r[MAX_CHANNELS], s[MAX_CHANNELS], m[MAX_CHANNELS];
     for (int64_t h = 0; h < heads; h++) {
         for (int64_t t = 0; t < tokens; t++) {
-            const uint16_t *s = kscale + (h * groups + t / group) * dim, *m = kmin + (h * groups + t / group) * dim;
+            if (t % group == 0) { /* a new group of tokens: its channels' scales and minima */
+                const uint16_t *s16 = kscale + (h * groups + t / group) * dim, *m16 = kmin + (h * groups + t / group) * dim;
+                for (int64_t c = 0; c < dim; c++) {
+                    s[c] = half_to_float(s16[c]);
+                    m[c] = half_to_float(m16[c]);
+                }
+            }
             const float *ct = cos + t * half, *st = sin + t * half;
             unpack(codes + (h * code_rows + t) * width, bits, dim, k);
-            for (int64_t c = 0; c < dim; c++) k[c] = k[c] * half_to_float(s[c]) + half_to_float(m[c]);
+            for (int64_t c = 0; c < dim; c++) k[c] = k[c] * s[c] + m[c];
             rotate_and_score(k, ct, st, query + h * group_queries * dim, dim, group_queries, tokens, t, r,
                              scores + h * group_queries * tokens);
         }
