@@ -23,9 +23,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from llmlite.data import eval_windows, load_text, tokenize  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from llmlite.data import calibration_windows, eval_windows, load_text, tokenize  # noqa: E402
 from llmlite.evaluation.perplexity import perplexity  # noqa: E402
-from llmlite.models import load_model  # noqa: E402
+from llmlite.models import load_model, resolve_model  # noqa: E402
 from llmlite.runinfo import environment  # noqa: E402
 
 BENCH = ROOT / ".bench"
@@ -40,22 +43,100 @@ METHODS = {  # column -> quantize options
 }
 GRIDS = [(3, "asym"), (4, "asym"), (3, "sym"), (4, "sym")]  # in the order they run
 ABLATED = {(3, "asym"), (4, "asym")}  # the grids that also run the two ablations
+# llm-compressor's AWQ, stacked with its quantizer as it requires; at group 64, because it refuses
+# group 128 on SmolLM2's 576-wide rows; beside llmlite's methods at the same group
+PEERS = {"llm-compressor AWQ": "rtn", "llm-compressor AWQ→GPTQ": "gptq"}
+PEER_GRIDS = [(3, "asym")]
+PEER_GROUP = 64
 
 
-def runs() -> list[tuple[str, int, str, str]]:
+def runs() -> list[tuple[str, int, str, str, int]]:
+    """(name, bits, grid, column, group) of every run, in the order they run."""
     out = []
     for bits, grid in GRIDS:
         for column in METHODS:
             if column.startswith("AWQ,") and (bits, grid) not in ABLATED:
                 continue
-            name = f"{column}-w{bits}g128-{grid}".replace("→", "-").replace(", ", "-").replace(" ", "-")
-            out.append((name.lower(), bits, grid, column))
+            out.append((_name(column, bits, 128, grid), bits, grid, column, 128))
+    for bits, grid in PEER_GRIDS:
+        for column in [c for c in METHODS if not c.startswith("AWQ,")] + list(PEERS):
+            out.append((_name(column, bits, PEER_GROUP, grid), bits, grid, column, PEER_GROUP))
     return out
 
 
-def quantize(name: str, bits: int, grid: str, column: str) -> dict:
+def _name(column: str, bits: int, group: int, grid: str) -> str:
+    name = f"{column}-w{bits}g{group}-{grid}"
+    return name.replace("→", "-").replace(", ", "-").replace(" ", "-").lower()
+
+
+def quantize_peer(python: str, name: str, bits: int, grid: str, column: str, group: int) -> dict:
+    """One llm-compressor run (``benchmarks/peers/llmcompressor_awq.py``) in its own venv."""
     out = BENCH / "runs" / name
-    cmd = [*LLMLITE, "quantize", *METHODS[column], "--bits", str(bits), "--group-size", "128", f"--{grid}"]
+    script = ROOT / "benchmarks" / "peers" / "llmcompressor_awq.py"
+    cmd = [python, str(script), str(resolve_model("smollm2-135m")), str(calibration_file()), str(out)]
+    cmd += ["--bits", str(bits), "--group-size", str(group), "--then", PEERS[column]]
+    cmd += ["--asym"] if grid == "asym" else []
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
+    result = json.loads((out / "result.json").read_text())
+    versions = subprocess.run(
+        [python, "-c", "import importlib.metadata as m; print(m.version('llmcompressor'))"],
+        capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    command = f"llm-compressor {versions}: AWQModifier + {PEERS[column]} w{bits} g{group} {grid}"
+    return {"command": command, "process_s": time.perf_counter() - start, "quantize_s": result["seconds"],
+            "path": str(out), "tool": "llm-compressor"}  # fmt: skip
+
+
+def ensure_llmc(python: str | None) -> str:
+    """The peer's python: ``--llmc-python``, or a venv made once in ``.bench`` (CPU torch first)."""
+    if python:
+        return python
+    venv = BENCH / "venv-llmcompressor"
+    if not (venv / "bin" / "python").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+        subprocess.run([*pip, "torch==2.13.0"], check=True)
+        subprocess.run([*pip, "llmcompressor"], check=True)
+    return str(venv / "bin" / "python")
+
+
+def calibration_file() -> Path:
+    """The 128 × 512 calibration windows ``llmlite quantize`` samples by default, saved for the peer."""
+    path = BENCH / "awq-calibration.pt"
+    if not path.exists():
+        tokenizer = load_model("smollm2-135m")[1]
+        ids = tokenize(tokenizer, load_text("wikitext2-valid"))
+        torch.save(calibration_windows(ids, 128, 512, 0), path)
+    return path
+
+
+def score(row: dict, windows: torch.Tensor) -> float:
+    if row.get("tool") == "llm-compressor":  # its smoothed, fake-quantized weights in the float model
+        model = load_model("smollm2-135m")[0]
+        weights = load_file(str(Path(row["path"]) / "weights.safetensors"))
+        missing = set(weights) - set(model.state_dict())
+        assert not missing, missing
+        model.load_state_dict(weights, strict=False)
+    else:
+        model = load_model(row["path"])[0]
+    return perplexity(model, windows, progress=False).perplexity
+
+
+def quantize(name: str, bits: int, grid: str, column: str, group: int = 128) -> dict:
+    out = BENCH / "runs" / name
+    cmd = [
+        *LLMLITE,
+        "quantize",
+        *METHODS[column],
+        "--bits",
+        str(bits),
+        "--group-size",
+        str(group),
+        f"--{grid}",
+    ]
     start = time.perf_counter()
     done = subprocess.run(
         [*cmd, "--output", str(out), "--overwrite", "--quiet"], capture_output=True, text=True
@@ -69,6 +150,31 @@ def quantize(name: str, bits: int, grid: str, column: str) -> dict:
         "quantize_s": record["report"]["seconds"],
         "path": str(out),
     }
+
+
+def gap_table(cache: dict, n: int, columns: list[str], grids: list[tuple[int, str, int]]) -> list[str]:
+    """Markdown rows: per (bits, grid, group), each column's perplexity and the share of RTN's gap to
+    the float model it closes (grids without an RTN row are left out)."""
+    fp = cache[f"fp32@{n}"]
+    header = " | ".join(f"{c} ppl | gap closed" if c != "RTN" else "RTN ppl" for c in columns)
+    lines = [f"| bits | grid | {header} |", "| --- | --- |" + " ---: |" * (2 * len(columns) - 1)]
+    for bits, grid, group in grids:
+        row = {
+            c: cache.get(f"{name}@{n}") for name, b, g, c, gs in runs() if (b, g, gs) == (bits, grid, group)
+        }
+        if not row.get("RTN"):
+            continue
+        rtn = row["RTN"]["perplexity"]
+        cells = [str(bits), grid, f"{rtn:.3f}"]
+        for c in columns[1:]:
+            r = row.get(c)
+            cells += (
+                ["–", "–"]
+                if not r
+                else [f"{r['perplexity']:.3f}", f"{(rtn - r['perplexity']) / (rtn - fp):.0%}"]
+            )
+        lines.append(f"| {' | '.join(cells)} |")
+    return lines
 
 
 def markdown(cache: dict, n: int, tokens: int) -> str:
@@ -93,22 +199,7 @@ def markdown(cache: dict, n: int, tokens: int) -> str:
         "",
     ]
     columns = [c for c in METHODS if not c.startswith("AWQ,")]
-    header = " | ".join(f"{c} ppl | gap closed" if c != "RTN" else "RTN ppl" for c in columns)
-    lines += [f"| bits | grid | {header} |", "| --- | --- |" + " ---: |" * (2 * len(columns) - 1)]
-    for bits, grid in GRIDS:
-        row = {c: cache.get(f"{name}@{n}") for name, b, g, c in runs() if (b, g) == (bits, grid)}
-        if not row.get("RTN"):
-            continue
-        rtn = row["RTN"]["perplexity"]
-        cells = [str(bits), grid, f"{rtn:.3f}"]
-        for c in columns[1:]:
-            r = row.get(c)
-            cells += (
-                ["–", "–"]
-                if not r
-                else [f"{r['perplexity']:.3f}", f"{(rtn - r['perplexity']) / (rtn - fp):.0%}"]
-            )
-        lines.append(f"| {' | '.join(cells)} |")
+    lines += gap_table(cache, n, columns, [(bits, grid, 128) for bits, grid in GRIDS])
     lines += [
         "",
         "## What each AWQ choice buys (AWQ, group 128)",
@@ -117,12 +208,24 @@ def markdown(cache: dict, n: int, tokens: int) -> str:
         "| --- | --- | ---: | ---: | ---: |",
     ]
     for bits, grid in sorted(ABLATED, reverse=True):
-        row = {c: cache.get(f"{name}@{n}") for name, b, g, c in runs() if (b, g) == (bits, grid)}
+        row = {c: cache.get(f"{name}@{n}") for name, b, g, c, gs in runs() if (b, g, gs) == (bits, grid, 128)}
         cells = [str(bits), grid] + [
             f"{row[c]['perplexity']:.3f}" if row.get(c) else "–"
             for c in ("AWQ", "AWQ, no v→o", "AWQ, no clipping")
         ]
         lines.append(f"| {' | '.join(cells)} |")
+    peer_columns = [c for c in METHODS if not c.startswith("AWQ,")] + list(PEERS)
+    lines += [
+        "",
+        f"## Against llm-compressor (group {PEER_GROUP})",
+        "",
+        f"llm-compressor refuses group 128 on SmolLM2's 576-wide rows, so this comparison runs at group "
+        f"{PEER_GROUP}, every row on the same calibration windows (`benchmarks/peers/llmcompressor_awq.py`, "
+        "its own venv; its AWQ is stacked with its round-to-nearest `QuantizationModifier` or its "
+        "`GPTQModifier`, as it requires; its mappings skip v_proj → o_proj on this GQA model).",
+        "",
+    ]
+    lines += gap_table(cache, n, peer_columns, [(bits, grid, PEER_GROUP) for bits, grid in PEER_GRIDS])
     lines += [
         "",
         "## Time and provenance",
@@ -141,6 +244,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--only", nargs="*", help="run names to (re)run")
+    p.add_argument(
+        "--llmc-python", help="python of a venv with llmcompressor (default: .bench/venv-llmcompressor)"
+    )
     a = p.parse_args()
     BENCH.mkdir(exist_ok=True)
     cache_file = BENCH / "awq-results.json"
@@ -153,14 +259,17 @@ def main() -> None:
     commit = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     )
-    for name, bits, grid, column in runs():
+    for name, bits, grid, column, group in runs():
         key = f"{name}@{a.windows}"
         if (key in cache and not (a.only and name in a.only)) or (a.only and name not in a.only):
             continue
         print(f"running {name} ...", flush=True)
-        row = quantize(name, bits, grid, column)
+        if column in PEERS:
+            row = quantize_peer(ensure_llmc(a.llmc_python), name, bits, grid, column, group)
+        else:
+            row = quantize(name, bits, grid, column, group)
         row.update(date=time.strftime("%Y-%m-%d"), commit=commit.stdout.strip(), cpu=environment()["cpu"])
-        row["perplexity"] = perplexity(load_model(row["path"])[0], windows, progress=False).perplexity
+        row["perplexity"] = score(row, windows)
         cache[key] = row
         cache_file.write_text(json.dumps(cache, indent=2))
         print(f"  {name}: ppl {row['perplexity']:.3f}, {row['quantize_s']:.0f} s", flush=True)
