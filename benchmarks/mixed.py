@@ -114,8 +114,9 @@ def markdown(cache: dict, n: int, tokens: int) -> str:
         "- Size: `model.safetensors` of the GPTQ checkpoint (float16 embeddings and norms included; "
         "the tied `lm_head` is not stored).",
         f"- Machine: {env['cpu']}, {env['threads']} threads; torch {env['torch']}, transformers "
-        f"{env['transformers']}. Time: the quantization itself (model loading excluded), one process "
-        "each; for the mixed runs it includes the sensitivity pass.",
+        f"{env['transformers']}. Time: the quantization itself (model loading excluded) and, for the "
+        "mixed runs, the sensitivity pass and allocation before it, one process each, niced beside other "
+        "work on the same 2 cores (so slower than on an idle machine).",
         "",
         "| run | bits / weight | model.safetensors (MiB) | ppl | toward 4-bit |",
         "| --- | ---: | ---: | ---: | ---: |",
@@ -169,12 +170,20 @@ def markdown(cache: dict, n: int, tokens: int) -> str:
         ]
         for c in check:
             lines.append(f"| {c['linear']} | {c['bits']} | {c['predicted']:.2e} | {c['measured']:.2e} |")
-    lines += ["", "## Time and provenance", "", "| run | quantize (s) | date | commit |"]
-    lines.append("| --- | ---: | --- | --- |")
+    lines += [
+        "",
+        "## Time and provenance",
+        "",
+        "| run | sensitivity + allocation (s) | quantize (s) | date | commit |",
+    ]
+    lines.append("| --- | ---: | ---: | --- | --- |")
     for name in RUNS:
         r = cache.get(f"{name}@{n}")
         if r:
-            lines.append(f"| `{r['command']}` | {r['quantize_s']:.0f} | {r['date']} | {r['commit']} |")
+            plan = f"{r['plan_s']:.0f}" if "plan_s" in r else "–"
+            lines.append(
+                f"| `{r['command']}` | {plan} | {r['quantize_s']:.0f} | {r['date']} | {r['commit']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
