@@ -192,8 +192,8 @@ class QuantizeConfig:
         if self.format not in LAYOUTS or len(LAYOUTS[self.format].codec.bits) < 2:
             mixed = " or ".join(sorted(n for n, lay in LAYOUTS.items() if len(lay.codec.bits) > 1))
             raise LlmliteError(
-                f"--format {self.format} holds one weight width for every linear, so not {flag}'s mixed "
-                f"widths; use --format {mixed}"
+                f"--format {self.format} holds one weight width for every linear, not the mixed widths of "
+                f"{flag}; use --format {mixed}"
             )
         if self.bits != 4:
             raise LlmliteError(
@@ -219,7 +219,7 @@ class QuantizeConfig:
         if not widths or bad:
             raise LlmliteError(
                 f"--bits-candidates {','.join(map(str, bad)) or '(none)'}: --format {self.format} holds "
-                f"{', '.join(map(str, held))}-bit weights; choose among them"
+                f"{' or '.join(map(str, held))}-bit weights; choose among them"
             )
         self.bits_candidates = sorted(set(widths))
         low, high = self.bits_candidates[0], self.bits_candidates[-1]

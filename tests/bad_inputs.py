@@ -117,6 +117,48 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "quantize: --method awqq": ([*QO, "--method", "awqq"], ["--method", "invalid choice"]),
     "quantize: --clip with gptq": ([*QO, "--method", "gptq", "--clip"], ["--clip", "awq"]),
     "quantize: --awq-vo with rtn": ([*QO, "--awq-vo"], ["--awq-vo", "awq"]),
+    # quantize: mixed precision
+    "quantize: --avg-bits and --budget-mb": (
+        [*QO, "--avg-bits", "3.5", "--budget-mb", "20"],
+        ["--avg-bits and --budget-mb", "give one"],
+    ),
+    "quantize: --avg-bits outside the candidate widths": (
+        [*QO, "--avg-bits", "9"],
+        ["--avg-bits 9", "outside the candidate widths 2 to 8"],
+    ),
+    "quantize: --avg-bits with --bits": (
+        [*QO, "--avg-bits", "3.5", "--bits", "3"],
+        ["--bits 3 and --avg-bits", "drop --bits"],
+    ),
+    "quantize: --avg-bits with --format awq": (
+        [*QO, "--avg-bits", "3.5", "--format", "awq"],
+        ["--format awq holds one weight width", "--format compressed-tensors or gptq"],
+    ),
+    "quantize: --budget-mb with --format gguf": (
+        [*Q, "--budget-mb", "20", "--format", "gguf", "--output", "m.gguf"],
+        ["--format gguf holds one weight width", "--budget-mb", "--format compressed-tensors or gptq"],
+    ),
+    "quantize: --bits-candidates the format cannot hold": (
+        [*QO, "--avg-bits", "4", "--format", "compressed-tensors", "--bits-candidates", "3,4"],
+        ["--bits-candidates 3", "compressed-tensors holds 4 or 8-bit"],
+    ),
+    "quantize: --bits-candidates not widths": (
+        [*QO, "--avg-bits", "3", "--bits-candidates", "three"],
+        ["--bits-candidates 'three'", "3,4,8"],
+    ),
+    "quantize: --bits-candidates without a budget": (
+        [*QO, "--bits-candidates", "3,4"],
+        ["--bits-candidates", "--avg-bits or --budget-mb"],
+    ),
+    "quantize: --budget-mb 0": ([*QO, "--budget-mb", "0"], ["--budget-mb 0", "positive"]),
+    "quantize: --budget-mb below the smallest allocation": (
+        [*QO, "--budget-mb", "1"],
+        ["--budget-mb 1 is below the smallest allocation", "raise it to at least"],
+    ),
+    "quantize: --avg-bits with --quantize-head": (
+        [*QO, "--avg-bits", "3.5", "--quantize-head"],
+        ["--avg-bits", "drop --quantize-head"],
+    ),
     "quantize: AWQ on a layout without its mappings (OPT)": (
         [*QO, "--method", "awq", "--model", "opt"],
         ["--method awq", "Llama layer layout", "OPTForCausalLM"],
