@@ -255,3 +255,20 @@ def test_gptqmodel_reads_the_bits_of_each_module(tokenizer, tmp_path):
     ids = torch.randint(0, 1000, (1, 13))
     a, b = logits(ours, ids), logits(theirs, ids).float()
     assert (a - b).abs().max() <= 1e-2 * a.abs().max()
+
+
+# --- the options -------------------------------------------------------------------------------
+
+
+def test_candidates_from_the_cli_a_recipe_or_the_format(tmp_path):
+    from llmlite.config import QuantizeConfig
+    from llmlite.recipes import build
+
+    assert build(QuantizeConfig, avg_bits=3.5).bits_candidates == [2, 3, 4, 8]
+    assert build(QuantizeConfig, budget_mb=90, format="compressed-tensors").bits_candidates == [4, 8]
+    assert build(QuantizeConfig, avg_bits=3.5, bits_candidates="8, 4,3").bits_candidates == [3, 4, 8]
+    recipe = tmp_path / "mixed.yaml"
+    recipe.write_text("verb: quantize\navg-bits: 3.25\nbits-candidates: [4, 3]\n")
+    config = build(QuantizeConfig, recipe=str(recipe))
+    assert (config.avg_bits, config.bits_candidates, config.mixed) == (3.25, [3, 4], True)
+    assert not build(QuantizeConfig).mixed
