@@ -162,15 +162,26 @@ def logits(model, ids):
         return model(input_ids=ids).logits
 
 
+def on_torch(model):
+    """``model`` with every ``QuantLinear`` on the torch reference backend (``auto`` picks a CPU
+    kernel by timing, whose rounding differs)."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.set_backend("torch")
+    return model
+
+
 def module_bits(model) -> dict[str, int]:
     return {n: m.bits for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-def test_avg_bits_writes_the_chosen_bits_and_reloads_exactly(tiny_dir, tmp_path):
+@pytest.mark.parametrize("method", ["gptq", "awq-gptq"])
+def test_avg_bits_writes_the_chosen_bits_and_reloads_exactly(tiny_dir, tmp_path, method):
     out = tmp_path / "mixed"
     result = llmlite.quantize(
-        model=str(tiny_dir), avg_bits=3.5, samples=8, seqlen=32, sym=False, output=str(out), progress=False
-    )
+        model=str(tiny_dir), method=method, avg_bits=3.5, samples=8, seqlen=32, sym=False, output=str(out),
+        progress=False,
+    )  # fmt: skip
     record = json.loads((out / "llmlite.json").read_text())["report"]["mixed"]
     chosen = {f"model.{n}": b for n, b in record["bits"].items()}
     assert len(chosen) == 14 and set(record["sensitivity"]) == set(record["bits"])
@@ -188,7 +199,7 @@ def test_avg_bits_writes_the_chosen_bits_and_reloads_exactly(tiny_dir, tmp_path)
     reloaded = load_model(str(out), backend="torch")[0]
     assert module_bits(reloaded) == chosen == module_bits(result.model)
     ids = torch.randint(0, 2000, (1, 11))
-    assert torch.equal(logits(reloaded, ids), logits(result.model, ids))
+    assert torch.equal(logits(reloaded, ids), logits(on_torch(result.model), ids))
     assert (out / PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -220,7 +231,7 @@ def test_budget_mb_compressed_tensors_carries_each_width_in_its_config_group(tin
     reloaded = load_model(str(out), backend="torch")[0]
     assert module_bits(reloaded) == chosen
     ids = torch.randint(0, 2000, (1, 9))
-    assert torch.equal(logits(reloaded, ids), logits(result.model, ids))
+    assert torch.equal(logits(reloaded, ids), logits(on_torch(result.model), ids))
 
 
 @pytest.mark.slow  # GPTQModel compiles its CPU kernel on first use (about 2 minutes)
