@@ -31,6 +31,9 @@ from llmlite.evaluation.perplexity import perplexity  # noqa: E402
 from llmlite.models import load_model, resolve_model  # noqa: E402
 from llmlite.runinfo import environment  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from quantize import ensure_llmc  # noqa: E402  (the peer's venv, made once in .bench)
+
 BENCH = ROOT / ".bench"
 LLMLITE = [sys.executable, "-m", "llmlite.cli"]
 METHODS = {  # column -> quantize options
@@ -88,19 +91,6 @@ def quantize_peer(python: str, name: str, bits: int, grid: str, column: str, gro
     command = f"llm-compressor {versions}: AWQModifier + {PEERS[column]} w{bits} g{group} {grid}"
     return {"command": command, "process_s": time.perf_counter() - start, "quantize_s": result["seconds"],
             "path": str(out), "tool": "llm-compressor"}  # fmt: skip
-
-
-def ensure_llmc(python: str | None) -> str:
-    """The peer's python: ``--llmc-python``, or a venv made once in ``.bench`` (CPU torch first)."""
-    if python:
-        return python
-    venv = BENCH / "venv-llmcompressor"
-    if not (venv / "bin" / "python").exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
-        subprocess.run([*pip, "torch==2.13.0"], check=True)
-        subprocess.run([*pip, "llmcompressor"], check=True)
-    return str(venv / "bin" / "python")
 
 
 def calibration_file() -> Path:

@@ -9,7 +9,8 @@ Reads the calibration token windows the benchmark saved (an int64 tensor ``[n, s
 (round to nearest, ``--then rtn``) or ``GPTQModifier`` (``--then gptq``). Writes every weight the
 float model reads (the smoothed norms and the *dequantized* linears, as llm-compressor's forward
 computes them) to OUT_DIR/weights.safetensors, and OUT_DIR/result.json with the wall time of
-``oneshot`` and the process's peak RSS (VmHWM, reset at start: Linux only).
+``oneshot`` and the process's peak RSS (VmHWM, reset at start: Linux only). Without a GPU,
+llm-compressor's AWQ fails while pinning memory for transfers to one; that step is skipped here.
 """
 
 import argparse
@@ -24,6 +25,7 @@ from datasets import Dataset
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 from llmcompressor.modifiers.transform.awq import AWQModifier
+from llmcompressor.pipelines.cache import IntermediatesCache
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
@@ -40,6 +42,11 @@ def main() -> None:
     a = p.parse_args()
 
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS of this process alone
+    if not torch.cuda.is_available():
+        # llm-compressor 0.14.0.1's AWQ pins its cached activations before each mapping's grid search
+        # (a host-to-GPU transfer speed-up) and fails on a machine without an accelerator; pinning
+        # changes no value, so skip it here.
+        IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
     torch.manual_seed(0)
     windows = torch.load(a.calibration)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
@@ -61,7 +68,7 @@ def main() -> None:
     oneshot(
         model=model,
         dataset=ds,
-        recipe=[AWQModifier(ignore=["lm_head"]), quantizer],
+        recipe=[AWQModifier(), quantizer],
         max_seq_length=windows.shape[1],
         num_calibration_samples=windows.shape[0],
     )
