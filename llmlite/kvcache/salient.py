@@ -73,12 +73,11 @@ def quantize_symmetric(x: Tensor, bits: int, stats_dtype: torch.dtype | None = N
 class ChannelStats:
     """What a layer fits once for its keys: per-channel mean and standard deviation (``[heads, dim]``,
     storage dtype) and the order of the flat ``heads * dim`` channels, plain ones first (ascending),
-    then the salient ones (ascending), with its inverse permutation."""
+    then the salient ones (ascending)."""
 
     mean: Tensor
     std: Tensor
     order: Tensor  # int32 [heads * dim]
-    inverse: Tensor  # int32 [heads * dim]: order[inverse] = arange
     n_plain: int
 
     @property
@@ -90,7 +89,7 @@ class ChannelStats:
         return self.order[self.n_plain :]
 
     def tensors(self) -> tuple[Tensor, ...]:
-        return self.mean, self.std, self.order, self.inverse
+        return self.mean, self.std, self.order
 
 
 def fit_channels(
@@ -109,10 +108,7 @@ def fit_channels(
     chosen = torch.zeros(importance.numel(), dtype=torch.bool, device=keys.device)
     chosen[importance.flatten().topk(count).indices] = True
     order = torch.cat([(~chosen).nonzero().flatten(), chosen.nonzero().flatten()])
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
-    n_plain = importance.numel() - count
-    return ChannelStats(mean, std, order.to(torch.int32), inverse.to(torch.int32), n_plain)
+    return ChannelStats(mean, std, order.to(torch.int32), importance.numel() - count)
 
 
 @dataclass
