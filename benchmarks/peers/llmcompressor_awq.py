@@ -77,13 +77,13 @@ def main() -> None:
     out = {}
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
-            if name in plain:
-                out[name] = tensor.detach().float().contiguous()
+            if name in plain:  # cloned: tied tensors (embeddings and lm_head) must not share memory
+                out[name] = tensor.detach().float().clone()
         for name, module in model.named_modules():
             scheme = getattr(module, "quantization_scheme", None)
             if scheme is not None and scheme.weights is not None:
                 w = forward_quantize(module, module.weight, "weight", scheme.weights)
-                out[f"{name}.weight"] = w.detach().float().contiguous()
+                out[f"{name}.weight"] = w.detach().float().clone()
     out_dir = Path(a.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(out, str(out_dir / "weights.safetensors"))
