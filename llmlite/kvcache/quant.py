@@ -173,18 +173,17 @@ APPEND_CHUNK = 64  # tokens of room a quantized tensor that grows in the cache r
 def grown(t: Tensor, rows: int, chunk: int = APPEND_CHUNK) -> Tensor:
     """``t [..., n, w]`` as ``[..., n + rows, w]`` along the token (or token-group) axis, its first
     ``n`` rows unchanged, the new ones not yet written: a view of ``t``'s own buffer where that has
-    room, else of a new buffer with room rounded up to whole ``chunk`` rows. So appending one
-    token copies one row, not the whole cache; a buffer's slack is less than ``chunk`` rows
-    (counted by ``QuantizedKVLayer.nbytes``). ``t`` must be such a view or own its storage, and
-    nothing else may write to the buffer (the cache's quantized tensors)."""
+    room, else of a new buffer with room for ``min(chunk, (n + rows) // 8)`` more rows. So appending
+    one token copies one row, not the whole cache, and a buffer's slack is at most an eighth of it
+    and at most ``chunk`` rows (counted by ``QuantizedKVLayer.nbytes``). ``t`` must be such a view
+    or own its storage, and nothing else may write to the buffer (the cache's quantized tensors)."""
     *lead, n, w = t.shape
     need, stride = n + rows, t.stride()
     if n and w and lead and stride[-1] == 1 and stride[-2] == w and not t.storage_offset():
         room = stride[-3] // w >= need  # rows of the buffer t starts (a fresh tensor: n, no room)
         if room and t.untyped_storage().nbytes() >= stride[0] * lead[0] * t.element_size():
             return t.as_strided((*lead, need, w), stride)
-    capacity = -(-need // chunk) * chunk
-    buffer = t.new_empty(*lead, capacity, w)
+    buffer = t.new_empty(*lead, need + min(chunk, need // 8), w)  # room: an eighth, at most chunk rows
     buffer[..., :n, :] = t
     return buffer[..., :need, :]
 
