@@ -11,6 +11,7 @@ Public API (imported lazily so that ``llmlite --help`` starts fast)::
     out = llmlite.report(model="out/w4g128", tasks=["wikitext", "piqa"], limit=50, report="out/report")
     table = llmlite.compare(["out/report", "out/other-report"], output="out/compare")
     result = llmlite.convert_gqa(kv_heads=1, output="out/mqa")
+    result = llmlite.prune(method="sparsegpt", pattern="2:4", output="out/sparse24")
 
 Every verb takes an optional config (``QuantizeConfig``, ...), ``recipe=`` (a YAML file) and the
 config's fields as keyword options, and returns a result dataclass (``result.to_dict()``).
@@ -25,7 +26,8 @@ from llmlite.blas import enable_mkl_avx2
 enable_mkl_avx2()
 
 API_VERBS = (
-    "quantize", "evaluate", "report", "compare", "finetune", "merge", "generate", "convert_gqa", "export"
+    "quantize", "evaluate", "report", "compare", "finetune", "merge", "generate", "convert_gqa", "export",
+    "prune",
 )  # fmt: skip
 
 _EXPORTS = {
@@ -40,6 +42,7 @@ _EXPORTS = {
     "MergeConfig": "llmlite.training.merge",
     "GenerateConfig": "llmlite.kvcache.generate",
     "GQAConfig": "llmlite.gqa.api",
+    "PruneConfig": "llmlite.pruning.api",
     "LlmliteError": "llmlite.errors",
     "QuantLinear": "llmlite.quant.linear",
     "QuantizedKVCache": "llmlite.kvcache.cache",

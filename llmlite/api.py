@@ -25,6 +25,7 @@ from llmlite.kvcache.evaluate import CachedPerplexity, cached_perplexity
 from llmlite.kvcache.generate import generate
 from llmlite.memory import RunStats, measure
 from llmlite.models import check_window, load_model, local_source, model_path, own_weights
+from llmlite.pruning.api import prune
 from llmlite.quant.checkpoint import export_checkpoint, gptq_config, round_unquantized, save_checkpoint
 from llmlite.quant.driver import (
     QuantReport,
@@ -53,6 +54,7 @@ __all__ = [
     "finetune",
     "generate",
     "merge",
+    "prune",
     "quantize",
     "report",
 ]

@@ -274,6 +274,15 @@ def _show_export(result, cfg) -> None:
     print(f"{cfg.model} -> {result.output} ({result.format}, {result.weight_type}, {_mb(result.size_bytes)})")
 
 
+def _show_prune(result, cfg) -> None:
+    s = result.summary()
+    what = f"{cfg.pattern} pattern" if cfg.pattern else f"{s['target_sparsity']:.0%} unstructured"
+    print(
+        f"{s['method']} {what}: {s['modules']} linear layers at {s['sparsity']:.2%} zeros in "
+        f"{s['seconds']:.1f} s, peak RSS {_gb(s['peak_rss_bytes'])} -> {s['output']}"
+    )
+
+
 def _show_convert_gqa(result, cfg) -> None:
     r, config = result.record, result.config
     kib = r["kv_cache_bytes_per_token_fp16_before"] / 1024, r["kv_cache_bytes_per_token_fp16_after"] / 1024
@@ -326,6 +335,13 @@ VERBS = {
             ("llmlite.gqa.api:GQAConfig",),
             "llmlite.api:convert_gqa",
             _show_convert_gqa,
+        ),
+        Verb(
+            "prune",
+            "set weights to zero (unstructured or N:M) with magnitude, Wanda or SparseGPT; dense output",
+            ("llmlite.pruning.api:PruneConfig",),
+            "llmlite.api:prune",
+            _show_prune,
         ),
         Verb(
             "merge",

@@ -242,3 +242,81 @@ def awq_scales(w: np.ndarray, x: np.ndarray, bits: int, group_size: int, sym: bo
         if e < best:
             best_s, best_r, best = s, r, e
     return best_s, best_r
+
+
+def keep_lowest_pruned(scores: np.ndarray, k: int) -> np.ndarray:
+    """A mask (True = kept) of ``scores`` (any shape) without its ``k`` lowest entries (by a
+    stable sort: the first of equal scores goes first)."""
+    keep = np.ones(scores.size, dtype=bool)
+    keep[np.argsort(scores.ravel(), kind="stable")[:k]] = False
+    return keep.reshape(scores.shape)
+
+
+def wanda(w: np.ndarray, x: np.ndarray, sparsity: float | None = None, pattern=None):
+    """Wanda in float64 on the inputs ``x`` [tokens, in] themselves: scores ``|W_ij|·‖x_j‖₂``; each
+    row drops its floor(in·s + 0.5) lowest, or for N:M each group of M columns its M − N lowest.
+    Returns (scores, pruned weight)."""
+    scores = np.abs(w) * np.sqrt((x * x).sum(0))[None, :]
+    keep = np.zeros_like(w, dtype=bool)
+    for r in range(w.shape[0]):
+        if pattern is None:
+            keep[r] = keep_lowest_pruned(scores[r], int(np.floor(w.shape[1] * sparsity + 0.5)))
+        else:
+            n, m = pattern
+            for j in range(0, w.shape[1], m):
+                keep[r, j : j + m] = keep_lowest_pruned(scores[r, j : j + m], m - n)
+    return scores, w * keep
+
+
+def sparsegpt(w, h, sparsity=None, pattern=None, block_size=128, damp=0.01):
+    """SparseGPT as sequential Optimal Brain Surgeon steps in float64, with an explicit inverse of
+    the damped Hessian reduced after every column (no Cholesky factor). At each block's start the
+    mask of the block is chosen on ``w_ij² / [H_F⁻¹]_jj`` (``F``: columns ``j`` onwards, read from
+    a copy of the inverse reduced ahead to column ``j``), the block's floor(·+0.5) share
+    of the running total over all its rows; for N:M each group of M when it is reached. Each pruned
+    weight's error ``w_q / [H_F⁻¹]_qq`` moves the later columns by ``−err·[H_F⁻¹]_{q, later}``.
+    Returns the pruned weight and the mask (True = kept)."""
+    W = np.array(w, dtype=np.float64)
+    H = np.array(h, dtype=np.float64)
+    rows, cols = W.shape
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H = H + damp * np.mean(np.diag(H)) * np.eye(cols)
+    Hinv = np.linalg.inv(H)
+    if pattern is not None:
+        block_size = pattern[1] * max(1, block_size // pattern[1])
+    keep = np.ones_like(W, dtype=bool)
+
+    def count(n):
+        return int(np.floor(n * sparsity + 0.5))
+
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        if pattern is None:
+            d = _diagonal_ahead(Hinv, i1, i2)
+            k = count(rows * i2) - count(rows * i1)
+            keep[:, i1:i2] = keep_lowest_pruned(W[:, i1:i2] ** 2 / d[None, :], k)
+        for j in range(i1, i2):
+            if pattern is not None and (j - i1) % pattern[1] == 0:
+                n, m = pattern
+                d = _diagonal_ahead(Hinv, j, j + m)
+                scores = W[:, j : j + m] ** 2 / d[None, :]
+                for r in range(rows):
+                    keep[r, j : j + m] = keep_lowest_pruned(scores[r], m - n)
+            err = np.where(keep[:, j], 0.0, W[:, j]) / Hinv[j, j]
+            W[:, j:] -= np.outer(err, Hinv[j, j:])
+            W[~keep[:, j], j] = 0.0
+            Hinv = Hinv - np.outer(Hinv[:, j], Hinv[j, :]) / Hinv[j, j]
+    return W, keep
+
+
+def _diagonal_ahead(hinv: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """``[H_F⁻¹]_jj`` for ``j`` in ``start:stop``, ``F`` = columns ``j`` onwards, given ``hinv``
+    reduced up to ``start``: a copy reduced column by column (the inverse of a trailing block)."""
+    t = hinv.copy()
+    out = []
+    for j in range(start, stop):
+        out.append(t[j, j])
+        t = t - np.outer(t[:, j], t[j, :]) / t[j, j]
+    return np.array(out)

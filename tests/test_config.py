@@ -119,7 +119,7 @@ def test_the_cli_is_generated_from_the_config_fields(capsys):
     parser = _parser()
     commands = next(a for a in parser._actions if hasattr(a, "choices") and a.choices).choices
     assert set(commands) == set(VERBS) == {
-        "quantize", "eval", "finetune", "generate", "convert-gqa", "merge", "compare", "export"
+        "quantize", "eval", "finetune", "generate", "convert-gqa", "merge", "compare", "export", "prune"
     }  # fmt: skip
     for verb in VERBS.values():
         actions = {}

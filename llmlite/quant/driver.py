@@ -206,6 +206,40 @@ def quantize_model(
     return report
 
 
+@torch.no_grad()
+def walk_groups(
+    model: nn.Module,
+    calibration: Tensor,
+    visit: Callable[[str, nn.Module, list[str], GroupStats], None],
+    progress: bool = True,
+    desc: str = "",
+    path: str | None = None,
+) -> str:
+    """The walk of ``quantize_model`` for a method that rewrites float weights in place (pruning):
+    sequential over the decoder layers, true-sequential inside each (q/k/v, o, gate/up, down), the
+    same two ways through a layer. ``visit(prefix, layer, names, stats)`` gets each group (``names``
+    relative to ``layer``, ``prefix`` such as ``"layers.3."``) with the Hessian of its calibration
+    inputs, and must leave the group's weights at their final values before the walk goes on.
+    Returns the way taken ("llama-staged" or "generic-hooks")."""
+    layers = check_quantizable(model)
+    hidden, kwargs = _capture_layer_inputs(model, layers[0], calibration)
+    hidden = _one_block(hidden)
+    buffers: dict[str, Tensor] = {}
+    trim_heap()
+    staged = path is None and all(_is_llama_style(layer) for layer in layers)
+    for i, layer in enumerate(tqdm(layers, desc=desc, unit="layer", disable=not progress)):
+
+        def group(names: list[str], inputs, float_inputs=None, layer=layer, i=i) -> None:
+            visit(f"layers.{i}.", layer, names, _stats(inputs))
+
+        if staged:
+            _llama_layer(layer, hidden, kwargs, group, None, True, buffers)
+        else:
+            _generic_layer(layer, hidden, kwargs, group)
+        trim_heap()
+    return "llama-staged" if staged else "generic-hooks"
+
+
 # --- calibration plumbing ----------------------------------------------------------------------
 
 

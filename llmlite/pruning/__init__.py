@@ -1,0 +1,38 @@
+"""Unstructured and N:M pruning (``llmlite prune``): set weights of the decoder layers' linears to
+zero and save a dense model with those zeros.
+
+- ``masks``: which weights a score keeps (per row, per tensor, N of every M);
+- ``magnitude``, ``wanda``, ``sparsegpt``: the pure cores on tensors;
+- ``methods``: the three behind one signature; ``walk``: runs one over a model through the
+  quantizer's layer walk (``quant.driver.walk_groups``);
+- ``api``: ``prune`` and its options ``PruneConfig``.
+"""
+
+from llmlite.pruning.api import PruneConfig, PruneResult, prune
+from llmlite.pruning.magnitude import magnitude
+from llmlite.pruning.masks import keep_n_of_m, keep_per_row, keep_per_tensor, parse_pattern, pruned_count
+from llmlite.pruning.methods import METHODS, PruneSettings
+from llmlite.pruning.sparsegpt import SparseGPTResult, sparsegpt
+from llmlite.pruning.walk import PruneReport, check_prunable, prune_model
+from llmlite.pruning.wanda import wanda, wanda_scores
+
+__all__ = [
+    "METHODS",
+    "PruneConfig",
+    "PruneReport",
+    "PruneResult",
+    "PruneSettings",
+    "SparseGPTResult",
+    "check_prunable",
+    "keep_n_of_m",
+    "keep_per_row",
+    "keep_per_tensor",
+    "magnitude",
+    "parse_pattern",
+    "prune",
+    "prune_model",
+    "pruned_count",
+    "sparsegpt",
+    "wanda",
+    "wanda_scores",
+]
