@@ -37,6 +37,8 @@ FO = [*F, "--output", "out"]
 G = ["generate", "hello", "--model", "tiny", "--max-new-tokens", "2"]
 C = ["convert-gqa", "--model", "tiny", "--method", "mean", "--quiet"]
 CO = [*C, "--kv-heads", "1", "--output", "out"]
+P = ["prune", "--model", "tiny", "--method", "wanda", "--samples", "2", "--seqlen", "32", "--quiet"]
+PO = [*P, "--output", "out"]
 
 CASES: dict[str, tuple[list[str], list[str]]] = {
     # quantize: outputs
@@ -412,6 +414,31 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
         ["nope.txt"],
     ),
     "convert-gqa: binary recipe": ([*CO, "--recipe", "binary.bin"], ["recipe binary.bin"]),
+    # prune
+    "prune: --sparsity 0": ([*PO, "--sparsity", "0"], ["--sparsity 0", "(0, 1)"]),
+    "prune: --sparsity 1": ([*PO, "--sparsity", "1"], ["--sparsity 1", "(0, 1)"]),
+    "prune: --sparsity 1.5": ([*PO, "--sparsity", "1.5"], ["--sparsity 1.5", "(0, 1)"]),
+    "prune: --sparsity -0.5": ([*PO, "--sparsity=-0.5"], ["--sparsity -0.5", "(0, 1)"]),
+    "prune: --sparsity half": ([*PO, "--sparsity", "half"], ["--sparsity", "invalid float"]),
+    "prune: --pattern 4:2": ([*PO, "--pattern", "4:2"], ["--pattern 4:2", "0 < N < M"]),
+    "prune: --pattern 2:2": ([*PO, "--pattern", "2:2"], ["--pattern 2:2", "0 < N < M"]),
+    "prune: --pattern 0:4": ([*PO, "--pattern", "0:4"], ["--pattern 0:4", "0 < N < M"]),
+    "prune: --pattern 2/4": ([*PO, "--pattern", "2/4"], ["--pattern '2/4'", "N:M"]),
+    "prune: --pattern and --sparsity": ([*PO, "--pattern", "2:4", "--sparsity", "0.5"], ["give one"]),
+    "prune: --pattern 2:16 on in-features of 200": (
+        [*PO, "--pattern", "2:16"],
+        ["M = 16", "divisible by 16", "200"],
+    ),
+    "prune: --method obs": ([*PO, "--method", "obs"], ["--method", "invalid choice"]),
+    "prune: --samples 0": ([*PO, "--samples", "0"], ["--samples"]),
+    "prune: --seqlen above the model": ([*PO, "--seqlen", "100000"], ["--seqlen 100000", "maximum"]),
+    "prune: --damp 0": ([*PO, "--method", "sparsegpt", "--damp", "0"], ["--damp 0"]),
+    "prune: GPT-2 (a family the map does not know)": ([*PO, "--model", "gpt2"], ["gpt2", "not supported"]),
+    "prune: BERT encoder": ([*PO, "--model", "bert"], ["not a causal language model"]),
+    "prune: already quantized": ([*PO, "--model", "ckpt"], ["ckpt", "already", "prune the float model"]),
+    "prune: output exists": ([*P, "--output", "exists"], ["already exists", "--overwrite"]),
+    "prune: output is the model": ([*P, "--output", "tiny", "--overwrite"], ["--output tiny", "--model"]),
+    "prune: no output": (P, ["--output"]),
     # the command itself
     "generate: --runtime llama.cpp with --kv-bits": (
         [*G, "--runtime", "llama.cpp", "--kv-bits", "4"],

@@ -17,7 +17,7 @@ def workspace(tmp_path_factory, tiny_dir):
 
 def test_the_table_covers_every_verb():
     verbs = {name.split(":")[0] for name in CASES}
-    assert verbs >= {"quantize", "eval", "compare", "finetune", "merge", "generate", "convert-gqa"}
+    assert verbs >= {"quantize", "eval", "compare", "finetune", "merge", "generate", "convert-gqa", "prune"}
     assert len(CASES) >= 139  # at least the first probe's count
 
 

@@ -83,7 +83,7 @@ class PruneConfig:
                 raise LlmliteError(f"--sparsity must be a number in (0, 1), got {self.sparsity!r}")
             if not 0 < self.sparsity < 1:
                 raise LlmliteError(
-                    f"--sparsity {self.sparsity} is out of range; use a fraction in (0, 1), e.g. 0.5"
+                    f"--sparsity {self.sparsity:g} is out of range; use a fraction in (0, 1), e.g. 0.5"
                 )
         for name in ("samples", "seqlen"):
             if getattr(self, name) < 1:
