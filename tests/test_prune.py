@@ -24,6 +24,7 @@ from llmlite.pruning import (
     parse_pattern,
     prune_model,
     pruned_count,
+    remeasure,
     sparsegpt,
     wanda,
     wanda_scores,
@@ -264,6 +265,11 @@ def test_prune_model_prunes_every_decoder_linear_and_nothing_else(method, sparsi
         if name not in pruned:
             assert torch.equal(p, before[name]), name  # embeddings (tied head), norms
     assert report.to_dict()["sparsity"] == pytest.approx(settings.target, abs=0.5 / 96)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, :3] = 0  # as float16 rounding may
+    remeasure(model, report)
+    record = next(r for r in report.modules if r.name == "layers.1.mlp.up_proj")
+    assert record.sparsity == float((model.model.layers[1].mlp.up_proj.weight == 0).float().mean())
 
 
 def test_the_walk_hands_sparsegpt_the_hessian_of_the_group_inputs():

@@ -13,7 +13,7 @@ from llmlite.pruning.magnitude import magnitude
 from llmlite.pruning.masks import keep_n_of_m, keep_per_row, keep_per_tensor, parse_pattern, pruned_count
 from llmlite.pruning.methods import METHODS, PruneSettings
 from llmlite.pruning.sparsegpt import SparseGPTResult, sparsegpt
-from llmlite.pruning.walk import PruneReport, check_prunable, prune_model
+from llmlite.pruning.walk import PruneReport, check_prunable, prune_model, remeasure
 from llmlite.pruning.wanda import wanda, wanda_scores
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "prune",
     "prune_model",
     "pruned_count",
+    "remeasure",
     "sparsegpt",
     "wanda",
     "wanda_scores",

@@ -27,7 +27,7 @@ from llmlite.models import (
 )
 from llmlite.pruning.masks import parse_pattern
 from llmlite.pruning.methods import METHODS, PruneSettings, get
-from llmlite.pruning.walk import PruneReport, check_prunable, prune_model
+from llmlite.pruning.walk import PruneReport, check_prunable, prune_model, remeasure
 from llmlite.quant.checkpoint import round_unquantized
 from llmlite.recipes import option
 from llmlite.results import Result
@@ -157,6 +157,7 @@ def prune(
             report = prune_model(model, settings, windows, progress)
             dtype = getattr(torch, cfg.dtype)
             round_unquantized(model, dtype)  # what the checkpoint reloads to, zeros included
+            remeasure(model, report)
         if tmp is not None:
             stored = model.dtype
             model.to(dtype)

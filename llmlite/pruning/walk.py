@@ -92,6 +92,15 @@ def prune_model(
     return report
 
 
+def remeasure(model: nn.Module, report: PruneReport) -> None:
+    """Read each record's sparsity again from ``model`` (after its weights were rounded to the
+    storage dtype, where a kept weight may have become zero)."""
+    layers = decoder_layers(model)
+    for record in report.modules:  # names such as layers.3.mlp.down_proj
+        weight = layers.get_submodule(record.name.removeprefix("layers.")).weight
+        record.sparsity = float((weight == 0).float().mean())
+
+
 def _prune_group(
     parent: nn.Module,
     names: list[str],
