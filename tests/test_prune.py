@@ -17,6 +17,7 @@ from llmlite.pruning import (
     PruneConfig,
     PruneSettings,
     check_prunable,
+    drop_lowest,
     keep_n_of_m,
     keep_per_row,
     keep_per_tensor,
@@ -99,6 +100,19 @@ def test_per_row_and_per_tensor_masks_drop_the_lowest_scores(seed, sparsity):
     whole = keep_per_tensor(scores, sparsity)
     assert int((~whole).sum()) == pruned_count(600, sparsity)
     assert scores[whole].min() >= scores[~whole].max()
+
+
+def test_equal_scores_are_dropped_in_order_as_a_stable_sort_would():
+    """The bundled model's weights are a 4-bit grid dequantized: equal magnitudes are common."""
+    g = torch.Generator().manual_seed(21)
+    scores = torch.randint(0, 4, (10, 40), generator=g).double()
+    for k in (0, 1, 13, 20, 39, 40):
+        expected = np.stack([ref.keep_lowest_pruned(s, k) for s in scores.numpy()])
+        np.testing.assert_array_equal(drop_lowest(scores, k).numpy(), expected)
+    whole = keep_per_tensor(scores, 0.45)
+    np.testing.assert_array_equal(
+        whole.numpy(), ref.keep_lowest_pruned(scores.numpy(), pruned_count(400, 0.45))
+    )
 
 
 def test_n_of_m_refuses_in_features_it_does_not_divide():

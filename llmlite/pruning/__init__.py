@@ -10,7 +10,14 @@ zero and save a dense model with those zeros.
 
 from llmlite.pruning.api import PruneConfig, PruneResult, prune
 from llmlite.pruning.magnitude import magnitude
-from llmlite.pruning.masks import keep_n_of_m, keep_per_row, keep_per_tensor, parse_pattern, pruned_count
+from llmlite.pruning.masks import (
+    drop_lowest,
+    keep_n_of_m,
+    keep_per_row,
+    keep_per_tensor,
+    parse_pattern,
+    pruned_count,
+)
 from llmlite.pruning.methods import METHODS, PruneSettings
 from llmlite.pruning.sparsegpt import SparseGPTResult, sparsegpt
 from llmlite.pruning.walk import PruneReport, check_prunable, prune_model, remeasure
@@ -24,6 +31,7 @@ __all__ = [
     "PruneSettings",
     "SparseGPTResult",
     "check_prunable",
+    "drop_lowest",
     "keep_n_of_m",
     "keep_per_row",
     "keep_per_tensor",

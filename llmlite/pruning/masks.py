@@ -7,13 +7,16 @@ Masks are boolean, ``True`` for a weight that is kept. Three ways to compare sco
 * ``keep_n_of_m``: N:M, each row keeps the N highest of every M consecutive input columns
   (2:4 = 2 non-zeros in every 4, what NVIDIA's sparse tensor cores read).
 
-The number pruned out of ``n`` weights at sparsity ``s`` is ``floor(n·s + 0.5)`` (``pruned_count``).
+The number pruned out of ``n`` weights at sparsity ``s`` is ``floor(n·s + 0.5)`` (``pruned_count``);
+of equal scores the first (in memory order) goes first, as a stable sort orders them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -49,18 +52,24 @@ def check_divides(cols: int, m: int, what: str = "a linear") -> None:
 
 def keep_per_row(scores: Tensor, sparsity: float) -> Tensor:
     """Each row keeps all but its ``pruned_count(cols, sparsity)`` lowest scores."""
-    k = pruned_count(scores.shape[1], sparsity)
-    keep = torch.ones_like(scores, dtype=torch.bool)
-    keep.scatter_(1, scores.topk(k, dim=1, largest=False).indices, False)
-    return keep
+    return drop_lowest(scores, pruned_count(scores.shape[1], sparsity))
 
 
 def keep_per_tensor(scores: Tensor, sparsity: float) -> Tensor:
     """The tensor keeps all but its ``pruned_count(numel, sparsity)`` lowest scores."""
-    k = pruned_count(scores.numel(), sparsity)
-    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
-    keep[scores.flatten().topk(k, largest=False).indices] = False
-    return keep.view(scores.shape)
+    return drop_lowest(scores.reshape(1, -1), pruned_count(scores.numel(), sparsity)).view(scores.shape)
+
+
+def drop_lowest(scores: Tensor, k: int) -> Tensor:
+    """A mask of ``scores`` ``[rows, cols]`` without the ``k`` lowest of each row, the first of equal
+    scores dropped first (a selection, not a sort: 2.5x faster than ``topk`` on a 1536×576 linear)."""
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if k <= 0 or not scores.numel():
+        return keep
+    kth = scores.kthvalue(k, dim=1, keepdim=True).values
+    below, tied = scores < kth, scores == kth
+    needed = k - below.sum(1, keepdim=True)  # of the scores equal to the k-th, the first `needed`
+    return ~(below | (tied & (tied.cumsum(1) <= needed)))
 
 
 def keep_n_of_m(scores: Tensor, n: int, m: int) -> Tensor:
@@ -71,3 +80,15 @@ def keep_n_of_m(scores: Tensor, n: int, m: int) -> Tensor:
     keep = torch.zeros_like(grouped, dtype=torch.bool)
     keep.scatter_(2, grouped.topk(n, dim=2).indices, True)
     return keep.view(rows, cols)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread inside the block: the cores' operations are small, and on a machine
+    busy with other work two threads made them 4x (masks) to 15x (SparseGPT) slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -17,14 +17,12 @@ share that keeps the running total exact).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from llmlite.pruning.masks import check_divides, keep_n_of_m, pruned_count
+from llmlite.pruning.masks import check_divides, drop_lowest, keep_n_of_m, one_thread, pruned_count
 from llmlite.quant.gptq import damped_inverse
 
 
@@ -51,7 +49,7 @@ def sparsegpt(
     weight kept) imposes a mask instead of choosing one. Computes on the CPU in float32, or float64
     when given float64, on one thread: at these sizes threads only add waiting (a 960×576 weight with
     a 576² Hessian: 0.09 s on one thread, 1.4 s on two, on a 2-core machine busy with other work)."""
-    with _one_thread():
+    with one_thread():
         return _sparsegpt(w, hessian, sparsity, pattern, block_size, damp, segments, keep)
 
 
@@ -107,16 +105,6 @@ def _prune_columns(W1: Tensor, Err1: Tensor, Hinv1: Tensor, keep1: Tensor, patte
         Err1[:, i] = err
 
 
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _block_mask(scores: Tensor, sparsity: float, segments: list[int], i1: int, i2: int) -> Tensor:
     """The block's mask: each segment of rows prunes its lowest scores, as many as keep the
     segment's running total at ``pruned_count`` of the columns seen so far."""
@@ -125,8 +113,6 @@ def _block_mask(scores: Tensor, sparsity: float, segments: list[int], i1: int, i
     for r in segments:
         k = pruned_count(r * i2, sparsity) - pruned_count(r * i1, sparsity)
         part = scores[r0 : r0 + r]
-        flat = torch.ones(part.numel(), dtype=torch.bool)
-        flat[part.flatten().topk(k, largest=False).indices] = False
-        keep[r0 : r0 + r] = flat.view(part.shape)
+        keep[r0 : r0 + r] = drop_lowest(part.reshape(1, -1), k).view(part.shape)
         r0 += r
     return keep

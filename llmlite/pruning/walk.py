@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from llmlite.arch import decoder_layers, family
-from llmlite.pruning.masks import check_divides
+from llmlite.pruning.masks import check_divides, one_thread
 from llmlite.pruning.methods import PruneSettings, get
 from llmlite.quant.driver import linears, relative_output_error, walk_groups
 from llmlite.quant.method import GroupStats
@@ -115,7 +115,8 @@ def _prune_group(
     w = torch.cat([m.weight.detach().float() for m in modules])
     rows = [m.out_features for m in modules]
     start = time.perf_counter()
-    pruned, damp = get(settings.method).run(w, stats, settings, rows)
+    with one_thread():
+        pruned, damp = get(settings.method).run(w, stats, settings, rows)
     seconds = (time.perf_counter() - start) / len(names)
     row = 0
     for name, module, r in zip(names, modules, rows, strict=True):
