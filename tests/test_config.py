@@ -54,6 +54,11 @@ def test_bundled_recipes_are_valid(recipe):
 
         assert build(GQAConfig, recipe, output="out").kv_heads
         return
+    if recipe.name.startswith("prune"):
+        from llmlite.pruning import PruneConfig
+
+        assert build(PruneConfig, recipe, output="out").validate().settings().target == 0.5
+        return
     if recipe.name.startswith("kv"):  # KV-cache options, shared by eval and generate
         assert build(EvalConfig, recipe).kv_bits
         assert build(GenerateConfig, recipe, prompt="Hello").kv_bits

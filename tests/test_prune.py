@@ -333,6 +333,17 @@ def test_config_refusals(options, message):
         PruneConfig(**options).validate()
 
 
+def test_an_unquoted_pattern_in_a_recipe_is_refused_with_the_fix(tmp_path):
+    from llmlite.recipes import build
+
+    recipe = tmp_path / "p.yaml"
+    recipe.write_text("verb: prune\npattern: 2:4\n")
+    with pytest.raises(LlmliteError, match=r"pattern 124 is a number.*quote it"):
+        build(PruneConfig, recipe)
+    recipe.write_text("verb: prune\npattern: '2:4'\n")
+    assert build(PruneConfig, recipe).settings().pattern == (2, 4)
+
+
 def test_config_defaults_and_settings():
     assert PruneConfig().validate().settings() == PruneSettings("sparsegpt", 0.5, None, 0.01)
     settings = PruneConfig(method="wanda", pattern="2:4").validate().settings()

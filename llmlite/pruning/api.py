@@ -53,7 +53,7 @@ class PruneConfig:
     sparsity: float | None = option(
         None, "fraction of each linear's weights set to zero, in (0, 1)", shown="0.5 unless --pattern"
     )
-    pattern: str | None = option(
+    pattern: str | int | None = option(  # int: what YAML makes of an unquoted 2:4 (refused)
         None, "N:M sparsity instead: N weights kept in every M consecutive inputs of a row, e.g. 2:4"
     )
     calibration: str = option(DEFAULT_CALIBRATION, "calibration text (wanda, sparsegpt): file or corpus name")
@@ -73,6 +73,11 @@ class PruneConfig:
         if self.sparsity is not None and self.pattern is not None:
             raise LlmliteError(
                 f"--sparsity {self.sparsity} and --pattern {self.pattern} both set the sparsity; give one"
+            )
+        if isinstance(self.pattern, int) and not isinstance(self.pattern, bool):
+            raise LlmliteError(
+                f"pattern {self.pattern} is a number: YAML reads an unquoted N:M as base 60 (2:4 is 124); "
+                "quote it in the recipe: pattern: '2:4'"
             )
         if self.pattern is not None:
             parse_pattern(self.pattern)
