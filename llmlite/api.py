@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
+from llmlite.calibration import calibration_set
 from llmlite.config import EvalConfig, ExportConfig, QuantizeConfig
-from llmlite.data import calibration_windows, eval_windows, load_text, tokenize
+from llmlite.data import eval_windows, load_text, tokenize
 from llmlite.errors import LlmliteError
 from llmlite.evaluation.metrics import memory_bytes, param_count, size_on_disk
 from llmlite.evaluation.perplexity import Perplexity, perplexity
@@ -144,7 +145,8 @@ def quantize(
     ``config``, the file it was built from: an input the output must not replace).
     """
     cfg = config.validate() if config is not None else build(QuantizeConfig, recipe, **options)
-    inputs = [("--model", local_source(cfg.model)), ("--calibration", cfg.calibration), ("--recipe", recipe)]
+    sources = [("--calibration", source) for source in cfg.calibration.split("+")]
+    inputs = [("--model", local_source(cfg.model)), *sources, ("--recipe", recipe)]
     # checked, locked and staged before the long work: a bad --output fails in the first second
     kind = "file" if cfg.format == "gguf" else "folder"
     with staged_output(cfg.output, overwrite=cfg.overwrite, inputs=inputs, kind=kind) as tmp:
@@ -160,8 +162,9 @@ def quantize(
             windows = None
             if get_method(cfg.method).calibrated or cfg.mixed:
                 check_window(model.config, cfg.seqlen, "--seqlen")
-                ids = tokenize(tokenizer, load_text(cfg.calibration))
-                windows = calibration_windows(ids, cfg.samples, cfg.seqlen, cfg.seed)
+                windows = calibration_set(
+                    cfg.calibration, model, tokenizer, cfg.samples, cfg.seqlen, cfg.seed, progress
+                )
             dtype = getattr(torch, cfg.dtype)
             mixed = None
             if cfg.mixed:  # each linear's width, before any weight changes

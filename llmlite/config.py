@@ -75,7 +75,11 @@ class QuantizeConfig:
     sym: bool = option(True, "symmetric grid; --asym: asymmetric grid (zero-points)", negative="--asym")
     # static groups: no cost at inference; llm-compressor's default too
     act_order: bool = option(True, "GPTQ: quantize columns by decreasing Hessian diagonal (static groups)")
-    calibration: str = option(DEFAULT_CALIBRATION, "calibration text: file or corpus name")
+    calibration: str = option(
+        DEFAULT_CALIBRATION,
+        "calibration text: file or corpus name, 'self' (text the model writes itself), or sources joined "
+        "by '+' sharing the windows (wikitext2-valid+self)",
+    )
     samples: int = option(128, "calibration windows")
     seqlen: int = option(512, "tokens per calibration window")
     seed: int = option(0, "calibration sampling seed")

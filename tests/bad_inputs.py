@@ -179,6 +179,14 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
         [*QO, "--method", "gptq", "--calibration", "binary.bin"],
         ["binary"],
     ),
+    "quantize: calibration mix names a source twice": (
+        [*QO, "--method", "gptq", "--calibration", "self+self"],
+        ["--calibration", "name each source once"],
+    ),
+    "quantize: fewer windows than calibration sources": (
+        [*QO, "--method", "gptq", "--calibration", "text.txt+self", "--samples", "1"],
+        ["--samples 1", "fewer than the 2 calibration sources"],
+    ),
     # recipes (quantize)
     "quantize: missing recipe": ([*QO, "--recipe", "nope.yaml"], ["no such recipe", "nope.yaml"]),
     "quantize: binary recipe": ([*QO, "--recipe", "binary.bin"], ["recipe binary.bin"]),
