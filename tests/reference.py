@@ -76,8 +76,13 @@ def rtn(w: np.ndarray, bits: int, group_size: int, sym: bool, mse: bool = False)
     return codes, scales, zeros
 
 
-def gptq(w, h, bits, group_size=-1, sym=True, act_order=False, damp=0.01, mse=False):
-    """GPTQ as sequential OBQ updates in float64. Returns codes and expanded scales/zeros."""
+def gptq(w, h, bits, group_size=-1, sym=True, act_order=False, damp=0.01, mse=False, keep=None):
+    """GPTQ as sequential OBQ updates in float64. Returns codes and expanded scales/zeros.
+
+    With ``keep`` (bool ``[out, in]``, False = pruned), SparseGPT's joint prune + quantize: a pruned
+    weight is quantized to 0 (its code is the zero-point) and its whole value is the error spread
+    over the later columns; every grid is set from the weights with the pruned ones read as 0."""
+    keep = np.ones(np.shape(w), dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
     W = np.array(w, dtype=np.float64)
     H = np.array(h, dtype=np.float64)
     cols = W.shape[1]
@@ -91,12 +96,14 @@ def gptq(w, h, bits, group_size=-1, sym=True, act_order=False, damp=0.01, mse=Fa
     codes, scales, zeros = (np.zeros_like(W) for _ in range(3))
     static = act_order or group_size == -1
     if static:  # grid fixed from the weight before any update
-        _, scales, zeros = rtn(W, bits, group_size, sym, mse)
+        _, scales, zeros = rtn(np.where(keep, W, 0.0), bits, group_size, sym, mse)
     for pos, j in enumerate(order):
         if not static and j % g == 0:
-            s, z = grid(W[:, j : j + g], bits, sym, mse)
+            s, z = grid(np.where(keep[:, j : j + g], W[:, j : j + g], 0.0), bits, sym, mse)
             scales[:, j : j + g], zeros[:, j : j + g] = s[:, None], z[:, None]
         q, dq = quant(W[:, j], scales[:, j], zeros[:, j], bits)
+        q = np.where(keep[:, j], q, zeros[:, j])  # a pruned weight: the zero-point's code, 0
+        dq = np.where(keep[:, j], dq, 0.0)
         codes[:, j] = q
         err = (W[:, j] - dq) / Hinv[j, j]
         rest = order[pos + 1 :]

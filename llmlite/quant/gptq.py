@@ -150,6 +150,7 @@ def gptq(
     mse: bool = False,
     shift: Tensor | None = None,
     refit: bool = False,
+    keep: Tensor | None = None,
 ) -> GPTQResult:
     """Quantize ``w`` ``[out, in]`` given the Hessian ``[in, in]`` of its layer's inputs.
 
@@ -159,6 +160,10 @@ def gptq(
     when its first column is reached (the reference behaviour). ``shift`` ``[out, in]`` (GPTAQ's
     ``alpha·W·D``) makes GPTQ aim at ``drift_target``'s weight, with the inverse it needs anyway.
     ``refit`` re-solves the scales for the final codes (``refit_scales``, with the damped Hessian).
+    ``keep`` ``[out, in]`` (bool, ``False`` for a pruned weight) quantizes jointly with a sparsity
+    mask (SparseGPT's prune + quantize): a pruned weight gets its group's zero-point as its code, so
+    it reads back as exactly 0, and its error ``w − 0`` is spread like any rounding error; grids
+    are set from the kept weights (pruned ones counted as 0, which every grid holds exactly).
     Computes on the CPU in float32, or float64 when given float64.
     """
     dtype = torch.promote_types(w.dtype, torch.float32)
@@ -170,8 +175,12 @@ def gptq(
     dead = H.diagonal() == 0
     H[dead, dead] = 1
     perm = torch.argsort(H.diagonal(), descending=True) if act_order else None
+    if keep is not None and tuple(keep.shape) != (rows, cols):
+        raise ValueError(f"keep has shape {tuple(keep.shape)}; the weight has {(rows, cols)}")
+    pruned = None if keep is None else ~keep.to("cpu", torch.bool)
     if perm is not None:
         W, H, dead = W[:, perm], H[perm][:, perm], dead[perm]
+        pruned = None if pruned is None else pruned[:, perm]
     inverse, hinv, damp = damped_inverse(H, damp)
     if shift is not None:  # GPTAQ: aim at W + shift·H⁻¹ (see drift_target)
         shift = shift.to("cpu", dtype)
@@ -184,7 +193,8 @@ def gptq(
     scale = torch.zeros(n_groups, rows, dtype=dtype)  # per group, contiguous over rows
     zero = torch.zeros(n_groups, rows, dtype=dtype)
     if act_order or group_size == -1:
-        unpermuted = W if perm is None else W[:, torch.argsort(perm)]
+        unpermuted = W if pruned is None else W.masked_fill(pruned, 0)
+        unpermuted = unpermuted if perm is None else unpermuted[:, torch.argsort(perm)]
         scale, zero = (t.T.contiguous() for t in group_params(unpermuted, bits, group_size, sym, mse))
     col_group = (g_idx if perm is None else g_idx[perm]).long()
 
@@ -195,6 +205,7 @@ def gptq(
     # Work on Wᵀ so that each column is a contiguous row.
     Wt = W.T.contiguous()
     Qt = torch.zeros_like(Wt)
+    Pt = None if pruned is None else pruned.T.contiguous()  # pruned weights, by column
     hinv = hinv.contiguous()
     groups = col_group.tolist()
     loss = torch.zeros((), dtype=dtype)
@@ -205,12 +216,16 @@ def gptq(
             W1 = Wt[i1:i2].clone()
             Err1 = torch.empty_like(W1)
             views = (W1.numpy(), Err1.numpy(), Qt[i1:i2].numpy(), hinv[i1:i2, i1:i2].numpy())
+            p1 = None if Pt is None else Pt[i1:i2].numpy()
             step = g if fresh_grids else i2 - i1
             for a in range(0, i2 - i1, step):
                 if fresh_grids:
                     k = groups[i1 + a]
-                    scale[k], zero[k] = grid_params(W1[a : a + g].T, bits, sym, mse)
-                _quantize_columns(*views, groups[i1:i2], scale.numpy(), zero.numpy(), bits, a, a + step)
+                    cols_now = W1[a : a + g]
+                    if Pt is not None:  # the grid of the kept weights (and of 0)
+                        cols_now = cols_now.masked_fill(Pt[i1 + a : i1 + a + g], 0)
+                    scale[k], zero[k] = grid_params(cols_now.T, bits, sym, mse)
+                _quantize_columns(*views, groups[i1:i2], scale.numpy(), zero.numpy(), bits, a, a + step, p1)
             loss += Err1.square().sum() / 2
             Wt[i2:].addmm_(hinv[i1:i2, i2:].T, Err1, alpha=-1)
 
@@ -231,9 +246,10 @@ def gptq(
     return GPTQResult(weight=weight, damp=damp, loss=float(loss.sum()))
 
 
-def _quantize_columns(w, err, q, hinv, groups, scale, zero, bits, start, stop) -> None:
+def _quantize_columns(w, err, q, hinv, groups, scale, zero, bits, start, stop, pruned=None) -> None:
     """GPTQ's inner loop over the columns ``start:stop`` of one block, on NumPy views of it (rows
     are columns of the weight): quantize each, and spread its error over the block's later ones.
+    ``pruned`` (bool, like ``w``): weights whose code is the zero-point, whatever their value.
 
     NumPy calls cost a fraction of torch's on vectors this small, and BLAS's ``ger`` updates the
     rest of the block in place (3x faster than ``Tensor.addr_`` here).
@@ -248,6 +264,8 @@ def _quantize_columns(w, err, q, hinv, groups, scale, zero, bits, start, stop) -
         np.rint(c, out=c)
         c += z
         np.clip(c, 0, maxq, out=c)
+        if pruned is not None:
+            np.copyto(c, z, where=pruned[i])  # (z − z)·s: exactly 0
         np.subtract(c, z, out=e)
         e *= s
         np.subtract(w_col, e, out=e)
