@@ -12,6 +12,12 @@ from llmlite.pruning.masks import keep_n_of_m, keep_per_tensor
 def magnitude(w: Tensor, sparsity: float | None = None, pattern: tuple[int, int] | None = None) -> Tensor:
     """``w`` ``[out, in]`` with its smallest weights set to zero (``sparsity`` of the linear's
     weights, or N:M ``pattern``)."""
+    return w * magnitude_mask(w, sparsity, pattern)
+
+
+def magnitude_mask(
+    w: Tensor, sparsity: float | None = None, pattern: tuple[int, int] | None = None
+) -> Tensor:
+    """The mask ``[out, in]`` (``True``: kept) of ``magnitude``."""
     scores = w.abs()
-    keep = keep_n_of_m(scores, *pattern) if pattern else keep_per_tensor(scores, sparsity)
-    return w * keep
+    return keep_n_of_m(scores, *pattern) if pattern else keep_per_tensor(scores, sparsity)

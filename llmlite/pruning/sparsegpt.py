@@ -31,6 +31,7 @@ class SparseGPTResult:
     weight: Tensor  # the pruned and updated weight, in the input's dtype
     damp: float  # the relative damping that made the Hessian factorisable
     loss: float  # the OBS proxy loss: Σ (w − q)² / [H_F⁻¹]_qq / 2
+    keep: Tensor | None = None  # the mask [out, in], True for a weight kept
 
 
 @torch.no_grad()
@@ -71,6 +72,7 @@ def _sparsegpt(w, hessian, sparsity, pattern, block_size, damp, segments, keep) 
     _, hinv, damp = damped_inverse(H, damp)
     del H
     mask = None if keep is None else keep.to("cpu", torch.bool)
+    chosen = torch.ones_like(W, dtype=torch.bool)
     loss = torch.zeros((), dtype=dtype)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
@@ -85,10 +87,11 @@ def _sparsegpt(w, hessian, sparsity, pattern, block_size, damp, segments, keep) 
         else:
             keep1 = torch.ones_like(W1, dtype=torch.bool)
         _prune_columns(W1, Err1, Hinv1, keep1, pattern if mask is None else None)
+        chosen[:, i1:i2] = keep1
         loss += Err1.square().sum() / 2
         W[:, i1:i2] = W1
         W[:, i2:].addmm_(Err1, hinv[i1:i2, i2:], alpha=-1)
-    return SparseGPTResult(W.to(w.dtype), damp, float(loss))
+    return SparseGPTResult(W.to(w.dtype), damp, float(loss), chosen)
 
 
 def _prune_columns(W1: Tensor, Err1: Tensor, Hinv1: Tensor, keep1: Tensor, pattern) -> None:

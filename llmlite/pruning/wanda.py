@@ -22,6 +22,12 @@ def wanda(
     w: Tensor, input_norm: Tensor, sparsity: float | None = None, pattern: tuple[int, int] | None = None
 ) -> Tensor:
     """``w`` ``[out, in]`` with the lowest Wanda scores of each row set to zero."""
+    return w * wanda_mask(w, input_norm, sparsity, pattern)
+
+
+def wanda_mask(
+    w: Tensor, input_norm: Tensor, sparsity: float | None = None, pattern: tuple[int, int] | None = None
+) -> Tensor:
+    """The mask ``[out, in]`` (``True``: kept) of ``wanda``."""
     scores = wanda_scores(w, input_norm)
-    keep = keep_n_of_m(scores, *pattern) if pattern else keep_per_row(scores, sparsity)
-    return w * keep
+    return keep_n_of_m(scores, *pattern) if pattern else keep_per_row(scores, sparsity)

@@ -214,12 +214,15 @@ def walk_groups(
     progress: bool = True,
     desc: str = "",
     path: str | None = None,
+    after_layer: Callable[[int, nn.Module], None] | None = None,
 ) -> str:
     """The walk of ``quantize_model`` for a method that rewrites float weights in place (pruning):
     sequential over the decoder layers, true-sequential inside each (q/k/v, o, gate/up, down), the
     same two ways through a layer. ``visit(prefix, layer, names, stats)`` gets each group (``names``
     relative to ``layer``, ``prefix`` such as ``"layers.3."``) with the Hessian of its calibration
-    inputs, and must leave the group's weights at their final values before the walk goes on.
+    inputs, and must leave the group's weights at their final values before the walk goes on;
+    ``after_layer(i, layer)``, once layer ``i`` is done (its outputs computed), may replace its
+    modules (``QuantLinear`` for the float linears whose weights hold its values).
     Returns the way taken ("llama-staged" or "generic-hooks")."""
     layers = check_quantizable(model)
     hidden, kwargs = _capture_layer_inputs(model, layers[0], calibration)
@@ -236,6 +239,8 @@ def walk_groups(
             _llama_layer(layer, hidden, kwargs, group, None, True, buffers)
         else:
             _generic_layer(layer, hidden, kwargs, group)
+        if after_layer is not None:
+            after_layer(i, layer)
         trim_heap()
     return "llama-staged" if staged else "generic-hooks"
 
