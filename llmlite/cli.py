@@ -277,8 +277,12 @@ def _show_export(result, cfg) -> None:
 def _show_prune(result, cfg) -> None:
     s = result.summary()
     what = f"{cfg.pattern} pattern" if cfg.pattern else f"{s['target_sparsity']:.0%} unstructured"
+    zeros = f"{s['sparsity']:.2%} zeros"
+    if cfg.bits is not None:
+        what += f" + {cfg.bits}-bit GPTQ ({cfg.format})"
+        zeros += f" ({s['pruned']:.2%} pruned, the rest kept weights rounded to 0)"
     print(
-        f"{s['method']} {what}: {s['modules']} linear layers at {s['sparsity']:.2%} zeros in "
+        f"{s['method']} {what}: {s['modules']} linear layers at {zeros} in "
         f"{s['seconds']:.1f} s, peak RSS {_gb(s['peak_rss_bytes'])} -> {s['output']}"
     )
 

@@ -447,6 +447,20 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "prune: output exists": ([*P, "--output", "exists"], ["already exists", "--overwrite"]),
     "prune: output is the model": ([*P, "--output", "tiny", "--overwrite"], ["--output tiny", "--model"]),
     "prune: no output": (P, ["--output"]),
+    "prune: joint --bits 5": ([*PO, "--bits", "5"], ["5-bit", "--bits 2, 3, 4 or 8"]),
+    "prune: joint --group-size without --bits": ([*PO, "--group-size", "64"], ["--group-size", "add --bits"]),
+    "prune: joint --asym without --bits": ([*PO, "--asym"], ["--asym", "add --bits"]),
+    "prune: joint --format awq without --bits": ([*PO, "--format", "awq"], ["--format", "add --bits"]),
+    "prune: joint --format awq at 3 bits": (
+        [*PO, "--bits", "3", "--format", "awq"],
+        ["--format awq holds 4-bit", "--format gptq"],
+    ),
+    "prune: joint --format gguf": ([*PO, "--bits", "4", "--format", "gguf"], ["--format", "invalid choice"]),
+    "prune: joint --group-size 0": ([*PO, "--bits", "4", "--group-size", "0"], ["group size 0"]),
+    "prune: joint output contains the second calibration source": (
+        [*P, "--bits", "4", "--calibration", "text.txt+texts/calib.txt", "--output", "texts", "--overwrite"],
+        ["contains --calibration"],
+    ),
     # the command itself
     "generate: --runtime llama.cpp with --kv-bits": (
         [*G, "--runtime", "llama.cpp", "--kv-bits", "4"],

@@ -1,20 +1,24 @@
 """``prune``: load, prune, save (the API behind ``llmlite prune``), with its options ``PruneConfig``.
 
 The output is a dense checkpoint (zeros in the pruned weights) in ``--dtype`` that plain
-transformers and llmlite load, with the run record ``llmlite.json`` (each linear's sparsity).
+transformers and llmlite load, with the run record ``llmlite.json`` (each linear's sparsity);
+with ``--bits``, the kept weights quantized by GPTQ in the same pass and written as a quantized
+checkpoint (``--format`` gptq, awq or compressed-tensors) whose pruned weights are exact zeros.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import torch
 
+from llmlite.calibration import calibration_set
 from llmlite.config import DTYPES
-from llmlite.data import DEFAULT_CALIBRATION, calibration_windows, load_text, tokenize
+from llmlite.data import DEFAULT_CALIBRATION
 from llmlite.errors import LlmliteError
 from llmlite.memory import RunStats, measure
 from llmlite.models import (
@@ -26,14 +30,22 @@ from llmlite.models import (
     refuse_quantized,
 )
 from llmlite.pruning.masks import parse_pattern
-from llmlite.pruning.methods import METHODS, PruneSettings, get
-from llmlite.pruning.walk import PruneReport, check_prunable, prune_model, remeasure
-from llmlite.quant.checkpoint import round_unquantized
+from llmlite.pruning.methods import METHODS, PruneSettings
+from llmlite.pruning.walk import PruneReport, calibrated, check_prunable, prune_model, remeasure
+from llmlite.quant.checkpoint import gptq_config, round_unquantized, save_checkpoint
+from llmlite.quant.grid import SUPPORTED_BITS
+from llmlite.quant.layouts import LAYOUTS, check_bits, check_fits
 from llmlite.recipes import option
 from llmlite.results import Result
 from llmlite.runinfo import environment, staged_output
 
 RECORD = "llmlite.json"
+# The layouts that hold a pruned weight exactly: each stores integer codes and integer zero-points,
+# and a pruned weight's code is its group's zero-point, so it reads back as (z − z)·s = 0. GGUF is
+# not offered: q4_1 stores an asymmetric group's offset as a float16 minimum, not a zero-point.
+FORMATS = tuple(LAYOUTS)
+# The options that say how the kept weights are quantized: read only with --bits.
+QUANT_OPTIONS = ("group_size", "sym", "act_order", "refit", "format")
 
 
 @dataclass
@@ -56,12 +68,38 @@ class PruneConfig:
     pattern: str | int | None = option(  # int: what YAML makes of an unquoted 2:4 (refused)
         None, "N:M sparsity instead: N weights kept in every M consecutive inputs of a row, e.g. 2:4"
     )
-    calibration: str = option(DEFAULT_CALIBRATION, "calibration text (wanda, sparsegpt): file or corpus name")
+    calibration: str = option(
+        DEFAULT_CALIBRATION,
+        "calibration text (wanda, sparsegpt, --bits): file or corpus name, 'self' (text the model writes "
+        "itself), or sources joined by '+' sharing the windows (wikitext2-valid+self)",
+    )
     samples: int = option(128, "calibration windows")
     seqlen: int = option(512, "tokens per calibration window")
     seed: int = option(0, "calibration sampling seed")
-    damp: float = option(0.01, "SparseGPT damping, fraction of mean diag(H)")
-    dtype: str = option("float16", "storage of the saved weights", choices=DTYPES)
+    damp: float = option(0.01, "SparseGPT and GPTQ damping, fraction of mean diag(H)")
+    bits: int | None = option(
+        None,
+        "also quantize the kept weights with GPTQ in the same pass (2, 3, 4 or 8 bits; pruned weights "
+        "stay exact zeros) and write a quantized checkpoint",
+        shown="none: float weights",
+    )
+    group_size: int = option(128, "with --bits: columns per scale; -1 = one group per output channel")
+    sym: bool = option(
+        True, "with --bits: symmetric grid; --asym: asymmetric (zero-points)", negative="--asym"
+    )
+    act_order: bool = option(
+        True, "with --bits: GPTQ's columns by decreasing Hessian diagonal (static groups)"
+    )
+    refit: bool = option(True, "with --bits: re-solve each group's scale after GPTQ (--no-refit: GPTQ's own)")
+    format: str = option(
+        "gptq",
+        "with --bits: the checkpoint layout, gptq (transformers + GPTQModel, vLLM), awq (AWQ GEMM, 4-bit) "
+        "or compressed-tensors (4/8-bit)",
+        choices=FORMATS,
+    )
+    dtype: str = option(
+        "float16", "storage of the saved weights (with --bits: of the unquantized ones)", choices=DTYPES
+    )
     output: str | None = option(
         None, "folder for the pruned model", cli_required="the folder for the pruned model"
     )
@@ -95,15 +133,67 @@ class PruneConfig:
                 raise LlmliteError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if not 0 < self.damp <= 1:
             raise LlmliteError(f"--damp {self.damp} is out of range; use a value in (0, 1], e.g. 0.01")
+        self._check_quantization()
         if self.dtype not in DTYPES:
             raise LlmliteError(f"--dtype {self.dtype} is not supported; use one of: {', '.join(DTYPES)}")
         refuse_quantized(self.model, "prune")  # before any work: there is no float weight left
         return self
 
+    def _check_quantization(self) -> None:
+        """``--bits`` and the options read with it: a width and a group size the layout holds; those
+        options given without ``--bits`` are refused (they would be silently ignored)."""
+        if self.bits is None:
+            defaults = {f.name: f.default for f in fields(self)}
+            changed = [name for name in QUANT_OPTIONS if getattr(self, name) != defaults[name]]
+            if changed:
+                flag = "--asym" if changed[0] == "sym" else "--" + changed[0].replace("_", "-")
+                if changed[0] in ("act_order", "refit"):
+                    flag = "--no-" + changed[0].replace("_", "-")
+                raise LlmliteError(
+                    f"{flag} sets how the kept weights are quantized; add --bits (e.g. --bits 4) or drop it"
+                )
+            return
+        if self.format == "gguf":
+            raise LlmliteError(
+                "--format gguf cannot hold a pruned asymmetric group exactly (q4_1 stores a float offset, "
+                "not a zero-point); use --format gptq, awq or compressed-tensors"
+            )
+        if self.format not in FORMATS:
+            raise LlmliteError(f"--format {self.format} is not supported; use one of: {', '.join(FORMATS)}")
+        if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
+            raise LlmliteError(f"{self.bits}-bit weights are not supported; use --bits 2, 3, 4 or 8")
+        check_bits(self.format, self.bits)
+        if not isinstance(self.group_size, int) or self.group_size == 0 or self.group_size < -1:
+            raise LlmliteError(
+                f"group size {self.group_size} is invalid; use a positive size such as 128, "
+                "or -1 for one group per output channel"
+            )
+
     def settings(self) -> PruneSettings:
         pattern = None if self.pattern is None else parse_pattern(self.pattern)
         sparsity = 1 - pattern[0] / pattern[1] if pattern else float(self.sparsity)
-        return PruneSettings(self.method, sparsity, pattern, self.damp)
+        quant = {}
+        if self.bits is not None:
+            names = ("bits", "group_size", "sym", "act_order", "refit")
+            quant = {name: getattr(self, name) for name in names}
+        return PruneSettings(self.method, sparsity, pattern, self.damp, **quant)
+
+    def quantization_config(self) -> dict:
+        """``quantization_config`` of the ``--bits`` checkpoint: GPTQ's (the layout's own keys are
+        set when it is written), with the pruning in its ``meta``."""
+        options = SimpleNamespace(
+            model=self.model, method="gptq", bits=self.bits, group_size=self.group_size, sym=self.sym,
+            act_order=self.act_order, damp=self.damp, quantize_head=False, mse=False, v2=False,
+            v2_alpha=None, v2_windows=None, refit=self.refit,
+        )  # fmt: skip
+        qconfig = gptq_config(options)
+        settings = self.settings()
+        qconfig["meta"]["pruning"] = {
+            "method": self.method,
+            "sparsity": settings.target,
+            "pattern": None if settings.pattern is None else f"{settings.pattern[0]}:{settings.pattern[1]}",
+        }
+        return qconfig
 
 
 @dataclass
@@ -123,6 +213,9 @@ class PruneResult(Result):
             "pattern": self.config.pattern,
             "target_sparsity": self.report.settings.target,
             "sparsity": self.report.sparsity,
+            "pruned": self.report.pruned,
+            "bits": self.config.bits,
+            "format": None if self.config.bits is None else self.config.format,
             "modules": len(self.report.modules),
             "mean_output_error": sum(errors) / len(errors) if errors else None,
             "seconds": round(self.stats.seconds, 2),
@@ -137,7 +230,9 @@ def prune(
     config: PruneConfig | None = None, *, recipe: str | None = None, progress: bool = True, **options
 ) -> PruneResult:
     """Prune the linears of a model's decoder layers with ``method`` (magnitude, Wanda, SparseGPT)
-    to ``sparsity`` or an N:M ``pattern`` and, when ``output`` is set, save the dense model.
+    to ``sparsity`` or an N:M ``pattern`` and, when ``output`` is set, save the dense model; with
+    ``bits``, quantize the kept weights in the same pass (GPTQ under the mask) and save a quantized
+    checkpoint in ``format`` whose pruned weights read back as exact zeros.
 
     Options are ``PruneConfig``'s fields (``llmlite.prune(method="wanda", pattern="2:4",
     output="out")``) or a ready ``config``; ``recipe`` names a YAML file of options that ``options``
@@ -147,28 +242,35 @@ def prune(
 
     cfg = config.validate() if config is not None else build(PruneConfig, recipe, **options)
     settings = cfg.settings()
-    inputs = [("--model", local_source(cfg.model)), ("--calibration", cfg.calibration), ("--recipe", recipe)]
+    sources = [("--calibration", source) for source in cfg.calibration.split("+")]
+    inputs = [("--model", local_source(cfg.model)), *sources, ("--recipe", recipe)]
     # checked, locked and staged before the long work: a bad --output fails in the first second
     with staged_output(cfg.output, overwrite=cfg.overwrite, inputs=inputs) as tmp:
         with measure() as stats:
             model, tokenizer = load_model(cfg.model)
             check_prunable(model, settings)  # before any calibration work
+            if cfg.bits is not None:  # what the layout cannot hold, refused before the work
+                check_fits(model, cfg.format, cfg.bits, cfg.group_size, False)
             own_weights(model)  # so that replaced weights are really freed
             windows = None
-            if get(cfg.method).calibrated:
+            if calibrated(settings):
                 check_window(model.config, cfg.seqlen, "--seqlen")
-                ids = tokenize(tokenizer, load_text(cfg.calibration))
-                windows = calibration_windows(ids, cfg.samples, cfg.seqlen, cfg.seed)
+                windows = calibration_set(
+                    cfg.calibration, model, tokenizer, cfg.samples, cfg.seqlen, cfg.seed, progress
+                )
             report = prune_model(model, settings, windows, progress)
             dtype = getattr(torch, cfg.dtype)
             round_unquantized(model, dtype)  # what the checkpoint reloads to, zeros included
             remeasure(model, report)
-        if tmp is not None:
+        if tmp is not None and cfg.bits is not None:
+            save_checkpoint(model, tokenizer, tmp, cfg.format, cfg.quantization_config(), dtype)
+        elif tmp is not None:
             stored = model.dtype
             model.to(dtype)
             model.save_pretrained(tmp, safe_serialization=True)
             model.to(stored)
             tokenizer.save_pretrained(tmp)
+        if tmp is not None:
             record = {
                 "config": asdict(cfg),
                 "stats": asdict(stats),
