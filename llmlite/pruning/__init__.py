@@ -5,11 +5,12 @@ zero and save a dense model with those zeros.
 - ``magnitude``, ``wanda``, ``sparsegpt``: the pure cores on tensors;
 - ``methods``: the three behind one signature; ``walk``: runs one over a model through the
   quantizer's layer walk (``quant.driver.walk_groups``);
-- ``api``: ``prune`` and its options ``PruneConfig``.
+- ``api``: ``prune`` and its options ``PruneConfig`` (``--bits``: the kept weights quantized by
+  GPTQ under the mask in the same pass, ``quant.gptq.gptq(..., keep=)``).
 """
 
 from llmlite.pruning.api import PruneConfig, PruneResult, prune
-from llmlite.pruning.magnitude import magnitude
+from llmlite.pruning.magnitude import magnitude, magnitude_mask
 from llmlite.pruning.masks import (
     drop_lowest,
     keep_n_of_m,
@@ -18,10 +19,10 @@ from llmlite.pruning.masks import (
     parse_pattern,
     pruned_count,
 )
-from llmlite.pruning.methods import METHODS, PruneSettings
+from llmlite.pruning.methods import METHODS, Pruned, PruneSettings
 from llmlite.pruning.sparsegpt import SparseGPTResult, sparsegpt
 from llmlite.pruning.walk import PruneReport, check_prunable, prune_model, remeasure
-from llmlite.pruning.wanda import wanda, wanda_scores
+from llmlite.pruning.wanda import wanda, wanda_mask, wanda_scores
 
 __all__ = [
     "METHODS",
@@ -29,6 +30,7 @@ __all__ = [
     "PruneReport",
     "PruneResult",
     "PruneSettings",
+    "Pruned",
     "SparseGPTResult",
     "check_prunable",
     "drop_lowest",
@@ -36,6 +38,7 @@ __all__ = [
     "keep_per_row",
     "keep_per_tensor",
     "magnitude",
+    "magnitude_mask",
     "parse_pattern",
     "prune",
     "prune_model",
@@ -43,5 +46,6 @@ __all__ = [
     "remeasure",
     "sparsegpt",
     "wanda",
+    "wanda_mask",
     "wanda_scores",
 ]
