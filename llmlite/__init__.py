@@ -12,6 +12,7 @@ Public API (imported lazily so that ``llmlite --help`` starts fast)::
     table = llmlite.compare(["out/report", "out/other-report"], output="out/compare")
     result = llmlite.convert_gqa(kv_heads=1, output="out/mqa")
     result = llmlite.prune(method="sparsegpt", pattern="2:4", output="out/sparse24")
+    result = llmlite.lowrank(method="svd-llm", ratio=0.8, output="out/lowrank80")
 
 Every verb takes an optional config (``QuantizeConfig``, ...), ``recipe=`` (a YAML file) and the
 config's fields as keyword options, and returns a result dataclass (``result.to_dict()``).
@@ -27,7 +28,7 @@ enable_mkl_avx2()
 
 API_VERBS = (
     "quantize", "evaluate", "report", "compare", "finetune", "merge", "generate", "convert_gqa", "export",
-    "prune",
+    "prune", "lowrank",
 )  # fmt: skip
 
 _EXPORTS = {
@@ -43,6 +44,7 @@ _EXPORTS = {
     "GenerateConfig": "llmlite.kvcache.generate",
     "GQAConfig": "llmlite.gqa.api",
     "PruneConfig": "llmlite.pruning.api",
+    "LowrankConfig": "llmlite.lowrank.api",
     "LlmliteError": "llmlite.errors",
     "QuantLinear": "llmlite.quant.linear",
     "QuantizedKVCache": "llmlite.kvcache.cache",

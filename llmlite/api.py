@@ -24,6 +24,7 @@ from llmlite.gqa.api import convert_gqa_model
 from llmlite.kvcache.cache import kv_cache_for, kv_spec
 from llmlite.kvcache.evaluate import CachedPerplexity, cached_perplexity
 from llmlite.kvcache.generate import generate
+from llmlite.lowrank.api import lowrank
 from llmlite.memory import RunStats, measure
 from llmlite.models import check_window, load_model, local_source, model_path, own_weights
 from llmlite.pruning.api import prune
@@ -54,6 +55,7 @@ __all__ = [
     "export",
     "finetune",
     "generate",
+    "lowrank",
     "merge",
     "prune",
     "quantize",

@@ -287,6 +287,17 @@ def _show_prune(result, cfg) -> None:
     )
 
 
+def _show_lowrank(result, cfg) -> None:
+    s = result.summary()
+    size = f"rank {cfg.rank}" if cfg.rank is not None else f"{cfg.ratio:.0%} kept ({cfg.allocation})"
+    form = "merged to dense" if cfg.merge else "as two linears each"
+    print(
+        f"{s['method']} {size}: {s['factorised']} of {s['modules']} linear layers factorised {form}, "
+        f"{s['params']:,} of {s['dense_params']:,} weights ({s['kept']:.2%}) in {s['seconds']:.1f} s, "
+        f"peak RSS {_gb(s['peak_rss_bytes'])} -> {s['output']}"
+    )
+
+
 def _show_convert_gqa(result, cfg) -> None:
     r, config = result.record, result.config
     kib = r["kv_cache_bytes_per_token_fp16_before"] / 1024, r["kv_cache_bytes_per_token_fp16_after"] / 1024
@@ -346,6 +357,13 @@ VERBS = {
             ("llmlite.pruning.api:PruneConfig",),
             "llmlite.api:prune",
             _show_prune,
+        ),
+        Verb(
+            "lowrank",
+            "factorise linears as U·V (SVD, ASVD, SVD-LLM) to a fraction of the weights; two linears each",
+            ("llmlite.lowrank.api:LowrankConfig",),
+            "llmlite.api:lowrank",
+            _show_lowrank,
         ),
         Verb(
             "merge",

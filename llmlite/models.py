@@ -30,6 +30,7 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from llmlite.errors import LlmliteError
+from llmlite.layers.lowrank import install_low_rank, low_rank_ranks
 from llmlite.quant.checkpoint import load_gptq_checkpoint, quantized_error
 from llmlite.quant.layouts import READABLE_METHODS
 from llmlite.runinfo import staged_output
@@ -112,6 +113,8 @@ def load_model(
         config = load_config(str(where))
         check_causal_lm(config, where)
         model, tokenizer = load_gptq_checkpoint(where, qc, config, dtype, backend)
+    elif isinstance(where, Path) and (ranks := low_rank_ranks(read_config(where))):
+        model, tokenizer = _load_low_rank(where, ranks, dtype)
     elif isinstance(where, Path):
         model, tokenizer = _load_hf(where, dtype)
     else:
@@ -233,6 +236,29 @@ def _load_hf(folder: Path, dtype: torch.dtype):
     except _READ_ERRORS as e:
         raise LlmliteError(_corrupt_folder(folder, e)) from None
     check_loading_info(model, info, folder)
+    return model, tokenizer
+
+
+def _load_low_rank(folder: Path, ranks: dict[str, int], dtype: torch.dtype):
+    """A folder ``llmlite lowrank`` wrote: the model built from its config, each linear its config
+    lists replaced by a ``LowRankLinear`` of that rank, then its tensors loaded (checked as ``_load_hf``)."""
+    try:
+        config = AutoConfig.from_pretrained(folder)
+        check_causal_lm(config, folder)
+        state = _read_safetensors(folder)
+        if state is None:
+            raise OSError("no .safetensors file")
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        install_low_rank(model, ranks)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        del state
+        model.tie_weights()
+        if (folder / "generation_config.json").exists():
+            model.generation_config = GenerationConfig.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except _READ_ERRORS as e:
+        raise LlmliteError(_corrupt_folder(folder, e)) from None
+    check_loading_info(model, {"missing_keys": missing, "unexpected_keys": unexpected}, folder)
     return model, tokenizer
 
 
