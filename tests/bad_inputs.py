@@ -39,6 +39,8 @@ C = ["convert-gqa", "--model", "tiny", "--method", "mean", "--quiet"]
 CO = [*C, "--kv-heads", "1", "--output", "out"]
 P = ["prune", "--model", "tiny", "--method", "wanda", "--samples", "2", "--seqlen", "32", "--quiet"]
 PO = [*P, "--output", "out"]
+L = ["lowrank", "--model", "tiny", "--method", "svd-llm", "--samples", "2", "--seqlen", "32", "--quiet"]
+LO = [*L, "--output", "out"]
 
 CASES: dict[str, tuple[list[str], list[str]]] = {
     # quantize: outputs
@@ -461,6 +463,20 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
         [*P, "--bits", "4", "--calibration", "text.txt+texts/calib.txt", "--output", "texts", "--overwrite"],
         ["contains --calibration"],
     ),
+    # lowrank
+    "lowrank: --ratio 0": ([*LO, "--ratio", "0"], ["--ratio 0", "(0, 1]"]),
+    "lowrank: --ratio 1.5": ([*LO, "--ratio", "1.5"], ["--ratio 1.5", "(0, 1]"]),
+    "lowrank: --ratio -0.5": ([*LO, "--ratio=-0.5"], ["--ratio -0.5", "(0, 1]"]),
+    "lowrank: --ratio that keeps less than rank 1": ([*LO, "--ratio", "0.001"], ["--ratio 0.001", "rank 1"]),
+    "lowrank: --rank 0": ([*LO, "--rank", "0"], ["--rank 0", "keeps nothing"]),
+    "lowrank: --rank above a linear's": ([*LO, "--rank", "49"], ["--rank 49", "k_proj (48x96)"]),
+    "lowrank: --ratio and --rank": ([*LO, "--ratio", "0.5", "--rank", "8"], ["give one"]),
+    "lowrank: --method qr": ([*LO, "--method", "qr"], ["--method", "invalid choice"]),
+    "lowrank: --alpha with svd-llm": ([*LO, "--alpha", "1"], ["--alpha", "ASVD"]),
+    "lowrank: GPT-2 (a family the map does not know)": ([*LO, "--model", "gpt2"], ["gpt2", "not supported"]),
+    "lowrank: already quantized": ([*LO, "--model", "ckpt"], ["ckpt", "already", "factorise the float"]),
+    "lowrank: output is the model": ([*L, "--output", "tiny", "--overwrite"], ["--output tiny", "--model"]),
+    "lowrank: no output": (L, ["--output"]),
     # the command itself
     "generate: --runtime llama.cpp with --kv-bits": (
         [*G, "--runtime", "llama.cpp", "--kv-bits", "4"],
