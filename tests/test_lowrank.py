@@ -429,3 +429,23 @@ def test_install_low_rank_refuses_ranks_a_linear_cannot_hold():
         install_low_rank(_tiny_llama(), {"model.layers.0.self_attn.q_proj": 97})
     with pytest.raises(LlmliteError, match="not a linear"):
         install_low_rank(_tiny_llama(), {"model.layers.0.self_attn": 4})
+
+
+def test_the_cli_and_the_api_write_the_same_model(tmp_path, tiny_folder, capsys):
+    from safetensors.torch import load_file
+
+    from llmlite.cli import main
+
+    options = {"model": str(tiny_folder), "method": "svd", "ratio": 0.5, "allocation": "uniform"}
+    lowrank(**options, output=str(tmp_path / "api"), progress=False)
+    argv = ["--model", str(tiny_folder), "--method", "svd", "--ratio", "0.5", "--allocation", "uniform"]
+    assert main(["lowrank", *argv, "--output", str(tmp_path / "cli"), "--quiet"]) == 0
+    assert "svd 50% kept (uniform): 14 of 14 linear layers factorised" in capsys.readouterr().out
+    a, b = (
+        load_file(tmp_path / "api" / "model.safetensors"),
+        load_file(tmp_path / "cli" / "model.safetensors"),
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "model.layers.0.mlp.down_proj.1.weight" in a and a[
+        "model.layers.0.mlp.down_proj.1.weight"
+    ].shape == (96, 32)
