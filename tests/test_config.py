@@ -124,7 +124,8 @@ def test_the_cli_is_generated_from_the_config_fields(capsys):
     parser = _parser()
     commands = next(a for a in parser._actions if hasattr(a, "choices") and a.choices).choices
     assert set(commands) == set(VERBS) == {
-        "quantize", "eval", "finetune", "generate", "convert-gqa", "merge", "compare", "export", "prune"
+        "quantize", "eval", "finetune", "generate", "convert-gqa", "merge", "compare", "export", "prune",
+        "lowrank",
     }  # fmt: skip
     for verb in VERBS.values():
         actions = {}
