@@ -164,6 +164,24 @@ def own_weights(model: nn.Module) -> None:
         tensor.data = tensor.data.clone()
 
 
+@torch.no_grad()
+def save_float_model(model: PreTrainedModel, tokenizer, folder: Path, dtype: torch.dtype) -> None:
+    """Save ``model`` and ``tokenizer`` as a Hugging Face folder with weights in ``dtype``, leaving
+    the model in memory as it was: its parameters back in their dtype and its buffers bit for bit
+    (a round trip through ``model.to(dtype)`` would round the rotary ``inv_freq`` to ``dtype``, and
+    the model in memory would then compute slightly other logits than the folder reloads to)."""
+    stored = model.dtype
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    model.to(dtype)
+    try:
+        model.save_pretrained(folder, safe_serialization=True)
+    finally:
+        model.to(stored)
+        for name, buffer in buffers.items():
+            model.get_buffer(name).copy_(buffer)
+    tokenizer.save_pretrained(folder)
+
+
 def is_quantized_checkpoint(folder: Path) -> bool:
     """Whether ``folder`` holds a quantized checkpoint llmlite reads (GPTQ, AWQ, compressed-tensors)."""
     return quantization_config(folder).get("quant_method") in READABLE_METHODS

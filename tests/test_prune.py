@@ -350,6 +350,23 @@ def test_config_defaults_and_settings():
     assert settings.pattern == (2, 4) and settings.target == 0.5
 
 
+def test_the_model_prune_returns_computes_the_logits_of_the_folder_it_saved(tmp_path, tiny_dir):
+    """The model in memory is the folder's: its weights rounded to --dtype, its buffers (rotary
+    inv_freq) left in float32 as a reload computes them, not rounded by the save."""
+    from transformers import AutoModelForCausalLM
+
+    from llmlite.pruning import prune
+
+    out = tmp_path / "pruned"
+    result = prune(model=str(tiny_dir), method="magnitude", sparsity=0.5, output=str(out), progress=False)
+    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 5, 9, 200, 7, 3]])
+    with torch.no_grad():
+        assert torch.equal(result.model(ids).logits, plain(ids).logits)
+    for name, buffer in plain.named_buffers():
+        assert torch.equal(result.model.get_buffer(name), buffer), name
+
+
 # --- end to end ---------------------------------------------------------------------------------
 
 

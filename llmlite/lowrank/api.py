@@ -34,6 +34,7 @@ from llmlite.models import (
     local_source,
     own_weights,
     refuse_quantized,
+    save_float_model,
 )
 from llmlite.quant.checkpoint import round_unquantized
 from llmlite.recipes import option
@@ -208,15 +209,7 @@ def lowrank(
                     model.config, CONFIG_KEY, {"method": cfg.method, "layout": LAYOUT, "ranks": report.ranks}
                 )
         if tmp is not None:
-            stored = model.dtype
-            buffers = {n: b.clone() for n, b in model.named_buffers()}  # .to(dtype) would round them
-            model.to(dtype)
-            model.save_pretrained(tmp, safe_serialization=True)
-            model.to(stored)
-            with torch.no_grad():
-                for name, buffer in buffers.items():
-                    model.get_buffer(name).copy_(buffer)
-            tokenizer.save_pretrained(tmp)
+            save_float_model(model, tokenizer, tmp, dtype)
             record = {
                 "config": asdict(cfg),
                 "stats": asdict(stats),

@@ -18,7 +18,7 @@ import torch
 
 from llmlite.calibration import calibration_set
 from llmlite.config import DTYPES
-from llmlite.data import DEFAULT_CALIBRATION
+from llmlite.data import DEFAULT_CALIBRATION_SET
 from llmlite.errors import LlmliteError
 from llmlite.memory import RunStats, measure
 from llmlite.models import (
@@ -28,6 +28,7 @@ from llmlite.models import (
     local_source,
     own_weights,
     refuse_quantized,
+    save_float_model,
 )
 from llmlite.pruning.masks import parse_pattern
 from llmlite.pruning.methods import METHODS, PruneSettings
@@ -69,7 +70,7 @@ class PruneConfig:
         None, "N:M sparsity instead: N weights kept in every M consecutive inputs of a row, e.g. 2:4"
     )
     calibration: str = option(
-        DEFAULT_CALIBRATION,
+        DEFAULT_CALIBRATION_SET,
         "calibration text (wanda, sparsegpt, --bits): file or corpus name, 'self' (text the model writes "
         "itself), or sources joined by '+' sharing the windows (wikitext2-valid+self)",
     )
@@ -265,11 +266,7 @@ def prune(
         if tmp is not None and cfg.bits is not None:
             save_checkpoint(model, tokenizer, tmp, cfg.format, cfg.quantization_config(), dtype)
         elif tmp is not None:
-            stored = model.dtype
-            model.to(dtype)
-            model.save_pretrained(tmp, safe_serialization=True)
-            model.to(stored)
-            tokenizer.save_pretrained(tmp)
+            save_float_model(model, tokenizer, tmp, dtype)
         if tmp is not None:
             record = {
                 "config": asdict(cfg),
