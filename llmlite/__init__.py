@@ -12,6 +12,7 @@ Public API (imported lazily so that ``llmlite --help`` starts fast)::
     table = llmlite.compare(["out/report", "out/other-report"], output="out/compare")
     result = llmlite.convert_gqa(kv_heads=1, output="out/mqa")
     result = llmlite.prune(method="sparsegpt", pattern="2:4", output="out/sparse24")
+    result = llmlite.prune(structure="channels", sparsity=0.2, output="out/channels20")
     result = llmlite.lowrank(method="svd-llm", ratio=0.8, output="out/lowrank80")
 
 Every verb takes an optional config (``QuantizeConfig``, ...), ``recipe=`` (a YAML file) and the

@@ -276,6 +276,16 @@ def _show_export(result, cfg) -> None:
 
 def _show_prune(result, cfg) -> None:
     s = result.summary()
+    if cfg.structure:
+        config = ", ".join(f"{k} {v}" for k, v in s["config"].items())
+        unit = "layers" if cfg.structure == "layers" else f"{cfg.structure} from every layer"
+        print(
+            f"--structure {cfg.structure}: {s['removed_per_layer']} of {s['units_per_layer']} {unit} "
+            f"removed, {s['params_before']:,} -> {s['params_after']:,} decoder parameters "
+            f"({s['removed_fraction']:.2%} removed, target {s['target']:.0%}; {config}) in "
+            f"{s['seconds']:.1f} s, peak RSS {_gb(s['peak_rss_bytes'])} -> {s['output']}"
+        )
+        return
     what = f"{cfg.pattern} pattern" if cfg.pattern else f"{s['target_sparsity']:.0%} unstructured"
     zeros = f"{s['sparsity']:.2%} zeros"
     if cfg.bits is not None:
@@ -353,7 +363,7 @@ VERBS = {
         ),
         Verb(
             "prune",
-            "set weights to zero (unstructured or N:M) with magnitude, Wanda or SparseGPT; dense output",
+            "set weights to zero (unstructured, N:M) or remove channels, heads or layers (--structure)",
             ("llmlite.pruning.api:PruneConfig",),
             "llmlite.api:prune",
             _show_prune,

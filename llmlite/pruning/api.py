@@ -4,6 +4,8 @@ The output is a dense checkpoint (zeros in the pruned weights) in ``--dtype`` th
 transformers and llmlite load, with the run record ``llmlite.json`` (each linear's sparsity);
 with ``--bits``, the kept weights quantized by GPTQ in the same pass and written as a quantized
 checkpoint (``--format`` gptq, awq or compressed-tensors) whose pruned weights are exact zeros.
+With ``--structure`` (channels, heads, layers), whole units are removed instead (``shrink``): the
+output is a smaller dense model with its config updated, the units removed in ``llmlite.json``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from llmlite.models import (
 )
 from llmlite.pruning.masks import parse_pattern
 from llmlite.pruning.methods import METHODS, PruneSettings
+from llmlite.pruning.shrink import StructuredReport, check_structured, prune_structured
+from llmlite.pruning.structured import STRUCTURES
 from llmlite.pruning.walk import PruneReport, calibrated, check_prunable, prune_model, remeasure
 from llmlite.quant.checkpoint import gptq_config, round_unquantized, save_checkpoint
 from llmlite.quant.grid import SUPPORTED_BITS
@@ -47,6 +51,10 @@ RECORD = "llmlite.json"
 FORMATS = tuple(LAYOUTS)
 # The options that say how the kept weights are quantized: read only with --bits.
 QUANT_OPTIONS = ("group_size", "sym", "act_order", "refit", "format")
+# The options of unstructured pruning, refused with --structure (whole units are ranked by their
+# calibration activations; nothing is quantized)
+UNSTRUCTURED_OPTIONS = ("method", "pattern", "damp", "bits")
+STRUCTURED_SPARSITY = 0.2  # the default --sparsity with --structure
 
 
 @dataclass
@@ -58,13 +66,25 @@ class PruneConfig:
         "Set a fraction of the weights of every linear in the decoder layers to zero (unstructured, or "
         "N:M such as 2:4) with magnitude, Wanda or SparseGPT, and save a dense model with those zeros "
         "that plain transformers loads. Zeros in dense tensors make nothing faster or smaller by "
-        "themselves."
+        "themselves. With --structure, whole MLP channels, attention heads or decoder layers are "
+        "removed instead, and the saved model is smaller."
     )
 
     model: str = option(DEFAULT_MODEL, "bundled name, local folder, .gguf file or hub id")
     method: str = option("sparsegpt", "how weights are chosen and updated", choices=tuple(METHODS))
     sparsity: float | None = option(
-        None, "fraction of each linear's weights set to zero, in (0, 1)", shown="0.5 unless --pattern"
+        None,
+        "fraction of each linear's weights set to zero, in (0, 1); with --structure, the fraction of the "
+        "decoder layers' parameters removed",
+        shown="0.5 unless --pattern; 0.2 with --structure",
+    )
+    structure: str | None = option(
+        None,
+        "remove whole units and save a smaller dense model: channels (MLP neurons), heads (key/value "
+        "groups of attention heads) or layers (decoder layers of least Block Influence), ranked on "
+        "calibration activations, the same count from every layer",
+        choices=STRUCTURES,
+        shown="none: unstructured",
     )
     pattern: str | int | None = option(  # int: what YAML makes of an unquoted 2:4 (refused)
         None, "N:M sparsity instead: N weights kept in every M consecutive inputs of a row, e.g. 2:4"
@@ -107,6 +127,8 @@ class PruneConfig:
     overwrite: bool = option(False, "replace an existing output folder")
 
     def validate(self) -> PruneConfig:
+        if self.structure is not None:
+            self._check_structure()
         if self.method not in METHODS:
             raise LlmliteError(f"unknown method '{self.method}'; use one of: {', '.join(METHODS)}")
         if self.sparsity is not None and self.pattern is not None:
@@ -139,6 +161,22 @@ class PruneConfig:
             raise LlmliteError(f"--dtype {self.dtype} is not supported; use one of: {', '.join(DTYPES)}")
         refuse_quantized(self.model, "prune")  # before any work: there is no float weight left
         return self
+
+    def _check_structure(self) -> None:
+        """``--structure``: a known one, without the options of unstructured pruning."""
+        if self.structure not in STRUCTURES:
+            known = ", ".join(STRUCTURES)
+            raise LlmliteError(f"--structure {self.structure} is unknown; use one of: {known}")
+        defaults = {f.name: f.default for f in fields(self)}
+        for name in (*UNSTRUCTURED_OPTIONS, *QUANT_OPTIONS):
+            if getattr(self, name) != defaults[name]:
+                flag = "--" + name.replace("_", "-")
+                raise LlmliteError(
+                    f"{flag} is for unstructured pruning; --structure {self.structure} ranks whole units by "
+                    f"their calibration activations and keeps float weights: drop {flag}"
+                )
+        if self.sparsity is None:
+            self.sparsity = STRUCTURED_SPARSITY
 
     def _check_quantization(self) -> None:
         """``--bits`` and the options read with it: a width and a group size the layout holds; those
@@ -202,11 +240,26 @@ class PruneResult(Result):
     model: Any
     tokenizer: Any
     config: PruneConfig
-    report: PruneReport
+    report: PruneReport | StructuredReport
     stats: RunStats
     output: Path | None
 
     def summary(self) -> dict:
+        if isinstance(self.report, StructuredReport):
+            r = self.report
+            return {
+                "output": None if self.output is None else str(self.output),
+                "structure": r.plan.structure,
+                "target": r.plan.target,
+                "removed_fraction": r.removed_fraction,
+                "removed_per_layer": r.plan.count,
+                "units_per_layer": r.plan.units,
+                "params_before": r.params_before,
+                "params_after": r.params_after,
+                "config": {k: v[1] for k, v in r.config.items()},
+                "seconds": round(self.stats.seconds, 2),
+                "peak_rss_bytes": self.stats.peak_rss_bytes,
+            }
         errors = [m.output_error for m in self.report.modules if m.output_error is not None]
         return {
             "output": None if self.output is None else str(self.output),
@@ -233,7 +286,9 @@ def prune(
     """Prune the linears of a model's decoder layers with ``method`` (magnitude, Wanda, SparseGPT)
     to ``sparsity`` or an N:M ``pattern`` and, when ``output`` is set, save the dense model; with
     ``bits``, quantize the kept weights in the same pass (GPTQ under the mask) and save a quantized
-    checkpoint in ``format`` whose pruned weights read back as exact zeros.
+    checkpoint in ``format`` whose pruned weights read back as exact zeros. With ``structure``
+    (channels, heads, layers), remove whole units to ``sparsity`` of the decoder parameters and save
+    the smaller dense model.
 
     Options are ``PruneConfig``'s fields (``llmlite.prune(method="wanda", pattern="2:4",
     output="out")``) or a ready ``config``; ``recipe`` names a YAML file of options that ``options``
@@ -242,27 +297,34 @@ def prune(
     from llmlite.recipes import build
 
     cfg = config.validate() if config is not None else build(PruneConfig, recipe, **options)
-    settings = cfg.settings()
+    settings = None if cfg.structure else cfg.settings()
     sources = [("--calibration", source) for source in cfg.calibration.split("+")]
     inputs = [("--model", local_source(cfg.model)), *sources, ("--recipe", recipe)]
     # checked, locked and staged before the long work: a bad --output fails in the first second
     with staged_output(cfg.output, overwrite=cfg.overwrite, inputs=inputs) as tmp:
         with measure() as stats:
             model, tokenizer = load_model(cfg.model)
-            check_prunable(model, settings)  # before any calibration work
+            if cfg.structure:  # before any calibration work
+                plan = check_structured(model, cfg.structure, cfg.sparsity)
+            else:
+                check_prunable(model, settings)
             if cfg.bits is not None:  # what the layout cannot hold, refused before the work
                 check_fits(model, cfg.format, cfg.bits, cfg.group_size, False)
             own_weights(model)  # so that replaced weights are really freed
             windows = None
-            if calibrated(settings):
+            if cfg.structure or calibrated(settings):
                 check_window(model.config, cfg.seqlen, "--seqlen")
                 windows = calibration_set(
                     cfg.calibration, model, tokenizer, cfg.samples, cfg.seqlen, cfg.seed, progress
                 )
-            report = prune_model(model, settings, windows, progress)
+            if cfg.structure:
+                report = prune_structured(model, plan, windows, progress)
+            else:
+                report = prune_model(model, settings, windows, progress)
             dtype = getattr(torch, cfg.dtype)
             round_unquantized(model, dtype)  # what the checkpoint reloads to, zeros included
-            remeasure(model, report)
+            if not cfg.structure:
+                remeasure(model, report)
         if tmp is not None and cfg.bits is not None:
             save_checkpoint(model, tokenizer, tmp, cfg.format, cfg.quantization_config(), dtype)
         elif tmp is not None:
