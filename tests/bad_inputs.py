@@ -41,6 +41,7 @@ P = ["prune", "--model", "tiny", "--method", "wanda", "--samples", "2", "--seqle
 PO = [*P, "--output", "out"]
 L = ["lowrank", "--model", "tiny", "--method", "svd-llm", "--samples", "2", "--seqlen", "32", "--quiet"]
 LO = [*L, "--output", "out"]
+S = ["prune", "--model", "tiny", "--samples", "2", "--seqlen", "32", "--quiet", "--output", "out"]
 
 CASES: dict[str, tuple[list[str], list[str]]] = {
     # quantize: outputs
@@ -462,6 +463,42 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "prune: joint output contains the second calibration source": (
         [*P, "--bits", "4", "--calibration", "text.txt+texts/calib.txt", "--output", "texts", "--overwrite"],
         ["contains --calibration"],
+    ),
+    # prune --structure (tiny: 2 layers, 200 MLP channels, 2 key/value groups of 2 query heads)
+    "prune: --structure channels --sparsity 0": (
+        [*S, "--structure", "channels", "--sparsity", "0"],
+        ["(0, 1)"],
+    ),
+    "prune: --structure heads --sparsity 1": ([*S, "--structure", "heads", "--sparsity", "1"], ["(0, 1)"]),
+    "prune: --structure heads below one key/value group (splits GQA groups)": (
+        [*S, "--structure", "heads", "--sparsity", "0.05"],
+        ["--sparsity 0.05", "less than one key/value group", "GQA groups", "--sparsity 0.081 or more"],
+    ),
+    "prune: --structure heads removing every key/value group": (
+        [*S, "--structure", "heads", "--sparsity", "0.3"],
+        ["would remove all 2 key/value groups", "at most 1", "--sparsity 0.242 or less"],
+    ),
+    "prune: --structure channels removing every channel": (
+        [*S, "--structure", "channels", "--sparsity", "0.9"],
+        ["would remove all 200 MLP channels"],
+    ),
+    "prune: --structure layers removing every layer": (
+        [*S, "--structure", "layers", "--sparsity", "0.8"],
+        ["would remove all 2 decoder layers"],
+    ),
+    "prune: --structure mlp": ([*S, "--structure", "mlp"], ["--structure", "invalid choice"]),
+    "prune: --structure with --pattern": (
+        [*S, "--structure", "channels", "--pattern", "2:4"],
+        ["--pattern is for unstructured pruning"],
+    ),
+    "prune: --structure with --bits": (
+        [*S, "--structure", "heads", "--bits", "4"],
+        ["--bits", "unstructured"],
+    ),
+    "prune: --structure with --method": ([*S, "--structure", "layers", "--method", "wanda"], ["--method"]),
+    "prune: --structure on GPT-2 (a family the map does not know)": (
+        [*S, "--structure", "channels", "--model", "gpt2"],
+        ["gpt2", "not supported"],
     ),
     # lowrank
     "lowrank: --ratio 0": ([*LO, "--ratio", "0"], ["--ratio 0", "(0, 1]"]),

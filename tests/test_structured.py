@@ -243,7 +243,11 @@ def test_per_layer_lists_of_the_config_keep_the_kept_layers():
         ("heads", 0.03, r"break the GQA groups.*--sparsity 0\.041 or more"),
         ("channels", 0.0001, "less than one MLP channel in every layer"),
         ("layers", 0.05, "less than one decoder layer"),
-        ("layers", 0.95, "would remove all 6 decoder layers; at most 5 can go"),
+        (
+            "layers",
+            0.95,
+            r"would remove all 6 decoder layers; at most 5 can go: use --sparsity 0\.916 or less",
+        ),
         ("channels", 0.9, "would remove all 200 MLP channels of every layer"),
     ],
 )

@@ -142,7 +142,7 @@ def check_structured(model: nn.Module, structure: str, sparsity: float) -> Struc
         raise LlmliteError(
             f"--sparsity {sparsity:g} with --structure {structure} would remove all {plan.units} "
             f"{UNITS[structure]}s{'' if structure == 'layers' else ' of every layer'}; at most "
-            f"{plan.units - 1} can go: use --sparsity {_down((plan.units - 1.5) * share)} or less"
+            f"{plan.units - 1} can go: use --sparsity {_down((plan.units - 0.5) * share)} or less"
         )
     if structure == "heads":
         _admissible_heads(plan, config, exact)
@@ -153,8 +153,8 @@ def _up(x: float) -> str:
     return f"{math.ceil(1000 * x) / 1000:g}"
 
 
-def _down(x: float) -> str:
-    return f"{max(math.floor(1000 * x) / 1000, 0.001):g}"
+def _down(x: float) -> str:  # below x: x itself rounds up to one unit more
+    return f"{max(math.floor(1000 * x - 1e-6) / 1000, 0.001):g}"
 
 
 def _admissible_heads(plan: StructuredPlan, config, exact: float) -> None:
