@@ -202,19 +202,19 @@ def test_parameter_counts_match_the_target_within_one_unit(structure, sparsity):
     assert report.removed_fraction == pytest.approx((before - after) / before)
 
 
-def test_head_counts_the_config_refuses_are_avoided():
+def test_head_counts_the_config_refuses_are_refused_with_the_counts_it_accepts():
     """12 heads on 6 key/value heads, hidden 96: removing one group leaves 10 heads, which
-    LlamaConfig refuses (96 is not a multiple of 10); the nearest count it accepts is taken."""
+    LlamaConfig refuses (96 is not a multiple of 10); 2 to 5 groups leave 8, 6, 4 and 2."""
     model = _llama(3, num_attention_heads=12, num_key_value_heads=6)
-    share = (
-        check_structured(model, "heads", 0.1).unit_params
-        * 6
-        / sum(p.numel() for p in model.model.layers.parameters())
-    )
-    plan = check_structured(model, "heads", 1.1 * share)  # nearest: 1 group, 10 heads
-    assert plan.count == 2 and "10 attention heads" in plan.note
+    plan = check_structured(model, "heads", 0.1)
+    share = plan.unit_params * 6 / plan.decoder_params
+    with pytest.raises(LlmliteError, match=r"leaving 10 attention heads, which LlamaConfig refuses") as e:
+        check_structured(model, "heads", 1.1 * share)
+    assert f"2 (--sparsity {2 * share:.3f}), 3 (--sparsity {3 * share:.3f})" in str(e.value)
+    assert f"5 (--sparsity {5 * share:.3f})" in str(e.value) and "accepts: 2 (" in str(e.value)
     report = prune_structured(model, plan, _calibration(3), progress=False)
-    assert model.config.num_attention_heads == 8 and report.config["num_key_value_heads"] == [6, 4]
+    assert model.config.num_attention_heads == 12 - 2 * plan.count
+    assert report.config["num_key_value_heads"] == [6, 6 - plan.count]
 
 
 def test_per_layer_lists_of_the_config_keep_the_kept_layers():

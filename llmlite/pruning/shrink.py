@@ -55,7 +55,6 @@ class StructuredPlan:
     decoder_params: int  # parameters of the decoder layers before
     heads_per_group: int = 1  # query heads per key/value head
     head_dim: int = 0
-    note: str = ""  # why the count is not the nearest one, where it is not
 
     @property
     def removed_params(self) -> int:
@@ -145,7 +144,7 @@ def check_structured(model: nn.Module, structure: str, sparsity: float) -> Struc
             f"{plan.units - 1} can go: use --sparsity {_down((plan.units - 0.5) * share)} or less"
         )
     if structure == "heads":
-        _admissible_heads(plan, config, exact)
+        _admissible_heads(plan, config, share)
     return plan
 
 
@@ -157,25 +156,27 @@ def _down(x: float) -> str:  # below x: x itself rounds up to one unit more
     return f"{max(math.floor(1000 * x - 1e-6) / 1000, 0.001):g}"
 
 
-def _admissible_heads(plan: StructuredPlan, config, exact: float) -> None:
-    """The nearest count of key/value groups whose head counts the config class accepts (Llama's
-    needs ``hidden_size`` to be a multiple of ``num_attention_heads``)."""
-    candidates = sorted(range(1, plan.units), key=lambda c: (abs(c - exact), c))
-    for count in candidates:
+def _admissible_heads(plan: StructuredPlan, config, share: float) -> None:
+    """Refuse a count of key/value groups whose head counts the config class does not accept
+    (Llama's needs ``hidden_size`` to be a multiple of ``num_attention_heads``), naming the counts
+    it accepts."""
+
+    def accepted(count: int) -> bool:
         kv = plan.units - count
         changes = {"num_attention_heads": kv * plan.heads_per_group, "num_key_value_heads": kv}
-        if _config_accepts(config, head_dim=plan.head_dim, **changes):
-            if count != plan.count:
-                plan.note = (
-                    f"{plan.count} groups would leave {(plan.units - plan.count) * plan.heads_per_group} "
-                    f"attention heads, which {type(config).__name__} refuses; {count} removed instead"
-                )
-            plan.count = count
-            return
+        return _config_accepts(config, head_dim=plan.head_dim, **changes)
+
+    if accepted(plan.count):
+        return
+    name = type(config).__name__
+    heads = (plan.units - plan.count) * plan.heads_per_group
+    counts = [c for c in range(1, plan.units) if accepted(c)]
+    options = ", ".join(f"{c} (--sparsity {c * share:.3f})" for c in counts)
+    instead = f"the counts it accepts: {options}" if counts else "no count of groups leaves one it accepts"
     raise LlmliteError(
-        f"no count of key/value groups leaves head counts that {type(config).__name__} accepts "
-        f"(hidden_size {config.hidden_size}, {config.num_attention_heads} heads); use --structure "
-        "channels or layers"
+        f"--sparsity {plan.target:g} with --structure heads removes {plan.count} of {plan.units} key/value "
+        f"groups, leaving {heads} attention heads, which {name} refuses (hidden_size {config.hidden_size}); "
+        f"{instead}; or use --structure channels or layers"
     )
 
 
