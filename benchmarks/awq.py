@@ -120,6 +120,8 @@ def quantize(name: str, bits: int, grid: str, column: str, group: int = 128) -> 
     cmd = [
         *LLMLITE,
         "quantize",
+        "--calibration",
+        "wikitext2-valid",  # the windows the peer gets
         *METHODS[column],
         "--bits",
         str(bits),

@@ -51,7 +51,7 @@ CHECK_WINDOWS = 2
 
 def quantize(name: str) -> dict:
     out = BENCH / "runs" / f"mixed-bench-{name}"
-    cmd = [*LLMLITE, "quantize", *GRID, *RUNS[name]]
+    cmd = [*LLMLITE, "quantize", *GRID, "--calibration", "wikitext2-valid", *RUNS[name]]
     start = time.perf_counter()
     done = subprocess.run(
         [*cmd, "--output", str(out), "--overwrite", "--quiet"], capture_output=True, text=True

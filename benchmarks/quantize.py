@@ -103,6 +103,7 @@ def run_measured(cmd: list[str], name: str) -> float:
 def quantize_llmlite(name, method, bits, group, sym, variant) -> dict:
     out = BENCH / "runs" / name
     cmd = [*LLMLITE, "quantize", "--method", method, "--bits", str(bits), "--group-size", str(group)]
+    cmd += ["--calibration", "wikitext2-valid"]  # the windows the peers get
     cmd += [
         "--sym" if sym else "--asym",
         "--samples",

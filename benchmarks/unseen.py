@@ -37,16 +37,24 @@ BENCH = ROOT / ".bench"
 LLMLITE = [sys.executable, "-m", "llmlite.cli"]
 SETTING = ["--bits", "4", "--group-size", "128", "--asym"]
 WIKI, OWN, MIX = "WikiText-2 valid", "own text", "WikiText-2 valid + own text"
-CALIBRATION = {WIKI: [], OWN: ["--calibration", "self"], MIX: ["--calibration", "wikitext2-valid+self"]}
+CALIBRATION = {
+    WIKI: ["--calibration", "wikitext2-valid"],
+    OWN: ["--calibration", "self"],
+    MIX: ["--calibration", "wikitext2-valid+self"],
+}
 ROWS = {  # name -> (method, calibration, quantize options)
     "rtn": ("RTN", "–", ["--method", "rtn"]),
-    "gptq-plain": ("GPTQ, plain (`--no-v2 --no-refit`)", WIKI, ["--method", "gptq", "--no-v2", "--no-refit"]),
-    "gptq": ("GPTQ (default)", WIKI, ["--method", "gptq"]),
-    "awq": ("AWQ", WIKI, ["--method", "awq"]),
-    "awq-gptq": ("AWQ→GPTQ", WIKI, ["--method", "awq-gptq"]),
-    "gptq-self": ("GPTQ (default)", OWN, ["--method", "gptq", *CALIBRATION[OWN]]),
+    "gptq-plain": (
+        "GPTQ, plain (`--no-v2 --no-refit`)",
+        WIKI,
+        ["--method", "gptq", "--no-v2", "--no-refit", *CALIBRATION[WIKI]],
+    ),
+    "gptq": ("GPTQ (default)", WIKI, ["--method", "gptq", *CALIBRATION[WIKI]]),
     "gptq-mix": ("GPTQ (default)", MIX, ["--method", "gptq", *CALIBRATION[MIX]]),
+    "gptq-self": ("GPTQ (default)", OWN, ["--method", "gptq", *CALIBRATION[OWN]]),
     "awq-gptq-mix": ("AWQ→GPTQ", MIX, ["--method", "awq-gptq", *CALIBRATION[MIX]]),
+    "awq-gptq": ("AWQ→GPTQ", WIKI, ["--method", "awq-gptq", *CALIBRATION[WIKI]]),
+    "awq": ("AWQ", WIKI, ["--method", "awq", *CALIBRATION[WIKI]]),
 }
 TEXTS = {"wikitext2": "WikiText-2 test", "piqa": "PIQA prose (unseen)"}
 

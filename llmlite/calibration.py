@@ -18,11 +18,11 @@ from torch import Tensor
 from tqdm import tqdm
 from transformers import DynamicCache
 
-from llmlite.data import calibration_windows, load_text, tokenize
+from llmlite.data import SELF_TEXT, calibration_windows, load_text, tokenize
 from llmlite.errors import LlmliteError
 from llmlite.models import cache_dir
 
-SELF = "self"  # the --calibration name of these windows
+SELF = SELF_TEXT  # the --calibration name of these windows
 BATCH = 32  # sequences sampled together
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
-from llmlite.data import DEFAULT_CALIBRATION, DEFAULT_EVAL_TEXT
+from llmlite.data import DEFAULT_CALIBRATION_SET, DEFAULT_EVAL_TEXT
 from llmlite.errors import LlmliteError
 from llmlite.kvcache.defaults import KV_DEFAULTS, KV_HELP
 from llmlite.models import DEFAULT_MODEL, refuse_quantized
@@ -76,7 +76,7 @@ class QuantizeConfig:
     # static groups: no cost at inference; llm-compressor's default too
     act_order: bool = option(True, "GPTQ: quantize columns by decreasing Hessian diagonal (static groups)")
     calibration: str = option(
-        DEFAULT_CALIBRATION,
+        DEFAULT_CALIBRATION_SET,
         "calibration text: file or corpus name, 'self' (text the model writes itself), or sources joined "
         "by '+' sharing the windows (wikitext2-valid+self)",
     )

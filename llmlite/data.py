@@ -17,7 +17,11 @@ BUNDLED_CORPORA = {
     "wikitext2-valid": "wikitext-2/wiki.valid.tokens",
 }
 DEFAULT_EVAL_TEXT = "wikitext2"
-DEFAULT_CALIBRATION = "wikitext2-valid"
+DEFAULT_CALIBRATION = "wikitext2-valid"  # the default calibration text
+SELF_TEXT = "self"  # calibration windows the model writes itself (llmlite.calibration)
+# What quantize and prune calibrate on by default: half WikiText-2 validation, half the model's own
+# text (docs/benchmarks/unseen.md: better on text no default was chosen on, no worse on WikiText-2)
+DEFAULT_CALIBRATION_SET = f"{DEFAULT_CALIBRATION}+{SELF_TEXT}"
 _TEXT_FIELDS = ("text", "content", "document")
 
 
