@@ -140,7 +140,7 @@ def test_eval_json_and_bad_input(tmp_path, tiny_dir):
 def test_ctrl_c_leaves_no_output(tmp_path, bundled_dir):
     out = tmp_path / "interrupted"
     proc = subprocess.Popen(
-        [LLMLITE, "quantize", "--output", str(out), "--samples", "64"],
+        [LLMLITE, "quantize", "--output", str(out), "--samples", "64", "--calibration", "wikitext2-valid"],
         stderr=subprocess.PIPE,
         text=True,
         preexec_fn=ctrl_c_able,
