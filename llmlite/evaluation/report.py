@@ -143,15 +143,20 @@ def resolve_tasks(names: list[str] | str) -> list[str]:
 
 
 def default_baseline(source: str) -> str | None:
-    """The model a llmlite GPTQ checkpoint was quantized from, when its config records it."""
+    """The model a llmlite output was made from: a GPTQ checkpoint's ``quantization_config.meta``,
+    else the ``config.model`` that ``llmlite.json`` records (prune, lowrank and the other commands)."""
     from llmlite.models import resolve_model
 
     try:
-        where = resolve_model(source)
-        config = json.loads((Path(where) / "config.json").read_text())
-    except (LlmliteError, OSError, ValueError):
+        where = Path(resolve_model(source))
+        config = json.loads((where / "config.json").read_text())
+        quantized = (config.get("quantization_config") or {}).get("meta", {}).get("source_model")
+        if quantized or not (where / "llmlite.json").exists():
+            return quantized
+        model = json.loads((where / "llmlite.json").read_text()).get("config", {}).get("model")
+        return model if model and Path(resolve_model(model)) != where else None
+    except (LlmliteError, OSError, ValueError, AttributeError):
         return None
-    return (config.get("quantization_config") or {}).get("meta", {}).get("source_model")
 
 
 def fingerprint(source: str) -> str:
