@@ -79,10 +79,13 @@ def quantize_peer(python: str, name: str, bits: int, grid: str, column: str, gro
     cmd = [python, str(script), str(resolve_model("smollm2-135m")), str(calibration_file()), str(out)]
     cmd += ["--bits", str(bits), "--group-size", str(group), "--then", PEERS[column]]
     cmd += ["--asym"] if grid == "asym" else []
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "log.txt"  # the peer's progress bars, to follow a run of an hour: tail -f
     start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    with log.open("w") as sink:
+        done = subprocess.run(cmd, stdout=sink, stderr=subprocess.STDOUT, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{name} failed:\n{log.read_text()[-3000:]}")
     result = json.loads((out / "result.json").read_text())
     versions = subprocess.run(
         [python, "-c", "import importlib.metadata as m; print(m.version('llmcompressor'))"],
