@@ -188,8 +188,9 @@ def markdown(cache: dict, n: int, tokens: int) -> str:
         "all four mappings, v_proj → o_proj included, then round to nearest with each group's clipping "
         "searched); GPTQ (act-order with static groups, GPTAQ's correction from 16 windows, scale refit); "
         "AWQ→GPTQ (AWQ's scales, then that GPTQ). Gap closed = (RTN − method) / (RTN − float).",
-        f"- Machine: {env['cpu']}, {env['threads']} threads; torch {env['torch']}, transformers "
-        f"{env['transformers']}. Time: the quantization itself (model loading excluded), one process each.",
+        f"- Threads: {env['threads']}; torch {env['torch']}, transformers {env['transformers']}. Time: the "
+        "quantization itself (model loading excluded), one process each, on the machine its row names in "
+        "the last table (compare times on one machine only).",
         "- Grids and rows that are not in the tables have not been run yet (`--only NAME` runs one).",
         "",
     ]
@@ -225,13 +226,16 @@ def markdown(cache: dict, n: int, tokens: int) -> str:
         "",
         "## Time and provenance",
         "",
-        "| run | quantize (s) | date | commit |",
-        "| --- | ---: | --- | --- |",
+        "| run | quantize (s) | machine | date | commit |",
+        "| --- | ---: | --- | --- | --- |",
     ]
     for name, *_ in runs():
         r = cache.get(f"{name}@{n}")
         if r:
-            lines.append(f"| `{r['command']}` | {r['quantize_s']:.0f} | {r['date']} | {r['commit']} |")
+            machine = r.get("cpu", "–")
+            lines.append(
+                f"| `{r['command']}` | {r['quantize_s']:.0f} | {machine} | {r['date']} | {r['commit']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
