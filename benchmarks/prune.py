@@ -1,14 +1,16 @@
 """Pruning quality: perplexity of the bundled SmolLM2-135M after magnitude, Wanda and SparseGPT
-pruning at 50% unstructured and 2:4, beside the dense model, from one calibration set.
+pruning at 50% unstructured and 2:4, beside llm-compressor's Wanda and SparseGPT on the same
+calibration windows, and 50% SparseGPT with 4-bit GPTQ in one pass beside each alone.
 
-    .venv/bin/python benchmarks/prune.py [--windows 16] [--samples 128] [--seqlen 512] [--targets 0.5,2:4]
+    .venv/bin/python benchmarks/prune.py [--windows 16] [--only NAME...] [--table]
 
-A skeleton of issue 26's quality benchmark, not run yet: llm-compressor's ``SparseGPTModifier`` and
-``WandaPruningModifier`` (the peers, installed for the benchmark only) are still to be added as rows
-of the same run. Perplexity follows the GPTQ/AWQ protocol on the bundled WikiText-2 raw test split
-(non-overlapping 2,048-token windows, the first ``--windows``); calibration: the bundled WikiText-2
-validation split, the same windows for every method. Pruning time is the walk and the cores only
-(model loading excluded). Writes docs/benchmarks/prune.md and prune.json.
+Perplexity follows the GPTQ/AWQ protocol on the bundled WikiText-2 raw test split (non-overlapping
+2,048-token windows, the first ``--windows``). Calibration: 128 × 512 windows of the bundled
+WikiText-2 validation split, seed 0, the same windows for every method and for the peer
+(``benchmarks/peers/llmcompressor_prune.py``, in the venv ``benchmarks/quantize.py`` makes). Prune
+time: llmlite's layer walk and cores, the peer's ``oneshot`` (model loading excluded from both).
+Rows are cached in .bench/prune-results.json (``--only`` reruns them); writes
+docs/benchmarks/prune.md and prune.json.
 """
 
 from __future__ import annotations
@@ -16,87 +18,144 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))  # not ROOT: its kernels/ would shadow a package
 
-from llmlite.data import DEFAULT_CALIBRATION, calibration_windows, eval_windows, load_text, tokenize
-from llmlite.evaluation.perplexity import perplexity
-from llmlite.models import load_model
-from llmlite.pruning import METHODS, PruneSettings, parse_pattern, prune_model
-from llmlite.runinfo import environment
+import torch  # noqa: E402
+from awq import calibration_file  # noqa: E402  (the 128 × 512 windows, saved once for the peers)
+from quantize import ensure_llmc  # noqa: E402  (the peer's venv, made once in .bench)
+from safetensors.torch import load_file  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent  # not put on sys.path: its kernels/ would shadow a package
+from llmlite.data import eval_windows, load_text, tokenize  # noqa: E402
+from llmlite.evaluation.perplexity import perplexity  # noqa: E402
+from llmlite.models import load_model, resolve_model  # noqa: E402
+from llmlite.pruning import PruneSettings, parse_pattern, prune_model  # noqa: E402
+from llmlite.quant.driver import quantize_model  # noqa: E402
+from llmlite.quant.method import QuantSettings  # noqa: E402
+from llmlite.runinfo import environment  # noqa: E402
+
+BENCH = ROOT / ".bench"
 OUT = ROOT / "docs" / "benchmarks"
+JOINT = {"bits": 4, "group_size": 128, "sym": False}  # the joint rows' grid: 4-bit, group 128, asymmetric
+# name -> (tool, method, target, with 4-bit GPTQ)
+RUNS = {"dense": ("-", "dense", "-", False)}
+for _target in ("0.5", "2:4"):
+    for _method in ("magnitude", "wanda", "sparsegpt"):
+        RUNS[f"{_method}-{_target}"] = ("llmlite", _method, _target, False)
+    for _method in ("wanda", "sparsegpt"):
+        RUNS[f"llm-compressor-{_method}-{_target}"] = ("llm-compressor", _method, _target, False)
+RUNS["gptq-w4g128-asym"] = ("llmlite", "gptq", "-", True)
+RUNS["sparsegpt-0.5-w4g128-asym"] = ("llmlite", "sparsegpt", "0.5", True)
 
 
-def run(a: argparse.Namespace) -> dict:
-    model, tokenizer = load_model("smollm2-135m")
-    windows = eval_windows(tokenize(tokenizer, load_text("wikitext2")), 2048, a.windows)
-    ids = tokenize(tokenizer, load_text(DEFAULT_CALIBRATION))
-    calibration = calibration_windows(ids, a.samples, a.seqlen, seed=0)
-    rows = [_row("dense", "-", model, windows, 0.0, None)]
-    print(_line(rows[-1]), flush=True)
-    for target in a.targets.split(","):
-        pattern = parse_pattern(target) if ":" in target else None
-        sparsity = 1 - pattern[0] / pattern[1] if pattern else float(target)
-        for method in a.methods.split(","):
-            pruned = copy.deepcopy(model)
-            settings = PruneSettings(method, sparsity, pattern)
-            start = time.perf_counter()
-            report = prune_model(pruned, settings, calibration, progress=not a.quiet)
-            rows.append(_row(method, target, pruned, windows, time.perf_counter() - start, report.sparsity))
-            print(_line(rows[-1]), flush=True)
-            del pruned
-    settings = {
-        "model": "smollm2-135m (SmolLM2-135M-Instruct, float32)",
-        "eval": f"wikitext2 raw test, {len(windows)} windows x 2048 tokens, {windows.shape[0] * 2047} scored",
-        "calibration": f"{DEFAULT_CALIBRATION}, {a.samples} windows x {a.seqlen} tokens, seed 0",
-        "threads": torch.get_num_threads(),
-    }
-    return {"settings": settings, "rows": rows, "environment": environment()}
-
-
-def _row(method: str, target: str, model, windows, seconds: float, sparsity: float | None) -> dict:
+def run_one(name: str, model, calibration: torch.Tensor, windows: torch.Tensor, llmc: str | None) -> dict:
+    tool, method, target, quantized = RUNS[name]
+    pattern = parse_pattern(target) if ":" in target else None
+    seconds = 0.0
+    if tool == "llm-compressor":
+        pruned = peer(name, method, target, llmc)
+        seconds = pruned.pop("seconds")
+        pruned, model = pruned["model"], None
+    elif method == "gptq":  # GPTQ alone, as the joint run quantizes (no GPTAQ, no clipping search)
+        pruned = copy.deepcopy(model)
+        seconds = gptq_alone(pruned, calibration)
+    else:
+        pruned = copy.deepcopy(model)
+        if method != "dense":
+            sparsity = 1 - pattern[0] / pattern[1] if pattern else float(target)
+            extra = JOINT if quantized else {}
+            report = prune_model(pruned, PruneSettings(method, sparsity, pattern, **extra), calibration)
+            seconds = report.seconds
     start = time.perf_counter()
-    result = perplexity(model, windows, progress=False)
+    result = perplexity(pruned, windows, progress=False)
     return {
+        "tool": tool,
         "method": method,
         "target": target,
-        "sparsity": sparsity,
+        "bits": JOINT["bits"] if quantized else None,
+        "zeros": zeros(pruned),
         "perplexity": result.perplexity,
-        "nll": result.nll,
         "seconds": {"prune": round(seconds, 1), "eval": round(time.perf_counter() - start, 1)},
     }
 
 
-def _line(r: dict) -> str:
-    return f"{r['method']} {r['target']}: perplexity {r['perplexity']:.2f}, prune {r['seconds']['prune']} s"
+def gptq_alone(model, calibration: torch.Tensor) -> float:
+    """4-bit GPTQ as the joint run quantizes: act-order, scales re-solved, no GPTAQ, no clipping."""
+    settings = QuantSettings("gptq", act_order=True, refit=True, dtype="float32", **JOINT)
+    start = time.perf_counter()
+    quantize_model(model, settings, calibration)
+    return time.perf_counter() - start
+
+
+def peer(name: str, method: str, target: str, llmc: str | None) -> dict:
+    """One llm-compressor run in its own venv; the pruned weights loaded into the float model."""
+    python = ensure_llmc(llmc)
+    out = BENCH / "runs" / name
+    out.mkdir(parents=True, exist_ok=True)
+    script = ROOT / "benchmarks" / "peers" / "llmcompressor_prune.py"
+    cmd = [python, str(script), str(resolve_model("smollm2-135m")), str(calibration_file()), str(out)]
+    cmd += ["--method", method] + (["--pattern", target] if ":" in target else ["--sparsity", target])
+    with (out / "log.txt").open("w") as sink:
+        done = subprocess.run(cmd, stdout=sink, stderr=subprocess.STDOUT, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{(out / 'log.txt').read_text()[-3000:]}")
+    model = load_model("smollm2-135m")[0]
+    weights = load_file(str(out / "weights.safetensors"))
+    missing = set(weights) - set(model.state_dict())
+    assert not missing, missing
+    model.load_state_dict(weights, strict=False)
+    return {"model": model, "seconds": json.loads((out / "result.json").read_text())["seconds"]}
+
+
+def zeros(model) -> float:
+    """The share of exact zeros in the decoder layers' linears (dequantized where quantized)."""
+    total = zero = 0
+    for layer in model.model.layers:
+        for module in layer.modules():
+            if hasattr(module, "dequantize"):
+                weight = module.dequantize()
+            elif isinstance(module, torch.nn.Linear):
+                weight = module.weight
+            else:
+                continue
+            total += weight.numel()
+            zero += int((weight == 0).sum())
+    return zero / total
 
 
 def markdown(out: dict) -> str:
-    s, env = out["settings"], out["environment"]
+    s, env, rows = out["settings"], out["environment"], out["rows"]
     lines = [
         "# Pruning: SmolLM2-135M, 50% unstructured and 2:4",
         "",
-        "Written by `benchmarks/prune.py`. Methods and options: [docs/prune.md](../prune.md). Dense "
-        "tensors with zeros: no speed-up and no size change by themselves.",
+        "Written by `benchmarks/prune.py`. Methods and options: [docs/prune.md](../prune.md). Each pruned "
+        "model is a dense model with zeros: **no speed-up and no size change on the CPU by itself** "
+        "(measured: [shrink_speed.md](shrink_speed.md)).",
         "",
-        "| method | target | zeros in the linears | WikiText-2 perplexity | prune s |",
-        "|---|---|---:|---:|---:|",
+        "| tool | method | target | zeros in the linears | WikiText-2 perplexity | prune s |",
+        "|---|---|---|---:|---:|---:|",
     ]
-    for r in out["rows"]:
-        zeros = "–" if r["sparsity"] is None else f"{r['sparsity']:.2%}"
+    for name in RUNS:
+        r = rows.get(name)
+        if r is None:
+            continue
+        method = r["method"] + (f" + {r['bits']}-bit GPTQ" if r["bits"] and r["method"] != "gptq" else "")
+        method = f"{r['bits']}-bit GPTQ alone" if r["method"] == "gptq" else method
         lines.append(
-            f"| {r['method']} | {r['target']} | {zeros} | {r['perplexity']:.2f} | {r['seconds']['prune']} |"
+            f"| {r['tool']} | {method} | {r['target']} | {r['zeros']:.2%} | {r['perplexity']:.2f} "
+            f"| {r['seconds']['prune'] if r['method'] != 'dense' else '–'} |"
         )
     lines += ["", "Settings:", ""]
     lines += [f"- {k}: {v}" for k, v in s.items()]
     lines += [
-        f"- machine: {env['cpu']} ({env['machine']})",
+        f"- machine: {env['cpu']} ({env['machine']}), {env['threads']} threads",
         f"- versions: llmlite {env['llmlite']}, torch {env['torch']}, transformers {env['transformers']}, "
-        f"Python {env['python']}",
+        f"Python {env['python']}; {s.get('peer', 'peer not run')}",
         "",
     ]
     return "\n".join(lines)
@@ -105,15 +164,42 @@ def markdown(out: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--windows", type=int, default=16, help="2,048-token evaluation windows (default 16)")
-    p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--targets", default="0.5,2:4", help="sparsities and N:M patterns (default 0.5,2:4)")
-    p.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument(
+        "--only", nargs="*", choices=sorted(RUNS), help="runs to (re)run; default: those not cached"
+    )
+    p.add_argument("--table", action="store_true", help="only write the tables from the cached rows")
+    p.add_argument(
+        "--llmc-python", help="python of a venv with llmcompressor (default: .bench/venv-llmcompressor)"
+    )
     a = p.parse_args()
-    start = time.perf_counter()
-    out = run(a)
-    out["settings"]["total_seconds"] = round(time.perf_counter() - start, 1)
+    BENCH.mkdir(exist_ok=True)
+    cache_file = BENCH / f"prune-results-{a.windows}.json"
+    rows = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    if not a.table:
+        model, tokenizer = load_model("smollm2-135m")
+        windows = eval_windows(tokenize(tokenizer, load_text("wikitext2")), 2048, a.windows)
+        calibration = torch.load(calibration_file())
+        for name in RUNS:
+            if (a.only and name not in a.only) or (not a.only and name in rows):
+                continue
+            print(f"running {name} ...", flush=True)
+            rows[name] = run_one(name, model, calibration, windows, a.llmc_python)
+            print(f"{name}: perplexity {rows[name]['perplexity']:.3f}, {rows[name]['seconds']}", flush=True)
+            cache_file.write_text(json.dumps(rows, indent=2) + "\n")
+    settings = {
+        "model": "smollm2-135m (SmolLM2-135M-Instruct, float32)",
+        "eval": f"wikitext2 raw test, {a.windows} windows x 2048 tokens",
+        "calibration": "wikitext2-valid, 128 windows x 512 tokens, seed 0 (the same for every row)",
+        "joint rows": "4-bit, group 128, asymmetric; GPTQ with act-order and re-solved scales, no GPTAQ",
+    }
+    llmc = Path(a.llmc_python or BENCH / "venv-llmcompressor" / "bin" / "python")
+    if any(r["tool"] == "llm-compressor" for r in rows.values()) and llmc.exists():
+        version = subprocess.run(
+            [str(llmc), "-c", "import importlib.metadata as m; print(m.version('llmcompressor'))"],
+            capture_output=True, text=True,
+        ).stdout.strip()  # fmt: skip
+        settings["peer"] = f"llm-compressor {version}"
+    out = {"settings": settings, "rows": rows, "environment": environment()}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "prune.json").write_text(json.dumps(out, indent=2) + "\n")
     (OUT / "prune.md").write_text(markdown(out))

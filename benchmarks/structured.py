@@ -6,14 +6,16 @@ parameters, beside the dense model, from one calibration set.
         [--sparsities 0.1,0.2,0.3] [--structures channels,heads,layers] [--prompt 128] [--decode 32]
 
 Perplexity follows the GPTQ/AWQ protocol on the bundled WikiText-2 raw test split (non-overlapping
-2,048-token windows, the first ``--windows``); calibration: ``calibration.calibration_set`` on
-``prune``'s default calibration text, the same windows for every row. Each row is the pruned model
-in memory (float32 holding the float16-rounded weights, as ``llmlite prune --structure`` saves and
-plain transformers reloads), so its perplexity is the saved folder's. Latency: batch 1, greedy,
-``evaluation.efficiency.latency`` (prefill of ``--prompt`` random tokens, then ``--decode`` steps;
-median of 5 runs after a warm-up), every row in this process on this machine's threads. A target
-the model cannot take (heads at 30% of SmolLM2-135M: 3 key/value groups of 8.3% each) is a row
-saying why. No recovery fine-tuning: see docs/prune.md for ``llmlite finetune`` after pruning.
+2,048-token windows, the first ``--windows``); calibration: 128 × 512 windows of the bundled
+WikiText-2 validation split, seed 0, as in ``benchmarks/prune.py`` and ``lowrank.py``, the same for
+every row. Each row is the pruned model in memory (float32 holding the float16-rounded weights, as
+``llmlite prune --structure`` saves and plain transformers reloads), so its perplexity is the saved
+folder's. Latency: batch 1, greedy, ``evaluation.efficiency.latency`` (prefill of ``--prompt``
+random tokens, then ``--decode`` steps; median of 5 runs after a warm-up), every row in this process
+on this machine's threads; ``benchmarks/shrink_speed.py`` measures the saved folders with rounds
+alternated. A target the model cannot take (heads at 30% of SmolLM2-135M: 3 key/value groups of
+8.3% each) is a row saying why. No recovery fine-tuning: see docs/prune.md for ``llmlite finetune``
+after pruning.
 Writes docs/benchmarks/structured.md and structured.json (``--out`` elsewhere).
 """
 
@@ -28,12 +30,12 @@ from pathlib import Path
 import torch
 
 from llmlite.calibration import calibration_set
-from llmlite.data import eval_windows, load_text, tokenize
+from llmlite.data import DEFAULT_CALIBRATION, eval_windows, load_text, tokenize
 from llmlite.errors import LlmliteError
 from llmlite.evaluation.efficiency import LatencySettings, latency
 from llmlite.evaluation.perplexity import perplexity
 from llmlite.models import load_model
-from llmlite.pruning import STRUCTURES, PruneConfig, check_structured, prune_structured
+from llmlite.pruning import STRUCTURES, check_structured, prune_structured
 from llmlite.pruning.shrink import decoder_params
 from llmlite.quant.checkpoint import round_unquantized
 from llmlite.runinfo import environment
@@ -151,7 +153,11 @@ def main() -> None:
     p.add_argument("--ctx", type=int, default=2048, help="tokens per evaluation window (default 2048)")
     p.add_argument("--structures", default=",".join(STRUCTURES))
     p.add_argument("--sparsities", default="0.1,0.2,0.3", help="fractions of the decoder parameters removed")
-    p.add_argument("--calibration", default=PruneConfig().calibration, help="prune's default calibration")
+    p.add_argument(
+        "--calibration",
+        default=DEFAULT_CALIBRATION,
+        help="calibration text (default: wikitext2-valid, as prune.py's)",
+    )
     p.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--prompt", type=int, default=128, help="latency: prompt tokens (default 128)")
