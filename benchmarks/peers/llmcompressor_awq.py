@@ -14,9 +14,7 @@ llm-compressor's AWQ fails while pinning memory for transfers to one; that step 
 """
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
@@ -26,7 +24,7 @@ from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 from llmcompressor.modifiers.transform.awq import AWQModifier
 from llmcompressor.pipelines.cache import IntermediatesCache
-from safetensors.torch import save_file
+from peer_result import reset_peak_rss, write_result
 from transformers import AutoModelForCausalLM
 
 
@@ -41,7 +39,7 @@ def main() -> None:
     p.add_argument("--then", choices=("rtn", "gptq"), default="rtn")
     a = p.parse_args()
 
-    Path("/proc/self/clear_refs").write_text("5")  # peak RSS of this process alone
+    reset_peak_rss()  # peak RSS of this process alone
     if not torch.cuda.is_available():
         # llm-compressor 0.14.0.1's AWQ pins its cached activations before each mapping's grid search
         # (a host-to-GPU transfer speed-up) and fails on a machine without an accelerator; pinning
@@ -84,14 +82,7 @@ def main() -> None:
             if scheme is not None and scheme.weights is not None:
                 w = forward_quantize(module, module.weight, "weight", scheme.weights)
                 out[f"{name}.weight"] = w.detach().float().clone()
-    out_dir = Path(a.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(out, str(out_dir / "weights.safetensors"))
-    status = Path("/proc/self/status").read_text().splitlines()
-    peak_mb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
-    result = {"seconds": seconds, "peak_rss_mb": peak_mb, "tensors": len(out)}
-    (out_dir / "result.json").write_text(json.dumps(result))
-    print(json.dumps(result))
+    write_result(a.output, out, seconds)
 
 
 if __name__ == "__main__":

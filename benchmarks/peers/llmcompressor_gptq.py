@@ -11,16 +11,14 @@ start: Linux only).
 """
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from datasets import Dataset
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import GPTQModifier
-from safetensors.torch import save_file
+from peer_result import reset_peak_rss, write_result
 from transformers import AutoModelForCausalLM
 
 
@@ -37,7 +35,7 @@ def main() -> None:
 
     # The peak-RSS counter survives exec, so it starts at the launching process's size: reset it
     # (as llmlite's own runs do) so that the figure is this process's own.
-    Path("/proc/self/clear_refs").write_text("5")
+    reset_peak_rss()
     torch.manual_seed(0)
     windows = torch.load(a.calibration)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
@@ -79,15 +77,7 @@ def main() -> None:
                 continue
             w = forward_quantize(module, module.weight, "weight", scheme.weights)
             out[f"{name}.weight"] = w.detach().float().contiguous()
-    out_dir = Path(a.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(out, str(out_dir / "weights.safetensors"))
-    status = Path("/proc/self/status").read_text().splitlines()
-    peak_mb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
-    (out_dir / "result.json").write_text(
-        json.dumps({"seconds": seconds, "peak_rss_mb": peak_mb, "layers": len(out)})
-    )
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_mb, "layers": len(out)}))
+    write_result(a.output, out, seconds)
 
 
 if __name__ == "__main__":

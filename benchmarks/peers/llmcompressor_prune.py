@@ -11,15 +11,13 @@ pruned float weights to OUT_DIR/weights.safetensors and OUT_DIR/result.json with
 """
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
 from datasets import Dataset
 from llmcompressor import oneshot
 from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
-from safetensors.torch import save_file
+from peer_result import reset_peak_rss, write_result
 from transformers import AutoModelForCausalLM
 
 MODIFIERS = {"sparsegpt": SparseGPTModifier, "wanda": WandaPruningModifier}
@@ -35,7 +33,7 @@ def main() -> None:
     p.add_argument("--pattern", default="0:0", help="N:M, or 0:0 for unstructured (the peer's spelling)")
     a = p.parse_args()
 
-    Path("/proc/self/clear_refs").write_text("5")  # peak RSS of this process alone
+    reset_peak_rss()  # peak RSS of this process alone
     torch.manual_seed(0)
     windows = torch.load(a.calibration)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
@@ -56,14 +54,7 @@ def main() -> None:
     seconds = time.perf_counter() - start
     # cloned: tied tensors (embeddings and lm_head) must not share memory in safetensors
     out = {name: t.detach().float().clone() for name, t in model.state_dict().items()}
-    out_dir = Path(a.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(out, str(out_dir / "weights.safetensors"))
-    status = Path("/proc/self/status").read_text().splitlines()
-    peak_mb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
-    result = {"seconds": seconds, "peak_rss_mb": peak_mb, "tensors": len(out)}
-    (out_dir / "result.json").write_text(json.dumps(result))
-    print(json.dumps(result))
+    write_result(a.output, out, seconds)
 
 
 if __name__ == "__main__":
