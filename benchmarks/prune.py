@@ -58,9 +58,7 @@ def run_one(name: str, model, calibration: torch.Tensor, windows: torch.Tensor, 
     pattern = parse_pattern(target) if ":" in target else None
     seconds = 0.0
     if tool == "llm-compressor":
-        pruned = peer(name, method, target, llmc)
-        seconds = pruned.pop("seconds")
-        pruned, model = pruned["model"], None
+        pruned, seconds = peer(name, method, target, llmc)
     elif method == "gptq":  # GPTQ alone, as the joint run quantizes (no GPTAQ, no clipping search)
         pruned = copy.deepcopy(model)
         seconds = gptq_alone(pruned, calibration)
@@ -92,8 +90,9 @@ def gptq_alone(model, calibration: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def peer(name: str, method: str, target: str, llmc: str | None) -> dict:
-    """One llm-compressor run in its own venv; the pruned weights loaded into the float model."""
+def peer(name: str, method: str, target: str, llmc: str | None) -> tuple[torch.nn.Module, float]:
+    """One llm-compressor run in its own venv: the float model holding its pruned weights, and the
+    run's seconds."""
     python = ensure_llmc(llmc)
     out = BENCH / "runs" / name
     out.mkdir(parents=True, exist_ok=True)
@@ -109,7 +108,7 @@ def peer(name: str, method: str, target: str, llmc: str | None) -> dict:
     missing = set(weights) - set(model.state_dict())
     assert not missing, missing
     model.load_state_dict(weights, strict=False)
-    return {"model": model, "seconds": json.loads((out / "result.json").read_text())["seconds"]}
+    return model, json.loads((out / "result.json").read_text())["seconds"]
 
 
 def zeros(model) -> float:
