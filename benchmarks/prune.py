@@ -107,6 +107,9 @@ def peer(name: str, method: str, target: str, llmc: str | None) -> tuple[torch.n
     weights = load_file(str(out / "weights.safetensors"))
     missing = set(weights) - set(model.state_dict())
     assert not missing, missing
+    head = model.get_output_embeddings().weight
+    if not torch.equal(weights.get("lm_head.weight", head), head):
+        raise RuntimeError(f"{name}: the peer changed the head, which no row prunes")
     model.load_state_dict(weights, strict=False)
     return model, json.loads((out / "result.json").read_text())["seconds"]
 
