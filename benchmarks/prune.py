@@ -59,16 +59,15 @@ def run_one(name: str, model, calibration: torch.Tensor, windows: torch.Tensor, 
     seconds = 0.0
     if tool == "llm-compressor":
         pruned, seconds = peer(name, method, target, llmc)
-    elif method == "gptq":  # GPTQ alone, as the joint run quantizes (no GPTAQ, no clipping search)
-        pruned = copy.deepcopy(model)
-        seconds = gptq_alone(pruned, calibration)
     else:
         pruned = copy.deepcopy(model)
-        if method != "dense":
-            sparsity = 1 - pattern[0] / pattern[1] if pattern else float(target)
-            extra = JOINT if quantized else {}
-            report = prune_model(pruned, PruneSettings(method, sparsity, pattern, **extra), calibration)
-            seconds = report.seconds
+    if method == "gptq":  # GPTQ alone, as the joint run quantizes (no GPTAQ, no clipping search)
+        seconds = gptq_alone(pruned, calibration)
+    elif tool == "llmlite":
+        sparsity = 1 - pattern[0] / pattern[1] if pattern else float(target)
+        extra = JOINT if quantized else {}
+        report = prune_model(pruned, PruneSettings(method, sparsity, pattern, **extra), calibration)
+        seconds = report.seconds
     start = time.perf_counter()
     result = perplexity(pruned, windows, progress=False)
     return {
