@@ -279,10 +279,14 @@ def _show_prune(result, cfg) -> None:
     if cfg.structure:
         config = ", ".join(f"{k} {v}" for k, v in s["config"].items())
         unit = "layers" if cfg.structure == "layers" else f"{cfg.structure} from every layer"
+        recovered = ""
+        if s["recovery_kl"]:
+            first, last = s["recovery_kl"]
+            recovered = f", recovered on {cfg.recover_tokens:,} tokens (KL {first:.4f} -> {last:.4f})"
         print(
             f"--structure {cfg.structure}: {s['removed_per_layer']} of {s['units_per_layer']} {unit} "
             f"removed, {s['params_before']:,} -> {s['params_after']:,} decoder parameters "
-            f"({s['removed_fraction']:.2%} removed, target {s['target']:.0%}; {config}) in "
+            f"({s['removed_fraction']:.2%} removed, target {s['target']:.0%}; {config}){recovered} in "
             f"{s['seconds']:.1f} s, peak RSS {_gb(s['peak_rss_bytes'])} -> {s['output']}"
         )
         return

@@ -22,6 +22,7 @@ from llmlite.models import DEFAULT_MODEL, check_window, load_model, local_source
 from llmlite.recipes import option
 from llmlite.results import Result
 from llmlite.runinfo import staged_output
+from llmlite.training.distill import distill_record
 
 RECORD = "llmlite_gqa.json"
 
@@ -168,23 +169,9 @@ def convert_gqa_model(
 def _uptrain_record(
     model: nn.Module, cfg: GQAConfig, train: Tensor, losses: list[float], seconds: float
 ) -> dict:
-    tenth = max(1, len(losses) // 10)
     return {
         "text": cfg.calibration,
-        "tokens": train.numel(),
-        "windows": len(train),
-        "seqlen": cfg.seqlen,
-        "batch_size": cfg.batch_size,
-        "steps": len(losses),
-        "lr": cfg.uptrain_lr,
-        "optimizer": "AdamW, no weight decay, cosine to 0, no warm-up, gradient norm 1",
-        "loss": "KL(teacher || student) of the next-token distributions, temperature 1",
+        **distill_record(train, losses, cfg.uptrain_lr, cfg.batch_size, seconds),
         "params": cfg.uptrain_params,
         "trainable_params": sum(p.numel() for p in trainable_parameters(model, cfg.uptrain_params)),
-        "loss_first": losses[0],
-        "loss_last": losses[-1],
-        "loss_first_tenth": sum(losses[:tenth]) / tenth,
-        "loss_last_tenth": sum(losses[-tenth:]) / tenth,
-        "losses": [round(x, 5) for x in losses],
-        "seconds": round(seconds, 2),
     }

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
 from llmlite.arch import LLAMA
 from llmlite.errors import LlmliteError
 from llmlite.gqa.convert import attention_layers
-from llmlite.training.distill import DistillationKL
-from llmlite.training.loop import train
+from llmlite.training.distill import DistillationKL, distill
 
 UPTRAIN_PARAMS = ("attention", "all")
 
@@ -38,46 +35,13 @@ def uptrain(
     seed: int = 0,
     progress: bool = True,
 ) -> list[float]:
-    """Distil ``teacher`` into ``student`` over token ``windows`` ``[n, seqlen]``, one pass in order.
-
-    Loss: KL(teacher ‖ student) of the next-token distributions at every position, temperature 1,
-    unscaled, averaged over positions (``DistillationKL``). AdamW (no weight decay), cosine decay
-    from ``lr`` to 0, no warm-up, gradient norm clipped to 1, through the shared training loop.
-    ``params``: "attention" trains q/k/v/o only, "all" every parameter. Returns the loss of each
-    step; ``student`` ends in eval mode with its flags restored.
-    """
+    """Distil ``teacher`` into ``student`` over token ``windows`` ``[n, seqlen]`` (``distill``), training
+    the q/k/v/o projections (``params`` "attention") or every parameter ("all"). Returns the loss of
+    each step."""
     trainable = trainable_parameters(student, params)
-    torch.manual_seed(seed)
-    teacher.eval().requires_grad_(False)
-    flags = [(p, p.requires_grad) for p in student.parameters()]
-    student.requires_grad_(False)
-    for p in trainable:
-        p.requires_grad_(True)
-    steps = math.ceil(len(windows) / batch_size)
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-    cosine = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    device = next(student.parameters()).device
-
-    def batches(step: int) -> list[dict]:
-        return [{"input_ids": windows[step * batch_size : (step + 1) * batch_size].to(device)}]
-
-    student.train()
-    try:
-        return train(
-            DistillationKL(student, teacher),
-            batches,
-            optimizer,
-            cosine,
-            trainable,
-            steps,
-            max_grad_norm=1.0,
-            desc="uptrain" if progress else None,
-            on_step=lambda s: {"kl": f"{s.loss:.4f}"},
-        )
-    finally:
-        student.eval()
-        for p, flag in flags:
-            p.requires_grad_(flag)
+    return distill(
+        student, teacher, windows, trainable, lr, batch_size, seed, "uptrain" if progress else None
+    )
 
 
 @torch.no_grad()

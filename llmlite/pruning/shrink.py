@@ -72,6 +72,7 @@ class StructuredReport:
     config: dict[str, list] = field(default_factory=dict)  # key -> [before, after]
     path: str = ""
     seconds: float = 0.0
+    recovery: dict | None = None  # the distillation after pruning (``distill_record``), if any
 
     @property
     def removed_fraction(self) -> float:
@@ -91,6 +92,7 @@ class StructuredReport:
             "scores": self.scores,
             "path": self.path,
             "seconds": self.seconds,
+            "recovery": self.recovery,
         }
 
 

@@ -1,5 +1,6 @@
-"""Distillation loss: KL(teacher ‖ student) of the next-token distributions, the loss of GQA uptraining
-(and of distillation). The teacher lives in the loss, so the training loop sees one loss like any other.
+"""Distillation: the loss KL(teacher ‖ student) of the next-token distributions, and ``distill``, the
+short loop that trains a student on it (GQA uptraining, recovery after structured pruning). The
+teacher lives in the loss, so the training loop sees one loss like any other.
 
 The logits are made ``KL_ROWS`` positions at a time: each slice's KL and its gradient (to the
 student's final hidden states and to its head's trainable parameters) are computed and the slice's
@@ -9,9 +10,13 @@ only scales the saved gradients and carries them through the student's body once
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from llmlite.training.loop import train
 
 KL_ROWS = 1024  # positions per lm_head slice
 
@@ -88,3 +93,76 @@ class DistillationKL:
         hidden = _decoder(self.student)(input_ids, use_cache=False).last_hidden_state.flatten(0, 1)
         heads = self.student.get_output_embeddings(), self.teacher.get_output_embeddings()
         return sliced_kl(hidden, target, *heads)
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    windows: Tensor,
+    trainable: list[nn.Parameter],
+    lr: float = 1e-4,
+    batch_size: int = 4,
+    seed: int = 0,
+    desc: str | None = "distill",
+) -> list[float]:
+    """Distil ``teacher`` into ``student`` over token ``windows`` ``[n, seqlen]``, one pass in order,
+    training only ``trainable`` (parameters of ``student``).
+
+    Loss: KL(teacher ‖ student) of the next-token distributions at every position, temperature 1,
+    unscaled, averaged over positions (``DistillationKL``). AdamW (no weight decay), cosine decay
+    from ``lr`` to 0, no warm-up, gradient norm clipped to 1, through the shared training loop;
+    ``desc``: the progress bar's label (``None``: no bar). Returns the loss of each step;
+    ``student`` ends in eval mode with its ``requires_grad`` flags restored.
+    """
+    torch.manual_seed(seed)
+    teacher.eval().requires_grad_(False)
+    flags = [(p, p.requires_grad) for p in student.parameters()]
+    student.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
+    steps = math.ceil(len(windows) / batch_size)
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    cosine = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    device = next(student.parameters()).device
+
+    def batches(step: int) -> list[dict]:
+        return [{"input_ids": windows[step * batch_size : (step + 1) * batch_size].to(device)}]
+
+    student.train()
+    try:
+        return train(
+            DistillationKL(student, teacher),
+            batches,
+            optimizer,
+            cosine,
+            trainable,
+            steps,
+            max_grad_norm=1.0,
+            desc=desc,
+            on_step=lambda s: {"kl": f"{s.loss:.4f}"},
+        )
+    finally:
+        student.eval()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def distill_record(windows: Tensor, losses: list[float], lr: float, batch_size: int, seconds: float) -> dict:
+    """What a ``distill`` run did, for a run record: tokens, steps, settings, the loss curve."""
+    tenth = max(1, len(losses) // 10)
+    return {
+        "tokens": windows.numel(),
+        "windows": len(windows),
+        "seqlen": windows.shape[1],
+        "batch_size": batch_size,
+        "steps": len(losses),
+        "lr": lr,
+        "optimizer": "AdamW, no weight decay, cosine to 0, no warm-up, gradient norm 1",
+        "loss": "KL(teacher || student) of the next-token distributions, temperature 1",
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "loss_first_tenth": sum(losses[:tenth]) / tenth,
+        "loss_last_tenth": sum(losses[-tenth:]) / tenth,
+        "losses": [round(x, 5) for x in losses],
+        "seconds": round(seconds, 2),
+    }
