@@ -496,6 +496,14 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
         ["--bits", "unstructured"],
     ),
     "prune: --structure with --method": ([*S, "--structure", "layers", "--method", "wanda"], ["--method"]),
+    "prune: --recover-tokens without --structure": (
+        [*S, "--recover-tokens", "4096"],
+        ["--recover-tokens", "add --structure"],
+    ),
+    "prune: --recover-lr without --recover-tokens": (
+        [*S, "--structure", "channels", "--recover-lr", "1e-3"],
+        ["--recover-lr", "add --recover-tokens"],
+    ),
     "prune: --structure on GPT-2 (a family the map does not know)": (
         [*S, "--structure", "channels", "--model", "gpt2"],
         ["gpt2", "not supported"],
