@@ -279,10 +279,18 @@ def test_an_unknown_family_is_refused():
         ),
         ({"structure": "channels", "recover_tokens": -1}, "--recover-tokens must be 0 \\(none\\) or"),
         (
+            {"structure": "channels", "recover_tokens": 512, "calibration": "wikitext2-valid+self"},
+            "--recover-tokens 512 is less than one window of --seqlen 512 for each of the 2 "
+            "calibration sources; give at least 1024",
+        ),
+        (
             {"structure": "channels", "recover_lr": 1e-4},
             "--recover-lr sets the recovery; add --recover-tokens",
         ),
-        ({"structure": "channels", "recover_tokens": 64, "recover_lr": 2}, "--recover-lr 2 is out of range"),
+        (
+            {"structure": "channels", "recover_tokens": 2048, "recover_lr": 2},
+            "--recover-lr 2 is out of range",
+        ),
     ],
 )
 def test_config_refusals(options, message):

@@ -204,6 +204,12 @@ class PruneConfig:
             raise LlmliteError(
                 "--recover-tokens recovers a model whose units were removed; add --structure or drop it"
             )
+        sources = len(self.calibration.split("+"))
+        if tokens and math.ceil(tokens / self.seqlen) < sources:
+            raise LlmliteError(
+                f"--recover-tokens {tokens} is less than one window of --seqlen {self.seqlen} for each of "
+                f"the {sources} calibration sources; give at least {sources * self.seqlen}"
+            )
         if not tokens and self.recover_lr != RECOVERY_LR:
             raise LlmliteError("--recover-lr sets the recovery; add --recover-tokens (e.g. 65536) or drop it")
         if not 0 < self.recover_lr < 1:
