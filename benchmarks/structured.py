@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import time
 from pathlib import Path
 
@@ -84,8 +85,8 @@ def run(a: argparse.Namespace) -> dict:
         "threads": torch.get_num_threads(),
         "recovery": (
             f"distillation from the dense model, every weight trained, {a.recover_tokens:,} tokens of "
-            f"{a.calibration} ({a.recover_tokens // a.seqlen} windows x {a.seqlen}, seed 1), batch 4, "
-            f"AdamW lr {a.recover_lr:g} cosine to 0, weights rounded to float16 after"
+            f"{a.calibration} ({math.ceil(a.recover_tokens / a.seqlen)} windows x {a.seqlen}, seed 1), "
+            f"batch 4, AdamW lr {a.recover_lr:g} cosine to 0, weights rounded to float16 after"
             if a.recover_tokens
             else "none"
         ),

@@ -280,9 +280,9 @@ def _show_prune(result, cfg) -> None:
         config = ", ".join(f"{k} {v}" for k, v in s["config"].items())
         unit = "layers" if cfg.structure == "layers" else f"{cfg.structure} from every layer"
         recovered = ""
-        if s["recovery_kl"]:
-            first, last = s["recovery_kl"]
-            recovered = f", recovered on {cfg.recover_tokens:,} tokens (KL {first:.4f} -> {last:.4f})"
+        if r := s["recovery"]:
+            kl = f"KL {r['loss_first']:.4f} -> {r['loss_last']:.4f}"
+            recovered = f", recovered on {r['tokens']:,} tokens ({kl})"
         print(
             f"--structure {cfg.structure}: {s['removed_per_layer']} of {s['units_per_layer']} {unit} "
             f"removed, {s['params_before']:,} -> {s['params_after']:,} decoder parameters "

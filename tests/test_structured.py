@@ -362,6 +362,8 @@ def test_recovery_distils_the_unpruned_model_into_the_pruned_one(tmp_path, small
     record = json.loads((out / "llmlite.json").read_text())["report"]["recovery"]
     assert (record["tokens"], record["windows"], record["steps"], record["batch_size"]) == (1024, 32, 8, 4)
     assert record["trainable_params"] == sum(p.numel() for p in recovered.model.parameters())
+    pairs = zip(plain.model.named_parameters(), recovered.model.parameters(), strict=True)
+    assert all(not torch.equal(p, q) for (_, p), q in pairs), "every weight trains"
     teacher = AutoModelForCausalLM.from_pretrained(small_folder, dtype=torch.float32).eval()
     windows = calibration_set("wikitext2-valid", teacher, tokenizer, 32, 32, seed=1, progress=False)
     before = distillation_kl(plain.model, teacher, windows)
@@ -382,6 +384,18 @@ def test_the_cli_prints_what_it_removed(tmp_path, small_folder, capsys):
     printed = capsys.readouterr().out
     assert "--structure layers: 2 of 6 layers removed" in printed and "num_hidden_layers 4" in printed
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4
+
+
+def test_the_cli_prints_the_recovery(tmp_path, small_folder, capsys):
+    from llmlite.cli import main
+
+    out = tmp_path / "cli-recovered"
+    argv = ["prune", "--model", str(small_folder), "--structure", "channels"]
+    argv += ["--calibration", "wikitext2-valid"]
+    argv += ["--samples", "2", "--seqlen", "32", "--recover-tokens", "100", "--output", str(out), "--quiet"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert ", recovered on 128 tokens (KL " in printed  # 100 tokens: 4 whole windows of 32
 
 
 # --- end to end ---------------------------------------------------------------------------------

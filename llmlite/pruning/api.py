@@ -145,7 +145,6 @@ class PruneConfig:
     def validate(self) -> PruneConfig:
         if self.structure is not None:
             self._check_structure()
-        self._check_recovery()
         if self.method not in METHODS:
             raise LlmliteError(f"unknown method '{self.method}'; use one of: {', '.join(METHODS)}")
         if self.sparsity is not None and self.pattern is not None:
@@ -171,6 +170,7 @@ class PruneConfig:
         for name in ("samples", "seqlen"):
             if getattr(self, name) < 1:
                 raise LlmliteError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        self._check_recovery()
         if not 0 < self.damp <= 1:
             raise LlmliteError(f"--damp {self.damp} is out of range; use a value in (0, 1], e.g. 0.01")
         self._check_quantization()
@@ -292,7 +292,7 @@ class PruneResult(Result):
                 "target": r.plan.target,
                 "removed_fraction": r.removed_fraction,
                 "removed_per_layer": r.plan.count,
-                "recovery_kl": recovery and [recovery["loss_first"], recovery["loss_last"]],
+                "recovery": recovery and {k: recovery[k] for k in ("tokens", "loss_first", "loss_last")},
                 "units_per_layer": r.plan.units,
                 "params_before": r.params_before,
                 "params_after": r.params_after,
