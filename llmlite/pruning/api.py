@@ -211,7 +211,7 @@ class PruneConfig:
                 f"the {sources} calibration sources; give at least {sources * self.seqlen}"
             )
         if not tokens and self.recover_lr != RECOVERY_LR:
-            raise LlmliteError("--recover-lr sets the recovery; add --recover-tokens (e.g. 65536) or drop it")
+            raise LlmliteError("--recover-lr sets the recovery; add --recover-tokens (e.g. 16384) or drop it")
         if not 0 < self.recover_lr < 1:
             raise LlmliteError(
                 f"--recover-lr {self.recover_lr} is out of range; use a value in (0, 1), e.g. {RECOVERY_LR}"
@@ -394,7 +394,7 @@ def recover(model: nn.Module, teacher: nn.Module, tokenizer, cfg: PruneConfig, p
     windows = calibration_set(cfg.calibration, teacher, tokenizer, count, cfg.seqlen, cfg.seed + 1, progress)
     start = time.perf_counter()
     trainable = list(model.parameters())
-    losses = distill(model, teacher, windows, trainable, cfg.recover_lr, RECOVERY_BATCH, cfg.seed,
-                     "recover" if progress else None)  # fmt: skip
+    desc = "recover" if progress else None
+    losses = distill(model, teacher, windows, trainable, cfg.recover_lr, RECOVERY_BATCH, cfg.seed, desc)
     record = distill_record(windows, losses, cfg.recover_lr, RECOVERY_BATCH, time.perf_counter() - start)
     return {"text": cfg.calibration, **record, "trainable_params": sum(p.numel() for p in trainable)}
