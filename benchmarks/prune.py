@@ -49,8 +49,11 @@ for _target in ("0.5", "2:4"):
         RUNS[f"{_method}-{_target}"] = ("llmlite", _method, _target, False)
     for _method in ("wanda", "sparsegpt"):
         RUNS[f"llm-compressor-{_method}-{_target}"] = ("llm-compressor", _method, _target, False)
+    for _method in ("wanda", "sparsegpt"):  # each group calibrated after the layer's groups before it
+        RUNS[f"{_method}-{_target}-true-sequential"] = ("llmlite", _method, _target, False)
 RUNS["gptq-w4g128-asym"] = ("llmlite", "gptq", "-", True)
 RUNS["sparsegpt-0.5-w4g128-asym"] = ("llmlite", "sparsegpt", "0.5", True)
+RUNS["sparsegpt-0.5-w4g128-asym-true-sequential"] = ("llmlite", "sparsegpt", "0.5", True)
 
 
 def run_one(name: str, model, calibration: torch.Tensor, windows: torch.Tensor, llmc: str | None) -> dict:
@@ -66,7 +69,8 @@ def run_one(name: str, model, calibration: torch.Tensor, windows: torch.Tensor, 
     elif tool == "llmlite":
         sparsity = 1 - pattern[0] / pattern[1] if pattern else float(target)
         extra = JOINT if quantized else {}
-        report = prune_model(pruned, PruneSettings(method, sparsity, pattern, **extra), calibration)
+        walk = {"true_sequential": name.endswith("-true-sequential")}
+        report = prune_model(pruned, PruneSettings(method, sparsity, pattern, **extra, **walk), calibration)
         seconds = report.seconds
     start = time.perf_counter()
     result = perplexity(pruned, windows, progress=False)
@@ -147,6 +151,7 @@ def markdown(out: dict) -> str:
             continue
         method = r["method"] + (f" + {r['bits']}-bit GPTQ" if r["bits"] and r["method"] != "gptq" else "")
         method = f"{r['bits']}-bit GPTQ alone" if r["method"] == "gptq" else method
+        method += ", `--true-sequential`" if name.endswith("-true-sequential") else ""
         lines.append(
             f"| {r['tool']} | {method} | {r['target']} | {r['zeros']:.2%} | {r['perplexity']:.2f} "
             f"| {r['seconds']['prune'] if r['method'] != 'dense' else '–'} |"

@@ -444,6 +444,10 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "prune: --samples 0": ([*PO, "--samples", "0"], ["--samples"]),
     "prune: --seqlen above the model": ([*PO, "--seqlen", "100000"], ["--seqlen 100000", "maximum"]),
     "prune: --damp 0": ([*PO, "--method", "sparsegpt", "--damp", "0"], ["--damp 0"]),
+    "prune: --true-sequential with magnitude (no calibration)": (
+        [*PO, "--method", "magnitude", "--true-sequential"],
+        ["--true-sequential", "magnitude", "--method wanda or sparsegpt"],
+    ),
     "prune: GPT-2 (a family the map does not know)": ([*PO, "--model", "gpt2"], ["gpt2", "not supported"]),
     "prune: BERT encoder": ([*PO, "--model", "bert"], ["not a causal language model"]),
     "prune: already quantized": ([*PO, "--model", "ckpt"], ["ckpt", "already", "prune the float model"]),
@@ -496,6 +500,10 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
         ["--bits", "unstructured"],
     ),
     "prune: --structure with --method": ([*S, "--structure", "layers", "--method", "wanda"], ["--method"]),
+    "prune: --structure with --true-sequential": (
+        [*S, "--structure", "layers", "--true-sequential"],
+        ["--true-sequential is for unstructured pruning"],
+    ),
     "prune: --recover-tokens without --structure": (
         [*S, "--recover-tokens", "4096"],
         ["--recover-tokens", "add --structure"],

@@ -4,6 +4,7 @@ end-to-end run of the CLI on the bundled model."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -255,15 +256,22 @@ def _tiny_llama(seed: int = 0) -> LlamaForCausalLM:
 
 
 @pytest.mark.parametrize(
-    "method,sparsity,pattern", [("magnitude", 0.5, None), ("wanda", 0.3, None), ("sparsegpt", 0.5, (2, 4))]
+    "method,sparsity,pattern,true_sequential",
+    [
+        ("magnitude", 0.5, None, False),
+        ("wanda", 0.3, None, False),
+        ("sparsegpt", 0.5, (2, 4), False),
+        ("sparsegpt", 0.4, None, True),
+    ],
 )
-def test_prune_model_prunes_every_decoder_linear_and_nothing_else(method, sparsity, pattern):
+def test_prune_model_prunes_every_decoder_linear_and_nothing_else(method, sparsity, pattern, true_sequential):
     model = _tiny_llama()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     calibration = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
-    settings = PruneSettings(method, sparsity, pattern)
+    settings = PruneSettings(method, sparsity, pattern, true_sequential=true_sequential)
     report = prune_model(model, settings, None if method == "magnitude" else calibration, progress=False)
-    assert report.path == ("weights-only" if method == "magnitude" else "llama-staged")
+    path = "llama-staged" if true_sequential else "one-pass"
+    assert report.path == ("weights-only" if method == "magnitude" else path)
     assert len(report.modules) == 14
     for record in report.modules:
         module = model.model.get_submodule(record.name)
@@ -303,6 +311,75 @@ def test_the_walk_hands_sparsegpt_the_hessian_of_the_group_inputs():
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
+def _group_inputs(layer: torch.nn.Module, hidden: torch.Tensor, **kw) -> dict[str, torch.Tensor]:
+    """Each linear's input ``[tokens, in]`` (float64) in one forward of ``layer``."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, x: torch.Tensor) -> None:  # a pre-hook returning a value would replace the input
+        seen[name] = x.reshape(-1, x.shape[-1])
+
+    handles = [
+        m.register_forward_pre_hook(lambda _m, args, n=n: keep(n, args[0]))
+        for n, m in layer.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
+    with torch.no_grad():
+        out = layer(hidden, **kw)
+    for handle in handles:
+        handle.remove()
+    return {n: x.double() for n, x in seen.items()}, out[0] if isinstance(out, tuple) else out
+
+
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_one_pass_measures_each_layer_unpruned_and_feeds_the_next_its_pruned_outputs(true_sequential):
+    """``walk_groups(true_sequential=False)``: every group of layer ``i`` gets the Hessian of its
+    inputs through the *unpruned* layer ``i`` fed by the pruned layers before it (float64
+    reference, to float32 rounding); true-sequential, the o/down groups see the pruned q/k/v and
+    gate/up instead, and only q/k/v match."""
+    from llmlite.quant.driver import walk_groups
+
+    model = _tiny_llama()
+    reference = copy.deepcopy(model)
+    calibration = torch.randint(0, 128, (3, 24), generator=torch.Generator().manual_seed(7))
+    seen: dict[str, tuple[list[str], torch.Tensor]] = {}
+
+    def cut(layer: torch.nn.Module, names: list[str]) -> None:  # a stand-in pruning: half the columns
+        for name in names:
+            layer.get_submodule(name).weight[:, ::2] = 0
+
+    def visit(prefix, layer, names, stats):
+        seen[prefix + names[0]] = (names, stats.hessian)
+        cut(layer, names)
+
+    path = walk_groups(model, calibration, visit, progress=False, true_sequential=true_sequential)
+    assert path == ("llama-staged" if true_sequential else "one-pass")
+    groups = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"]]
+    groups += [["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    assert [names for names, _ in seen.values()] == groups * 2
+    body = reference.model
+    with torch.no_grad():
+        hidden = body.embed_tokens(calibration)
+        positions = torch.arange(calibration.shape[1])[None]
+        kw = {"position_embeddings": body.rotary_emb(hidden, positions), "attention_mask": None}
+        for i, layer in enumerate(body.layers):
+            inputs, _ = _group_inputs(layer, hidden, **kw)
+            for names in groups:
+                expected = _hessian(inputs[names[0]])
+                got = seen[f"layers.{i}.{names[0]}"][1].double()
+                error = float((got - expected).norm() / expected.norm())
+                if not true_sequential:
+                    assert error < 1e-5, (i, names, error)
+                elif names[0] == "self_attn.q_proj":  # the staged walk keeps the MLP's inner values in fp16
+                    assert error < (1e-5 if i == 0 else 1e-2), (i, names, error)
+                else:
+                    assert error > 0.05, (i, names, error)
+            for names in groups:
+                cut(layer, names)
+            hidden = _group_inputs(layer, hidden, **kw)[1]  # the pruned layer's outputs feed the next
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b)  # the same cuts: the walk left every weight at its visit's values
+
+
 def test_unknown_architectures_and_patterns_that_do_not_fit_are_refused_before_any_work():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=64))
     with pytest.raises(LlmliteError, match="gpt2 models are not supported"):
@@ -326,6 +403,7 @@ def test_unknown_architectures_and_patterns_that_do_not_fit_are_refused_before_a
         ({"method": "obs"}, "unknown method 'obs'"),
         ({"samples": 0}, "--samples"),
         ({"damp": 0}, "--damp 0"),
+        ({"method": "magnitude", "true_sequential": True}, "--true-sequential sets how calibration"),
     ],
 )
 def test_config_refusals(options, message):
@@ -346,6 +424,8 @@ def test_an_unquoted_pattern_in_a_recipe_is_refused_with_the_fix(tmp_path):
 
 def test_config_defaults_and_settings():
     assert PruneConfig().validate().settings() == PruneSettings("sparsegpt", 0.5, None, 0.01)
+    assert PruneConfig(true_sequential=True).validate().settings().true_sequential
+    assert PruneConfig(method="magnitude", bits=4, true_sequential=True).validate().settings().true_sequential
     settings = PruneConfig(method="wanda", pattern="2:4").validate().settings()
     assert settings.pattern == (2, 4) and settings.target == 0.5
 
@@ -372,7 +452,11 @@ def test_the_model_prune_returns_computes_the_logits_of_the_folder_it_saved(tmp_
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "args,n_m", [(["--method", "sparsegpt", "--pattern", "2:4"], (2, 4)), (["--method", "wanda"], None)]
+    "args,n_m",
+    [
+        (["--method", "sparsegpt", "--pattern", "2:4"], (2, 4)),
+        (["--method", "wanda", "--true-sequential"], None),
+    ],
 )
 def test_cli_prunes_the_bundled_model_and_transformers_loads_it(tmp_path, args, n_m):
     from transformers import AutoModelForCausalLM
@@ -385,7 +469,9 @@ def test_cli_prunes_the_bundled_model_and_transformers_loads_it(tmp_path, args, 
     assert main(["prune", *args, *common]) == 0
     record = json.loads((out / "llmlite.json").read_text())
     modules = record["report"]["modules"]
-    assert len(modules) == 30 * 7 and record["report"]["path"] == "llama-staged"
+    path = "llama-staged" if "--true-sequential" in args else "one-pass"
+    assert len(modules) == 30 * 7 and record["report"]["path"] == path
+    assert record["report"]["settings"]["true_sequential"] == (path == "llama-staged")
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.dtype == torch.float16
     for m in modules:

@@ -270,6 +270,8 @@ def test_an_unknown_family_is_refused():
         ({"structure": "layers", "method": "wanda"}, "--method is for unstructured pruning"),
         ({"structure": "layers", "damp": 0.1}, "--damp is for unstructured pruning"),
         ({"structure": "channels", "group_size": 64}, "--group-size is for unstructured pruning"),
+        ({"structure": "channels", "sym": False}, "--asym is for unstructured pruning"),
+        ({"structure": "heads", "true_sequential": True}, "--true-sequential is for unstructured pruning"),
         ({"structure": "mlp"}, "--structure mlp is unknown"),
         ({"structure": "channels", "sparsity": 1}, "--sparsity 1 is out of range"),
         ({"structure": "channels", "sparsity": 0}, "--sparsity 0 is out of range"),

@@ -59,7 +59,7 @@ FORMATS = tuple(LAYOUTS)
 QUANT_OPTIONS = ("group_size", "sym", "act_order", "refit", "format")
 # The options of unstructured pruning, refused with --structure (whole units are ranked by their
 # calibration activations; nothing is quantized)
-UNSTRUCTURED_OPTIONS = ("method", "pattern", "damp", "bits")
+UNSTRUCTURED_OPTIONS = ("method", "pattern", "damp", "true_sequential", "bits")
 STRUCTURED_SPARSITY = 0.2  # the default --sparsity with --structure
 RECOVERY_BATCH = 4  # recovery windows per optimizer step
 # GQA uptraining's best of 1e-4, 3e-4 and 1e-3 at a budget of 16k tokens (docs/gqa.md)
@@ -114,6 +114,12 @@ class PruneConfig:
     seqlen: int = option(512, "tokens per calibration window")
     seed: int = option(0, "calibration sampling seed")
     damp: float = option(0.01, "SparseGPT and GPTQ damping, fraction of mean diag(H)")
+    true_sequential: bool = option(
+        False,
+        "wanda, sparsegpt, --bits: calibrate each group of a layer (q/k/v, o, gate/up, down) on the outputs "
+        "of the layer's groups pruned before it, instead of measuring every group in one pass through the "
+        "unpruned layer (the reference codes, llm-compressor)",
+    )
     bits: int | None = option(
         None,
         "also quantize the kept weights with GPTQ in the same pass (2, 3, 4 or 8 bits; pruned weights "
@@ -173,11 +179,23 @@ class PruneConfig:
         self._check_recovery()
         if not 0 < self.damp <= 1:
             raise LlmliteError(f"--damp {self.damp} is out of range; use a value in (0, 1], e.g. 0.01")
+        if self.true_sequential and self.method == "magnitude" and self.bits is None:
+            raise LlmliteError(
+                "--true-sequential sets how calibration is gathered, and magnitude without --bits reads "
+                "none; drop it, or use --method wanda or sparsegpt"
+            )
         self._check_quantization()
         if self.dtype not in DTYPES:
             raise LlmliteError(f"--dtype {self.dtype} is not supported; use one of: {', '.join(DTYPES)}")
         refuse_quantized(self.model, "prune")  # before any work: there is no float weight left
         return self
+
+    def _flag(self, name: str) -> str:
+        """The command-line flag that set option ``name`` away from its default."""
+        if name == "sym":
+            return "--asym"
+        flag = name.replace("_", "-")
+        return f"--no-{flag}" if getattr(self, name) is False else f"--{flag}"
 
     def _check_structure(self) -> None:
         """``--structure``: a known one, without the options of unstructured pruning."""
@@ -187,7 +205,7 @@ class PruneConfig:
         defaults = {f.name: f.default for f in fields(self)}
         for name in (*UNSTRUCTURED_OPTIONS, *QUANT_OPTIONS):
             if getattr(self, name) != defaults[name]:
-                flag = "--" + name.replace("_", "-")
+                flag = self._flag(name)
                 raise LlmliteError(
                     f"{flag} is for unstructured pruning; --structure {self.structure} ranks whole units by "
                     f"their calibration activations and keeps float weights: drop {flag}"
@@ -224,9 +242,7 @@ class PruneConfig:
             defaults = {f.name: f.default for f in fields(self)}
             changed = [name for name in QUANT_OPTIONS if getattr(self, name) != defaults[name]]
             if changed:
-                flag = "--asym" if changed[0] == "sym" else "--" + changed[0].replace("_", "-")
-                if changed[0] in ("act_order", "refit"):
-                    flag = "--no-" + changed[0].replace("_", "-")
+                flag = self._flag(changed[0])
                 raise LlmliteError(
                     f"{flag} sets how the kept weights are quantized; add --bits (e.g. --bits 4) or drop it"
                 )
@@ -254,7 +270,8 @@ class PruneConfig:
         if self.bits is not None:
             names = ("bits", "group_size", "sym", "act_order", "refit")
             quant = {name: getattr(self, name) for name in names}
-        return PruneSettings(self.method, sparsity, pattern, self.damp, **quant)
+        walk = {"true_sequential": self.true_sequential}
+        return PruneSettings(self.method, sparsity, pattern, self.damp, **walk, **quant)
 
     def quantization_config(self) -> dict:
         """``quantization_config`` of the ``--bits`` checkpoint: GPTQ's (the layout's own keys are

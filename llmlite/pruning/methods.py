@@ -28,6 +28,10 @@ class PruneSettings:
     pattern: tuple[int, int] | None = None  # N:M, N kept in every M consecutive inputs of a row
     damp: float = 0.01  # SparseGPT's (and GPTQ's) damping, a fraction of mean(diag H)
     block_size: int = 128  # SparseGPT's columns per block (rounded to a multiple of M for N:M)
+    # False: all of a layer's groups measured in one pass through the unpruned layer, as the
+    # reference codes and llm-compressor (docs/prune.md: better in 3 of 4 rows); True: each group
+    # calibrated on the outputs of the layer's groups pruned before it (``quant.driver.walk_groups``)
+    true_sequential: bool = False
     # Quantization of the kept weights in the same pass (GPTQ under the mask); None: float weights
     bits: int | None = None
     group_size: int = 128

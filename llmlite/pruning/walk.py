@@ -1,7 +1,8 @@
 """Prune every linear of a model's decoder layers in place with a method of ``pruning.methods``:
 a calibrated one (Wanda, SparseGPT) through the quantizer's layer walk (``quant.driver.walk_groups``:
-each layer sees the outputs of the pruned layers before it, each group the outputs of the pruned
-groups before it), magnitude pruning on the weights alone. Embeddings and the head are kept.
+each layer sees the outputs of the pruned layers before it; its groups are measured in one pass of
+the unpruned layer, or with ``true_sequential`` each after the pruned groups before it), magnitude
+pruning on the weights alone. Embeddings and the head are kept.
 
 With ``settings.bits`` each group is pruned and then quantized in the same visit: GPTQ on the
 pruned weight under the method's mask (``quant.gptq.gptq(..., keep=mask)``), every method then
@@ -45,7 +46,7 @@ class ModuleRecord:
 class PruneReport:
     settings: PruneSettings
     modules: list[ModuleRecord] = field(default_factory=list)
-    path: str = ""  # "llama-staged", "generic-hooks" or "weights-only" (magnitude)
+    path: str = ""  # "one-pass", "llama-staged", "generic-hooks" or "weights-only" (magnitude)
     seconds: float = 0.0  # wall time of the pruning itself (model loading excluded)
 
     @property
@@ -113,7 +114,10 @@ def prune_model(
             done.clear()
 
         desc = method.name if settings.bits is None else f"{method.name} + {settings.bits}-bit GPTQ"
-        report.path = walk_groups(model, calibration, visit, progress, desc=desc, after_layer=install)
+        report.path = walk_groups(
+            model, calibration, visit, progress, desc=desc, after_layer=install,
+            true_sequential=settings.true_sequential,
+        )  # fmt: skip
     report.seconds = time.perf_counter() - start
     return report
 

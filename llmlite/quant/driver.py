@@ -215,6 +215,7 @@ def walk_groups(
     desc: str = "",
     path: str | None = None,
     after_layer: Callable[[int, nn.Module], None] | None = None,
+    true_sequential: bool = True,
 ) -> str:
     """The walk of ``quantize_model`` for a method that rewrites float weights in place (pruning):
     sequential over the decoder layers, true-sequential inside each (q/k/v, o, gate/up, down), the
@@ -223,7 +224,10 @@ def walk_groups(
     inputs, and must leave the group's weights at their final values before the walk goes on;
     ``after_layer(i, layer)``, once layer ``i`` is done (its outputs computed), may replace its
     modules (``QuantLinear`` for the float linears whose weights hold its values).
-    Returns the way taken ("llama-staged" or "generic-hooks")."""
+    With ``true_sequential=False`` every group of a layer is measured in one pass through the
+    unchanged layer before any is visited (SparseGPT's reference and llm-compressor), then the
+    layer's outputs are computed with its new weights ("one-pass").
+    Returns the way taken ("llama-staged", "generic-hooks" or "one-pass")."""
     layers = check_quantizable(model)
     hidden, kwargs = _capture_layer_inputs(model, layers[0], calibration)
     hidden = _one_block(hidden)
@@ -235,14 +239,52 @@ def walk_groups(
         def group(names: list[str], inputs, float_inputs=None, layer=layer, i=i) -> None:
             visit(f"layers.{i}.", layer, names, _stats(inputs))
 
-        if staged:
+        if not true_sequential:
+            for names, stats in _layer_stats(layer, hidden, kwargs):
+                visit(f"layers.{i}.", layer, names, stats)
+            for c, kw in enumerate(kwargs):
+                out = layer(hidden[c], **kw)
+                hidden[c] = out[0] if isinstance(out, tuple) else out
+        elif staged:
             _llama_layer(layer, hidden, kwargs, group, None, True, buffers)
         else:
             _generic_layer(layer, hidden, kwargs, group)
         if after_layer is not None:
             after_layer(i, layer)
         trim_heap()
+    if not true_sequential:
+        return "one-pass"
     return "llama-staged" if staged else "generic-hooks"
+
+
+@torch.no_grad()
+def _layer_stats(
+    layer: nn.Module, hidden: list[Tensor], kwargs: list[dict]
+) -> list[tuple[list[str], GroupStats]]:
+    """Each group of ``layer`` (the linears that read the same input, in call order) with the
+    Hessian of its inputs, all from one forward of every chunk through the unchanged layer."""
+    groups = _groups(layer, hidden[0], kwargs[0])
+    sums: dict[str, list] = {names[0]: [None, 0] for names in groups}  # first name: [2XᵀX, tokens]
+
+    def gather(module: nn.Module, args: tuple, name: str) -> None:
+        x = args[0].reshape(-1, args[0].shape[-1])
+        total = sums[name]
+        if total[0] is None:
+            total[0] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+        accumulate_hessian(total[0], x)
+        total[1] += x.shape[0]
+
+    handles = [
+        layer.get_submodule(name).register_forward_pre_hook(lambda m, args, name=name: gather(m, args, name))
+        for name in sums
+    ]
+    try:
+        for h, kw in zip(hidden, kwargs, strict=True):
+            layer(h, **kw)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [(names, GroupStats(finish_hessian(*sums[names[0]]))) for names in groups]
 
 
 # --- calibration plumbing ----------------------------------------------------------------------
