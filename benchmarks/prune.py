@@ -51,6 +51,9 @@ for _target in ("0.5", "2:4"):
         RUNS[f"llm-compressor-{_method}-{_target}"] = ("llm-compressor", _method, _target, False)
     for _method in ("wanda", "sparsegpt"):  # each group calibrated after the layer's groups before it
         RUNS[f"{_method}-{_target}-true-sequential"] = ("llmlite", _method, _target, False)
+# the same windows in reverse order: the same statistics up to float rounding, to show how far
+# rounding alone moves a row
+RUNS["wanda-2:4-reordered"] = ("llmlite", "wanda", "2:4", False)
 RUNS["gptq-w4g128-asym"] = ("llmlite", "gptq", "-", True)
 RUNS["sparsegpt-0.5-w4g128-asym"] = ("llmlite", "sparsegpt", "0.5", True)
 RUNS["sparsegpt-0.5-w4g128-asym-true-sequential"] = ("llmlite", "sparsegpt", "0.5", True)
@@ -70,6 +73,7 @@ def run_one(name: str, model, calibration: torch.Tensor, windows: torch.Tensor, 
         sparsity = 1 - pattern[0] / pattern[1] if pattern else float(target)
         extra = JOINT if quantized else {}
         walk = {"true_sequential": name.endswith("-true-sequential")}
+        calibration = calibration.flip(0) if name.endswith("-reordered") else calibration
         report = prune_model(pruned, PruneSettings(method, sparsity, pattern, **extra, **walk), calibration)
         seconds = report.seconds
     start = time.perf_counter()
@@ -152,6 +156,7 @@ def markdown(out: dict) -> str:
         method = r["method"] + (f" + {r['bits']}-bit GPTQ" if r["bits"] and r["method"] != "gptq" else "")
         method = f"{r['bits']}-bit GPTQ alone" if r["method"] == "gptq" else method
         method += ", `--true-sequential`" if name.endswith("-true-sequential") else ""
+        method += ", calibration windows reversed" if name.endswith("-reordered") else ""
         lines.append(
             f"| {r['tool']} | {method} | {r['target']} | {r['zeros']:.2%} | {r['perplexity']:.2f} "
             f"| {r['seconds']['prune'] if r['method'] != 'dense' else '–'} |"
