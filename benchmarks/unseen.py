@@ -65,6 +65,31 @@ ROWS = {  # name -> (method, calibration, quantize options)
         MIX,
         ["--method", "gptq", "--samples", "256", *CALIBRATION[MIX]],
     ),
+    "gptq-mix-v2all-a05": (
+        "GPTQ, `--v2-windows 0 --v2-alpha 0.5`",
+        MIX,
+        ["--method", "gptq", "--v2-windows", "0", "--v2-alpha", "0.5", *CALIBRATION[MIX]],
+    ),
+    "gptq-mix-v2all-a1": (
+        "GPTQ, `--v2-windows 0 --v2-alpha 1`",
+        MIX,
+        ["--method", "gptq", "--v2-windows", "0", "--v2-alpha", "1", *CALIBRATION[MIX]],
+    ),
+    "gptq-mix-v2all-mse": (
+        "GPTQ, `--v2-windows 0 --mse`",
+        MIX,
+        ["--method", "gptq", "--v2-windows", "0", "--mse", *CALIBRATION[MIX]],
+    ),
+    "gptq-mix-v2all-a05-mse": (
+        "GPTQ, `--v2-windows 0 --v2-alpha 0.5 --mse`",
+        MIX,
+        ["--method", "gptq", "--v2-windows", "0", "--v2-alpha", "0.5", "--mse", *CALIBRATION[MIX]],
+    ),
+    "awq-gptq-mix-v2all": (
+        "AWQ→GPTQ, `--v2-windows 0`",
+        MIX,
+        ["--method", "awq-gptq", "--v2-windows", "0", *CALIBRATION[MIX]],
+    ),
     "awq-gptq": ("AWQ→GPTQ", WIKI, ["--method", "awq-gptq", *CALIBRATION[WIKI]]),
     "awq": ("AWQ", WIKI, ["--method", "awq", *CALIBRATION[WIKI]]),
 }
