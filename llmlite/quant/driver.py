@@ -266,8 +266,8 @@ def _layer_stats(
     groups = _groups(layer, hidden[0], kwargs[0])
     sums: dict[str, list] = {names[0]: [None, 0] for names in groups}  # first name: [2XᵀX, tokens]
 
-    def gather(module: nn.Module, args: tuple, name: str) -> None:
-        x = args[0].reshape(-1, args[0].shape[-1])
+    def gather(x: Tensor, name: str) -> None:
+        x = x.reshape(-1, x.shape[-1])
         total = sums[name]
         if total[0] is None:
             total[0] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
@@ -275,7 +275,7 @@ def _layer_stats(
         total[1] += x.shape[0]
 
     handles = [
-        layer.get_submodule(name).register_forward_pre_hook(lambda m, args, name=name: gather(m, args, name))
+        layer.get_submodule(name).register_forward_pre_hook(lambda _m, args, name=name: gather(args[0], name))
         for name in sums
     ]
     try:
