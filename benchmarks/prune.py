@@ -54,6 +54,7 @@ for _target in ("0.5", "2:4"):
 # the same windows in reverse order: the same statistics up to float rounding, to show how far
 # rounding alone moves a row
 RUNS["wanda-2:4-reordered"] = ("llmlite", "wanda", "2:4", False)
+RUNS["llm-compressor-wanda-2:4-reordered"] = ("llm-compressor", "wanda", "2:4", False)
 RUNS["gptq-w4g128-asym"] = ("llmlite", "gptq", "-", True)
 RUNS["sparsegpt-0.5-w4g128-asym"] = ("llmlite", "sparsegpt", "0.5", True)
 RUNS["sparsegpt-0.5-w4g128-asym-true-sequential"] = ("llmlite", "sparsegpt", "0.5", True)
@@ -104,7 +105,11 @@ def peer(name: str, method: str, target: str, llmc: str | None) -> tuple[torch.n
     out = BENCH / "runs" / name
     out.mkdir(parents=True, exist_ok=True)
     script = ROOT / "benchmarks" / "peers" / "llmcompressor_prune.py"
-    cmd = [python, str(script), str(resolve_model("smollm2-135m")), str(calibration_file()), str(out)]
+    calibration = calibration_file()
+    if name.endswith("-reordered"):
+        calibration = out / "calibration-reversed.pt"
+        torch.save(torch.load(calibration_file()).flip(0), calibration)
+    cmd = [python, str(script), str(resolve_model("smollm2-135m")), str(calibration), str(out)]
     cmd += ["--method", method] + (["--pattern", target] if ":" in target else ["--sparsity", target])
     with (out / "log.txt").open("w") as sink:
         done = subprocess.run(cmd, stdout=sink, stderr=subprocess.STDOUT, text=True)

@@ -90,6 +90,42 @@ ROWS = {  # name -> (method, calibration, quantize options)
         MIX,
         ["--method", "awq-gptq", "--v2-windows", "0", *CALIBRATION[MIX]],
     ),
+    "awq-gptq-mix-v2all-mse": (
+        "AWQ→GPTQ, `--v2-windows 0 --mse`",
+        MIX,
+        ["--method", "awq-gptq", "--v2-windows", "0", "--mse", *CALIBRATION[MIX]],
+    ),
+    "gptq-mix-v2all-mse-256": (
+        "GPTQ, `--v2-windows 0 --mse --samples 256`",
+        MIX,
+        ["--method", "gptq", "--v2-windows", "0", "--mse", "--samples", "256", *CALIBRATION[MIX]],
+    ),
+    "gptq-mix-v2all-mse-2048": (
+        "GPTQ, `--v2-windows 0 --mse --samples 32 --seqlen 2048` (the same tokens, as long as the eval's)",
+        MIX,
+        [
+            "--method",
+            "gptq",
+            "--v2-windows",
+            "0",
+            "--mse",
+            "--samples",
+            "32",
+            "--seqlen",
+            "2048",
+            *CALIBRATION[MIX],
+        ],
+    ),
+    "gptq-mix-v2all-mse-norefit": (
+        "GPTQ, `--v2-windows 0 --mse --no-refit`",
+        MIX,
+        ["--method", "gptq", "--v2-windows", "0", "--mse", "--no-refit", *CALIBRATION[MIX]],
+    ),
+    "gptq-mix-v2all-mse-damp003": (
+        "GPTQ, `--v2-windows 0 --mse --damp 0.003`",
+        MIX,
+        ["--method", "gptq", "--v2-windows", "0", "--mse", "--damp", "0.003", *CALIBRATION[MIX]],
+    ),
     "awq-gptq": ("AWQ→GPTQ", WIKI, ["--method", "awq-gptq", *CALIBRATION[WIKI]]),
     "awq": ("AWQ", WIKI, ["--method", "awq", *CALIBRATION[WIKI]]),
 }
