@@ -42,6 +42,15 @@ CALIBRATION = {
     OWN: ["--calibration", "self"],
     MIX: ["--calibration", "wikitext2-valid+self"],
 }
+METHODS = {"gptq": "GPTQ", "awq-gptq": "AWQ→GPTQ"}
+
+
+def lever(method: str, options: str, note: str = "") -> tuple[str, str, list[str]]:
+    """A row on the default calibration mix: ``method`` with ``options``, labelled by them."""
+    label = f"{METHODS[method]}, `{options}`" + (f" ({note})" if note else "")
+    return label, MIX, ["--method", method, *options.split(), *CALIBRATION[MIX]]
+
+
 ROWS = {  # name -> (method, calibration, quantize options)
     "rtn": ("RTN", "–", ["--method", "rtn"]),
     "gptq-plain": (
@@ -53,79 +62,30 @@ ROWS = {  # name -> (method, calibration, quantize options)
     "gptq-mix": ("GPTQ (default)", MIX, ["--method", "gptq", *CALIBRATION[MIX]]),
     "gptq-self": ("GPTQ (default)", OWN, ["--method", "gptq", *CALIBRATION[OWN]]),
     "awq-gptq-mix": ("AWQ→GPTQ", MIX, ["--method", "awq-gptq", *CALIBRATION[MIX]]),
-    # generic levers against over-fitting the calibration text (none chosen on PIQA)
-    "gptq-mix-v2all": (
-        "GPTQ, `--v2-windows 0` (every window through the float model)",
-        MIX,
-        ["--method", "gptq", "--v2-windows", "0", *CALIBRATION[MIX]],
-    ),
-    "gptq-mix-damp": ("GPTQ, `--damp 0.1`", MIX, ["--method", "gptq", "--damp", "0.1", *CALIBRATION[MIX]]),
-    "gptq-mix-256": (
-        "GPTQ, `--samples 256`",
-        MIX,
-        ["--method", "gptq", "--samples", "256", *CALIBRATION[MIX]],
-    ),
-    "gptq-mix-v2all-a05": (
-        "GPTQ, `--v2-windows 0 --v2-alpha 0.5`",
-        MIX,
-        ["--method", "gptq", "--v2-windows", "0", "--v2-alpha", "0.5", *CALIBRATION[MIX]],
-    ),
-    "gptq-mix-v2all-a1": (
-        "GPTQ, `--v2-windows 0 --v2-alpha 1`",
-        MIX,
-        ["--method", "gptq", "--v2-windows", "0", "--v2-alpha", "1", *CALIBRATION[MIX]],
-    ),
-    "gptq-mix-v2all-mse": (
-        "GPTQ, `--v2-windows 0 --mse`",
-        MIX,
-        ["--method", "gptq", "--v2-windows", "0", "--mse", *CALIBRATION[MIX]],
-    ),
-    "gptq-mix-v2all-a05-mse": (
-        "GPTQ, `--v2-windows 0 --v2-alpha 0.5 --mse`",
-        MIX,
-        ["--method", "gptq", "--v2-windows", "0", "--v2-alpha", "0.5", "--mse", *CALIBRATION[MIX]],
-    ),
-    "awq-gptq-mix-v2all": (
-        "AWQ→GPTQ, `--v2-windows 0`",
-        MIX,
-        ["--method", "awq-gptq", "--v2-windows", "0", *CALIBRATION[MIX]],
-    ),
-    "awq-gptq-mix-v2all-mse": (
-        "AWQ→GPTQ, `--v2-windows 0 --mse`",
-        MIX,
-        ["--method", "awq-gptq", "--v2-windows", "0", "--mse", *CALIBRATION[MIX]],
-    ),
-    "gptq-mix-v2all-mse-256": (
-        "GPTQ, `--v2-windows 0 --mse --samples 256`",
-        MIX,
-        ["--method", "gptq", "--v2-windows", "0", "--mse", "--samples", "256", *CALIBRATION[MIX]],
-    ),
-    "gptq-mix-v2all-mse-2048": (
-        "GPTQ, `--v2-windows 0 --mse --samples 32 --seqlen 2048` (the same tokens, as long as the eval's)",
-        MIX,
-        [
-            "--method",
-            "gptq",
-            "--v2-windows",
-            "0",
-            "--mse",
-            "--samples",
-            "32",
-            "--seqlen",
-            "2048",
-            *CALIBRATION[MIX],
-        ],
-    ),
-    "gptq-mix-v2all-mse-norefit": (
-        "GPTQ, `--v2-windows 0 --mse --no-refit`",
-        MIX,
-        ["--method", "gptq", "--v2-windows", "0", "--mse", "--no-refit", *CALIBRATION[MIX]],
-    ),
-    "gptq-mix-v2all-mse-damp003": (
-        "GPTQ, `--v2-windows 0 --mse --damp 0.003`",
-        MIX,
-        ["--method", "gptq", "--v2-windows", "0", "--mse", "--damp", "0.003", *CALIBRATION[MIX]],
-    ),
+    # generic levers against over-fitting the calibration text, on the default mix
+    **{
+        name: lever(method, options, note)
+        for name, method, options, note in [
+            ("gptq-mix-v2all", "gptq", "--v2-windows 0", "every window through the float model"),
+            ("gptq-mix-damp", "gptq", "--damp 0.1", ""),
+            ("gptq-mix-256", "gptq", "--samples 256", ""),
+            ("gptq-mix-v2all-a05", "gptq", "--v2-windows 0 --v2-alpha 0.5", ""),
+            ("gptq-mix-v2all-a1", "gptq", "--v2-windows 0 --v2-alpha 1", ""),
+            ("gptq-mix-v2all-mse", "gptq", "--v2-windows 0 --mse", ""),
+            ("gptq-mix-v2all-a05-mse", "gptq", "--v2-windows 0 --v2-alpha 0.5 --mse", ""),
+            ("awq-gptq-mix-v2all", "awq-gptq", "--v2-windows 0", ""),
+            ("awq-gptq-mix-v2all-mse", "awq-gptq", "--v2-windows 0 --mse", ""),
+            ("gptq-mix-v2all-mse-256", "gptq", "--v2-windows 0 --mse --samples 256", ""),
+            (
+                "gptq-mix-v2all-mse-2048",
+                "gptq",
+                "--v2-windows 0 --mse --samples 32 --seqlen 2048",
+                "the same tokens, as long as the eval's",
+            ),
+            ("gptq-mix-v2all-mse-norefit", "gptq", "--v2-windows 0 --mse --no-refit", ""),
+            ("gptq-mix-v2all-mse-damp003", "gptq", "--v2-windows 0 --mse --damp 0.003", ""),
+        ]
+    },
     "awq-gptq": ("AWQ→GPTQ", WIKI, ["--method", "awq-gptq", *CALIBRATION[WIKI]]),
     "awq": ("AWQ", WIKI, ["--method", "awq", *CALIBRATION[WIKI]]),
 }
