@@ -83,10 +83,15 @@ class QuantizeConfig:
     samples: int = option(128, "calibration windows")
     seqlen: int = option(512, "tokens per calibration window")
     seed: int = option(0, "calibration sampling seed")
-    damp: float = option(0.01, "GPTQ damping, fraction of mean diag(H)")
-    mse: bool = option(False, "search each group's clipping range for the least rounding error")
+    damp: float = option(0.003, "GPTQ damping, fraction of mean diag(H), raised when H cannot be factorised")
+    mse: bool | None = option(
+        None,
+        "search each group's clipping range for the least rounding error (--no-mse: the full range)",
+        shown="on for GPTQ",
+    )
     # GPTAQ (GPTQModel's "v2"): aim each layer at the float model's outputs, the drift measured on
-    # the first v2_windows calibration windows (0: all). None: on for GPTQ (validate() resolves it).
+    # the first v2_windows calibration windows (0, the default: all). None: the method's default
+    # (validate() resolves it; on for GPTQ).
     v2: bool | None = option(
         None,
         "GPTAQ (GPTQModel's v2): fit each layer to the float model's outputs, not its own "
@@ -94,7 +99,7 @@ class QuantizeConfig:
         shown="on for GPTQ",
     )
     v2_alpha: float = option(0.25, "strength of the --v2 correction, (0, 1]")
-    v2_windows: int = option(16, "calibration windows that --v2 also runs through the float model; 0: all")
+    v2_windows: int = option(0, "calibration windows that --v2 also runs through the float model; 0: all")
     # After GPTQ, each group's scale re-solved for the least layer-output error on the calibration
     # Hessian (codes and zero-points fixed). None: on for GPTQ (validate() resolves it).
     refit: bool | None = option(
@@ -155,14 +160,10 @@ class QuantizeConfig:
             raise LlmliteError(f"--dtype {self.dtype} is not supported; use one of: {', '.join(DTYPES)}")
         if not 0 < self.v2_alpha <= 1:
             raise LlmliteError(f"--v2-alpha {self.v2_alpha} is out of range; use a value in (0, 1]")
-        if self.v2 is None:
-            self.v2 = "v2" in method.options
-        if self.refit is None:
-            self.refit = "refit" in method.options
-        for name in ("clip", "awq_vo"):
+        for name in ("mse", "v2", "refit", "clip", "awq_vo"):  # None: the method's default
             if getattr(self, name) is None:
-                setattr(self, name, name in method.options)
-        for name in ("v2", "refit", "clip", "awq_vo"):
+                setattr(self, name, name in method.defaults)
+        for name in ("mse", "v2", "refit", "clip", "awq_vo"):
             if not isinstance(getattr(self, name), bool):
                 raise LlmliteError(f"option {name} must be true or false, got {getattr(self, name)!r}")
         if self.v2_windows < 0:

@@ -34,12 +34,31 @@ def test_defaults_are_the_documented_job():
 )
 def test_v2_is_on_for_gptq_unless_switched_off(options, v2):
     c = build(QuantizeConfig, **options)
-    assert c.v2 is v2 and c.v2_windows == 16
+    assert c.v2 is v2 and c.v2_windows == 0
 
 
-@pytest.mark.parametrize("options,refit", [({}, True), ({"method": "rtn"}, False), ({"refit": False}, False)])
-def test_refit_is_on_for_gptq_unless_switched_off(options, refit):
-    assert build(QuantizeConfig, **options).refit is refit
+@pytest.mark.parametrize("name", ["refit", "mse"])
+@pytest.mark.parametrize("method", ["gptq", "awq-gptq"])
+def test_refit_and_mse_are_on_for_gptq_unless_switched_off(method, name):
+    assert getattr(build(QuantizeConfig, method=method), name) is True
+    assert getattr(build(QuantizeConfig, method=method, **{name: False}), name) is False
+
+
+@pytest.mark.parametrize("method,mse", [("rtn", False), ("rtn-clip", False), ("awq", False)])
+def test_mse_is_off_for_the_other_methods(method, mse):
+    assert build(QuantizeConfig, method=method).mse is mse
+    if method == "rtn":  # RTN reads it when asked
+        assert build(QuantizeConfig, method=method, mse=True).mse is True
+
+
+def test_the_default_recipe_is_the_defaults_written_out():
+    recipe = Path(__file__).parent.parent / "recipes" / "gptq-w4g128.yaml"
+    assert build(QuantizeConfig, recipe) == build(QuantizeConfig)
+
+
+def test_the_gptq_defaults_are_the_ones_chosen_on_held_out_text():
+    c = build(QuantizeConfig)  # docs/benchmarks/unseen.md: --v2-windows 0 --mse --damp 0.003
+    assert (c.v2, c.v2_windows, c.mse, c.damp, c.refit) == (True, 0, True, 0.003, True)
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])

@@ -90,11 +90,12 @@ class Method:
     run: Callable[[Tensor, GroupStats, QuantSettings], Quantized]
     needs: frozenset[str] = frozenset()  # of STATISTICS; empty: weights only, no calibration
     options: frozenset[str] = frozenset()  # of OPTIONAL_SETTINGS that the method reads
+    defaults: frozenset[str] = frozenset()  # of ``options``: those on unless turned off
     help: str = ""  # one line for the CLI and the docs
     smooths: bool = False  # AWQ's scales folded into each layer (``quant.smooth``) before its groups
 
     def __post_init__(self) -> None:
-        unknown = (self.needs - STATISTICS) | (self.options - OPTIONAL_SETTINGS)
+        unknown = self.needs - STATISTICS | self.options - OPTIONAL_SETTINGS | self.defaults - self.options
         if unknown:
             raise ValueError(f"method {self.name}: unknown statistics or settings {sorted(unknown)}")
 

@@ -22,6 +22,7 @@ METHOD = Method(
     run,
     needs=frozenset({"hessian"}),
     options=frozenset({"clip", "awq_vo"}),
+    defaults=frozenset({"clip", "awq_vo"}),
     smooths=True,
     help="AWQ: activation-aware scales folded into the norm or linear before, then round to nearest "
     "with clipping searched",

@@ -11,6 +11,7 @@ METHOD = Method(
     run,
     needs=frozenset({"hessian", "drift"}),
     options=frozenset({"mse", "refit", "v2", "awq_vo"}),
+    defaults=frozenset({"mse", "refit", "v2", "awq_vo"}),
     smooths=True,
     help="AWQ's scales, then GPTQ on the smoothed weights",
 )

@@ -20,5 +20,6 @@ METHOD = Method(
     run,
     needs=frozenset({"hessian", "drift"}),
     options=frozenset({"mse", "refit", "v2"}),
+    defaults=frozenset({"mse", "refit", "v2"}),
     help="GPTQ: error-compensated rounding on the calibration Hessian",
 )
