@@ -78,7 +78,7 @@ bench-triton: setup
 	$(PY) benchmarks/triton_w4a16.py
 
 report: setup
-	$(VENV)/bin/llmlite quantize --no-v2 --no-refit --calibration wikitext2-valid --output runs/gptq-w4g128 --overwrite --quiet
+	$(VENV)/bin/llmlite quantize --no-v2 --no-refit --no-mse --damp 0.01 --calibration wikitext2-valid --output runs/gptq-w4g128 --overwrite --quiet
 	$(VENV)/bin/llmlite quantize --method rtn --output runs/rtn-w4g128 --overwrite --quiet
 	$(VENV)/bin/llmlite eval runs/gptq-w4g128 --tasks all --limit $(REPORT_LIMIT) --report $(REPORTS)/gptq-w4g128 --overwrite --quiet
 	$(VENV)/bin/llmlite eval runs/rtn-w4g128 --tasks all --limit $(REPORT_LIMIT) --report $(REPORTS)/rtn-w4g128 --overwrite --quiet

@@ -6,7 +6,8 @@ llama.cpp's own quantization of the same model, in the same run.
 PATH is a Python with llama-cpp-python. Files (``.bench/llamacpp/``): the bundled float model
 written as a float32 GGUF file by llmlite's writer; llama.cpp's own F16, Q4_0 and Q4_K_M of it
 (``llama_model_quantize``, its default settings, no importance matrix); llmlite's GPTQ at
-``--group-size 32`` (defaults; ``--mse``; ``--mse`` with 2,048-token calibration windows; ``--mse``
+``--group-size 32`` (on the GPTQ defaults before 80ed87e, ``earlier_defaults.py``, which these
+rows ran with: those defaults; ``--mse``; ``--mse`` with 2,048-token calibration windows; ``--mse``
 with GPTAQ's drift on every window) written as Q4_0 (``quantize --format gguf``).
 Every file is scored by llama.cpp on the same token ids: WikiText-2 raw test tokenized by the
 model's tokenizer, non-overlapping 2,048-token windows, the mean next-token NLL of each window's
@@ -25,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 BENCH = ROOT / ".bench" / "llamacpp"
 
 SCORE = r"""
@@ -70,6 +72,7 @@ def main() -> None:
 
     import numpy as np
     import torch
+    from earlier_defaults import EARLIER
 
     import llmlite
     from llmlite.data import eval_windows, load_text, tokenize
@@ -81,7 +84,7 @@ def main() -> None:
     BENCH.mkdir(parents=True, exist_ok=True)
     f32 = BENCH / "smollm2-f32.gguf"
     ours = {  # llmlite's exports: name -> (file, quantize options)
-        "Q4_0, llmlite GPTQ (defaults, --group-size 32)": (BENCH / "llmlite-gptq-g32.Q4_0.gguf", {}),
+        "Q4_0, llmlite GPTQ (earlier defaults, --group-size 32)": (BENCH / "llmlite-gptq-g32.Q4_0.gguf", {}),
         "Q4_0, llmlite GPTQ --mse (--group-size 32)": (
             BENCH / "llmlite-gptq-mse-g32.Q4_0.gguf",
             {"mse": True},
@@ -91,7 +94,7 @@ def main() -> None:
             BENCH / "llmlite-gptq-mse-s2048-g32.Q4_0.gguf",
             {"mse": True, "seqlen": 2048},
         ),
-        # GPTAQ's drift measured on all 128 calibration windows (the default: 16)
+        # GPTAQ's drift measured on all 128 calibration windows (the earlier default: 16)
         "Q4_0, llmlite GPTQ --mse --v2-windows 0 (--group-size 32)": (
             BENCH / "llmlite-gptq-mse-v2all-g32.Q4_0.gguf",
             {"mse": True, "v2_windows": 0},
@@ -107,7 +110,7 @@ def main() -> None:
             start = time.perf_counter()
             llmlite.quantize(
                 group_size=32, format="gguf", calibration="wikitext2-valid", output=str(file),
-                progress=False, **options,
+                progress=False, **{**EARLIER, **options},
             )  # fmt: skip
             timings[f"{name}: quantize and write (s)"] = time.perf_counter() - start
     ids = tokenize(tokenizer, load_text("wikitext2"))

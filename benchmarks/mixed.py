@@ -107,7 +107,9 @@ def markdown(cache: dict, n: int, tokens: int) -> str:
         f"- Perplexity: WikiText-2 raw test, first {n} non-overlapping windows of 2,048 tokens ({tokens:,} "
         "tokens). Calibration: 128 windows × 512 tokens of WikiText-2 validation, seed 0, for every run.",
         "- Quantizer: `llmlite quantize --method gptq --group-size 128 --asym` with its defaults (act-order "
-        "with static groups, GPTAQ's correction from 16 windows, scale refit). The mixed runs add "
+        "with static groups, GPTAQ's correction measured on every calibration window, each group's range "
+        "searched (`--mse`), damping 0.003, scale refit: the defaults since 80ed87e; rows of earlier "
+        "commits ran the earlier ones, 16 windows, no `--mse`, damping 0.01). The mixed runs add "
         "`--avg-bits A`: each decoder linear's width chosen among 2, 3, 4 and 8 for the least predicted "
         "loss (empirical-Fisher sensitivities on the first 8 calibration windows, an exact knapsack), "
         "average code bits per weight ≤ A (scales and zero-points not counted, as in uniform b-bit).",

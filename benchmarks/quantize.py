@@ -31,6 +31,9 @@ from llmlite.evaluation.perplexity import perplexity  # noqa: E402
 from llmlite.models import load_model, resolve_model  # noqa: E402
 from llmlite.runinfo import environment  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from earlier_defaults import earlier_flags  # noqa: E402
+
 BENCH = ROOT / ".bench"
 LLMLITE = [sys.executable, "-m", "llmlite.cli"]  # the llmlite on sys.path (PYTHONPATH wins)
 SAMPLES, SEQLEN, SEED = 128, 512, 0
@@ -39,13 +42,14 @@ SAMPLES, SEQLEN, SEED = 128, 512, 0
 OLD_ROWS_CPU = "AMD EPYC"
 PUBLISHED_WINDOWS = 4  # the main table's; other counts write docs/benchmarks/quantize-<N>-windows.*
 
-# GPTQ variants: llmlite's default (the GPTAQ drift correction from the first 16 calibration
+# GPTQ variants, each on the GPTQ defaults of the day these tables ran (before 80ed87e:
+# ``earlier_defaults``): that default (the GPTAQ drift correction from the first 16 calibration
 # windows, then the scale refit), plain GPTQ, and the drift correction from every window (no refit:
 # GPTQModel's v2).
 VARIANTS = {
-    "default": (),
-    "plain": ("--no-v2", "--no-refit"),
-    "v2-all": ("--v2", "--v2-windows", "0", "--no-refit"),
+    "default": earlier_flags([]),
+    "plain": earlier_flags(["--no-v2", "--no-refit"]),
+    "v2-all": earlier_flags(["--v2", "--v2-windows", "0", "--no-refit"]),
 }
 # (name, tool, method, bits, group, sym, variant), in the order they run: the speed comparison first.
 # Every GPTQ row uses act-order with static groups (both tools' default).
@@ -302,7 +306,10 @@ def write_report(cache: dict, n_windows: int, n_tokens: int) -> None:
         "## GPTQ against RTN (group 128)",
         "",
         "Gap closed = (RTN − GPTQ) / (RTN − unquantized), at the same bits, group and grid. Every GPTQ "
-        "column is `llmlite quantize` with act-order (static groups): **default** = its defaults, plain "
+        "column is `llmlite quantize` with act-order (static groups): **default** = its defaults until "
+        "2026-12-07 (commit 80ed87e; `--v2-windows 16 --no-mse --damp 0.01` since, which every row below "
+        "ran with unless it names another value; today's default is measured in "
+        "[gptq-default.md](gptq-default.md) and [unseen.md](unseen.md)), plain "
         "GPTQ plus GPTAQ's drift correction (α 0.25) measured on the first 16 calibration windows, "
         "then each group's scale refit to the layer's output (`--refit`); plain = `--no-v2 --no-refit`; "
         "v2 all = `--v2 --v2-windows 0 --no-refit` (the correction measured on all 128 windows, "
@@ -363,10 +370,10 @@ def write_report(cache: dict, n_windows: int, n_tokens: int) -> None:
         return f"{peer['quantize_s'] / row['quantize_s']:.2f}× faster"
 
     for label, mkl, name in (
-        ("llmlite GPTQ (default)", "shim", "gptq-v2w16-w4g64-sym"),
+        ("llmlite GPTQ (default until 2026-12-07)", "shim", "gptq-v2w16-w4g64-sym"),
         ("llmlite GPTQ `--no-v2 --no-refit`", "shim", "gptq-w4g64-sym"),
         ("llm-compressor GPTQ", "shim", "llmc-gptq-w4g64-sym-shim"),
-        ("llmlite GPTQ (default)", "as shipped", "gptq-v2w16-w4g64-sym-noshim"),
+        ("llmlite GPTQ (default until 2026-12-07)", "as shipped", "gptq-v2w16-w4g64-sym-noshim"),
         ("llmlite GPTQ `--no-v2 --no-refit`", "as shipped", "gptq-w4g64-sym-noshim"),
         ("llm-compressor GPTQ", "as shipped", "llmc-gptq-w4g64-sym"),
     ):
