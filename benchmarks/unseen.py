@@ -167,7 +167,7 @@ def markdown(cache: dict, windows: dict) -> str:
         "names an option; every row ran before that commit, so its command names none of them. The "
         "row marked as the default is the setting these rows chose, `llmlite quantize`'s default since. "
         "Each calibrates on 128 "
-        "calibration windows of 512 tokens (seed 0): WikiText-2 validation (the default until this "
+        "windows of 512 tokens (seed 0): WikiText-2 validation (the default until this "
         "table), the model's own text (`--calibration self`: sampled at temperature 1 from its "
         "document-start token), or half of each "
         "(`--calibration wikitext2-valid+self`, the default since). The rows of commit 1e1fb1f ran before "
