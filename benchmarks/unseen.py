@@ -96,12 +96,7 @@ ROWS = {  # name -> (method, calibration, quantize options)
                 "the same tokens, as long as the eval's",
             ),
             ("gptq-mix-v2all-mse-norefit", "gptq", "--v2-windows 0 --mse --no-refit", ""),
-            (
-                "gptq-mix-v2all-mse-damp003",
-                "gptq",
-                "--v2-windows 0 --mse --damp 0.003",
-                NOW,
-            ),
+            ("gptq-mix-v2all-mse-damp003", "gptq", "--v2-windows 0 --mse --damp 0.003", NOW),
         ]
     },
     "awq-gptq": ("AWQ→GPTQ", WIKI, ["--method", "awq-gptq", *earlier_flags([]), *CALIBRATION[WIKI]]),

@@ -17,7 +17,8 @@ from llmlite.recipes import option
 
 DTYPES = ("float16", "bfloat16", "float32")
 KV_OPTIONS = ("kv_group_size", "kv_residual", "kv_sinks", "kv_scheme", "kv_salient", "prefill", "chunk")
-# The settings only some methods read (``Method.options``), and what each does, for the refusal.
+# The on/off settings only some methods read (``Method.options``; None resolves to ``Method.defaults``),
+# and what each does, for the refusal.
 OPTION_HELP = {
     "mse": "searches each group's clipping range on the weights",
     "refit": "fits scales to calibration outputs",
@@ -160,10 +161,9 @@ class QuantizeConfig:
             raise LlmliteError(f"--dtype {self.dtype} is not supported; use one of: {', '.join(DTYPES)}")
         if not 0 < self.v2_alpha <= 1:
             raise LlmliteError(f"--v2-alpha {self.v2_alpha} is out of range; use a value in (0, 1]")
-        for name in ("mse", "v2", "refit", "clip", "awq_vo"):  # None: the method's default
+        for name in OPTION_HELP:  # None: the method's default
             if getattr(self, name) is None:
                 setattr(self, name, name in method.defaults)
-        for name in ("mse", "v2", "refit", "clip", "awq_vo"):
             if not isinstance(getattr(self, name), bool):
                 raise LlmliteError(f"option {name} must be true or false, got {getattr(self, name)!r}")
         if self.v2_windows < 0:

@@ -44,9 +44,9 @@ def test_refit_and_mse_are_on_for_gptq_unless_switched_off(method, name):
     assert getattr(build(QuantizeConfig, method=method, **{name: False}), name) is False
 
 
-@pytest.mark.parametrize("method,mse", [("rtn", False), ("rtn-clip", False), ("awq", False)])
-def test_mse_is_off_for_the_other_methods(method, mse):
-    assert build(QuantizeConfig, method=method).mse is mse
+@pytest.mark.parametrize("method", ["rtn", "rtn-clip", "awq"])
+def test_mse_is_off_for_the_other_methods(method):
+    assert build(QuantizeConfig, method=method).mse is False
     if method == "rtn":  # RTN reads it when asked
         assert build(QuantizeConfig, method=method, mse=True).mse is True
 
