@@ -216,13 +216,16 @@ def int4pack_matmul(x: np.ndarray, codes, scale, zero, g_idx) -> np.ndarray:
     return bf16(bf16(x) @ w.T)
 
 
-def awq_scales(w: np.ndarray, x: np.ndarray, bits: int, group_size: int, sym: bool, tie=None, grid=20):
+def awq_scales(
+    w: np.ndarray, x: np.ndarray, bits: int, group_size: int, sym: bool, tie=None, grid=20, gptq_damp=None
+):
     """AWQ's duo-scaling search as AutoAWQ writes it, in float64 on the inputs ``x`` [tokens, in]
     themselves: x̄ = mean|x|, w̄ = mean over rows of |W| / max|W| per row and group, candidates
     s = x̄^r / (w̄^(1-r) + 1e-4) (clamped at 1e-4, normalised by sqrt(max · min)) for r = i / grid,
-    plus s = 1; the loss is the mean over tokens of ||x Wᵀ - (x / s) Q(W diag s)ᵀ||². With ``tie``
-    (column -> shared channel), x̄ and w̄ are averaged over each channel's columns. Returns
-    (best s [in], best r or None)."""
+    plus s = 1; the loss is the mean over tokens of ||x Wᵀ - (x / s) Q(W diag s)ᵀ||². ``Q`` is round
+    to nearest, or with ``gptq_damp`` the ``gptq`` above (act-order) on the scaled inputs ``x / s``.
+    With ``tie`` (column -> shared channel), x̄ and w̄ are averaged over each channel's columns.
+    Returns (best s [in], best r or None)."""
     size = w.shape[1] if group_size == -1 else group_size
     a = np.abs(w)
     w_scaled = np.empty_like(a)
@@ -236,7 +239,11 @@ def awq_scales(w: np.ndarray, x: np.ndarray, bits: int, group_size: int, sym: bo
     y = x @ w.T
 
     def loss(s):
-        codes, scale, zero = rtn(w * s, bits, group_size, sym)
+        if gptq_damp is None:
+            codes, scale, zero = rtn(w * s, bits, group_size, sym)
+        else:
+            xs = x / s
+            codes, scale, zero = gptq(w * s, 2 * xs.T @ xs / len(x), bits, group_size, sym, True, gptq_damp)
         return (((x / s) @ ((codes - zero) * scale).T - y) ** 2).sum(1).mean()
 
     best_s, best_r, best = np.ones(w.shape[1]), None, loss(np.ones(w.shape[1]))

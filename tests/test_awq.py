@@ -12,7 +12,7 @@ from reference import awq_scales
 from llmlite.quant.awq import search_scales, tie_mean, weight_magnitude
 from llmlite.quant.driver import quantize_model
 from llmlite.quant.method import QuantSettings
-from llmlite.quant.smooth import rtn, smooth_layer, value_tie
+from llmlite.quant.smooth import plain_gptq, rtn, smooth_layer, value_tie
 
 
 def block(seed: int, tokens: int = 300, cols: int = 40, rows: int = 24):
@@ -45,6 +45,26 @@ def test_scale_search_matches_float64_brute_force(bits, group, sym, tied):
         assert torch.equal(found.scale, found.scale[torch.arange(10)][tie])
 
 
+@pytest.mark.parametrize(
+    "bits,group,sym,tied", [(3, 16, False, False), (3, 12, True, True), (4, -1, True, False)]
+)
+def test_gptq_scored_search_matches_float64_brute_force(bits, group, sym, tied):
+    """AWQ→GPTQ's search: each candidate scored by what act-order GPTQ (on the scaled inputs'
+    Hessian) makes of it picks the reference's winner; GPTQ's error stays below round to nearest's."""
+    x, w = block(bits * 10 + abs(group) + 7)
+    tie = torch.arange(40) % 10 if tied else None
+    damp = 0.003
+    tie_np = None if tie is None else tie.numpy()
+    want_s, want_r = awq_scales(w.numpy(), x.numpy(), bits, group, sym, tie_np, gptq_damp=damp)
+    h = 2 * x.T @ x / x.shape[0]
+    x_mean = x.abs().mean(0).float()
+    found = search_scales(w.float(), h.float(), x_mean, plain_gptq(bits, group, sym, True, damp), group, tie)
+    assert found.ratio == want_r
+    np.testing.assert_allclose(found.scale.numpy(), want_s, rtol=1e-5)
+    by_rtn = search_scales(w.float(), h.float(), x_mean, rtn(bits, group, sym), group, tie)
+    assert found.error < by_rtn.error
+
+
 def test_weight_magnitude_and_tie_mean_by_hand():
     w = torch.tensor([[1.0, -2.0, 4.0], [0.5, 0.25, -1.0]])
     # group 2: row 0 peaks 2 then 4, row 1 peaks 0.5 then 1 → |w| / peak, mean over rows
@@ -73,7 +93,9 @@ def test_smoothing_keeps_the_layers_function(tokenizer, value_mapping):
     kw = {"position_embeddings": model.model.rotary_emb(hidden[0], ids), "attention_mask": None}
     before = [layer(h, **kw)[0] if isinstance(layer(h, **kw), tuple) else layer(h, **kw) for h in hidden]
     norm = layer.input_layernorm.weight.clone()
-    records = smooth_layer(layer, hidden, [kw, kw], 3, 32, True, torch.float16, value_mapping)
+    records = smooth_layer(
+        layer, hidden, [kw, kw], 3, 32, lambda b: rtn(b, 32, True), torch.float16, value_mapping
+    )
     after = [layer(h, **kw)[0] if isinstance(layer(h, **kw), tuple) else layer(h, **kw) for h in hidden]
     for a, b in zip(after, before, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -15,7 +15,9 @@ and keeps the ``s`` whose quantized weight changes the outputs least on the cali
     e(s) = ‖X (Q(W diag s) diag s⁻¹ − W)ᵀ‖²_F / tokens = tr(Δ H Δᵀ) / 2,  H = 2 XᵀX / tokens,
 
 computed from ``H`` (which the layer walk measures anyway), in float32, so no candidate needs a
-forward pass and no float16 overflow can occur. ``tie`` lets several input columns share one
+forward pass and no float16 overflow can occur. ``Q`` is the quantizer the model will get: round to
+nearest for AWQ, GPTQ for AWQ→GPTQ (which sees the scaled inputs' Hessian ``diag s⁻¹ H diag s⁻¹``),
+so each candidate is scored on what that quantizer makes of it. ``tie`` lets several input columns share one
 scale: GQA's ``v_proj → o_proj``, where each value channel feeds the same channel of every query
 head in its group (both peers skip this mapping on GQA models).
 """
@@ -31,6 +33,9 @@ from torch import Tensor
 from llmlite.quant.grid import group_index
 
 GRID = 20  # ratios r = i / GRID, i < GRID (AutoAWQ's n_grid)
+
+# ``(W [out, in], H [in, in] of its inputs) -> Q(W)``: a weight's quantized-then-dequantized values
+Quantizer = Callable[[Tensor, Tensor], Tensor]
 
 
 @dataclass
@@ -82,26 +87,27 @@ def search_scales(
     w: Tensor,
     h: Tensor,
     x_mean: Tensor,
-    quantize: Callable[[Tensor], Tensor],
+    quantize: Quantizer,
     group_size: int,
     tie: Tensor | None = None,
     grid: int = GRID,
 ) -> ScaleSearch:
     """The AWQ scale of the input columns of ``w`` ``[out, in]`` (float32), given the Hessian ``h``
     ``[in, in]`` and the mean ``|x|`` ``x_mean`` ``[in]`` of its inputs. ``quantize`` maps a
-    weight to its quantized-then-dequantized values (the grid the model will use).
+    weight and the Hessian of its inputs to its quantized-then-dequantized values (what the model
+    will get).
 
     With ``tie`` (``[in]``, values ``0..n-1``) the columns ``j`` with equal ``tie[j]`` share one
     scale: ``x̄`` and ``w̄`` are averaged over them and the result is ``s[tie]``.
     """
     w, h = w.float(), h.float()
-    base = output_error(w, quantize(w), h)
+    base = output_error(w, quantize(w, h), h)
     best = ScaleSearch(torch.ones(w.shape[1], device=w.device), None, base, base)
     x_mean = tie_mean(x_mean.float(), tie)
     w_mean = tie_mean(weight_magnitude(w, group_size), tie)
     for r, s in candidate_scales(x_mean, w_mean, grid):
         s = s if tie is None else s[tie]
-        error = output_error(w, quantize(w * s) / s, h)
+        error = output_error(w, quantize(w * s, h / s[:, None] / s) / s, h)
         if error < best.error:
             best = ScaleSearch(s, r, error, base)
     return best

@@ -29,6 +29,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -183,7 +184,8 @@ def quantize_model(
             bits = settings.bits
             if settings.module_bits is not None:
                 bits = lambda n, p=prefix: settings.bits_for(p + n)  # noqa: E731
-            grid = (bits, settings.group_size, settings.sym, getattr(torch, settings.dtype))
+            search = partial(method.scale_search, settings)
+            grid = (bits, settings.group_size, search, getattr(torch, settings.dtype))
             report.smoothing += smooth_layer(
                 layer, hidden, kwargs, *grid, value_mapping=settings.value_mapping, prefix=prefix
             )

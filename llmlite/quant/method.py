@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from llmlite.quant.awq import Quantizer
 from llmlite.quant.grid import QuantizedWeight
 
 # What the walk can measure on a group's calibration inputs (see ``GroupStats``).
@@ -92,12 +93,18 @@ class Method:
     options: frozenset[str] = frozenset()  # of OPTIONAL_SETTINGS that the method reads
     defaults: frozenset[str] = frozenset()  # of ``options``: those on unless turned off
     help: str = ""  # one line for the CLI and the docs
-    smooths: bool = False  # AWQ's scales folded into each layer (``quant.smooth``) before its groups
+    # AWQ: the quantizer at a width (``quant.smooth.rtn`` or ``plain_gptq``) that scores the scales
+    # folded into each layer (``quant.smooth``) before its groups are quantized; None: no smoothing
+    scale_search: Callable[[QuantSettings, int], Quantizer] | None = None
 
     def __post_init__(self) -> None:
         unknown = self.needs - STATISTICS | self.options - OPTIONAL_SETTINGS | self.defaults - self.options
         if unknown:
             raise ValueError(f"method {self.name}: unknown statistics or settings {sorted(unknown)}")
+
+    @property
+    def smooths(self) -> bool:
+        return self.scale_search is not None
 
     @property
     def calibrated(self) -> bool:

@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from llmlite.arch import LLAMA
-from llmlite.quant.awq import search_scales
-from llmlite.quant.gptq import accumulate_hessian, finish_hessian
+from llmlite.quant.awq import Quantizer, search_scales
+from llmlite.quant.gptq import accumulate_hessian, finish_hessian, gptq
 from llmlite.quant.grid import fake_quantize
 from llmlite.quant.hooks import input_of
 
@@ -58,18 +58,24 @@ class _InputStats:
         return finish_hessian(self.h, self.tokens), self.abs_sum / max(self.tokens, 1)
 
 
-def rtn(bits: int, group_size: int, sym: bool):
-    """Round to nearest on the grid the walk will use: weight → its dequantized values."""
-    return lambda w: fake_quantize(w, bits, group_size, sym)
+def rtn(bits: int, group_size: int, sym: bool) -> Quantizer:
+    """Round to nearest on the grid the walk will use (AWQ's own quantizer)."""
+    return lambda w, _h: fake_quantize(w, bits, group_size, sym)
 
 
-def rtn_rows(widths: list[int], rows: list[int], group_size: int, sym: bool):
-    """``rtn`` of a stacked weight whose row blocks (``rows`` each) take their own ``widths``."""
+def plain_gptq(bits: int, group_size: int, sym: bool, act_order: bool, damp: float) -> Quantizer:
+    """GPTQ on the weight's own input Hessian, on the grid the walk will use (AWQ→GPTQ's search);
+    without the walk's clipping search, drift correction and scale refit, which come once after."""
+    return lambda w, h: gptq(w, h, bits, group_size, sym, act_order, damp).weight.dequantize()
+
+
+def by_rows(quantizer: Callable[[int], Quantizer], widths: list[int], rows: list[int]) -> Quantizer:
+    """The quantizer of a stacked weight whose row blocks (``rows`` each) take their own ``widths``
+    (``quantizer(bits)`` each; one call when all are equal: both quantizers treat rows apart)."""
     if len(set(widths)) == 1:
-        return rtn(widths[0], group_size, sym)
-    return lambda w: torch.cat(
-        [fake_quantize(p, b, group_size, sym) for p, b in zip(w.split(rows), widths, strict=True)]
-    )
+        return quantizer(widths[0])
+    parts = [quantizer(b) for b in widths]
+    return lambda w, h: torch.cat([q(p, h) for p, q in zip(w.split(rows), parts, strict=True)])
 
 
 def value_tie(heads: int, kv_heads: int, head_dim: int) -> Tensor:
@@ -123,15 +129,15 @@ def smooth_layer(
     kwargs: list[dict],
     bits: int | Callable[[str], int],
     group_size: int,
-    sym: bool,
+    quantizer: Callable[[int], Quantizer],
     dtype: torch.dtype = torch.float16,
     value_mapping: bool = True,
     prefix: str = "",
 ) -> list[SmoothRecord]:
     """Search and fold AWQ's scales into ``layer`` (Llama layout, float weights) on its inputs
-    ``hidden`` (chunks ``[b, seqlen, d]``, with the model's per-chunk ``kwargs``); the search uses
-    round to nearest at ``bits`` (or ``bits(name)`` per linear: mixed precision) / ``group_size`` /
-    ``sym``. ``value_mapping=False`` skips
+    ``hidden`` (chunks ``[b, seqlen, d]``, with the model's per-chunk ``kwargs``); the search scores
+    each candidate with ``quantizer(width)`` (``rtn`` or ``plain_gptq``) at ``bits`` (or
+    ``bits(name)`` per linear: mixed precision) and ``group_size``. ``value_mapping=False`` skips
     ``v_proj → o_proj``. Returns what each mapping chose."""
     stats = _layer_inputs(layer, hidden, kwargs)
     width = bits if callable(bits) else lambda _name: bits
@@ -147,7 +153,7 @@ def smooth_layer(
         linears = [layer.get_submodule(n) for n in names]
         h, x_mean = stat.finish()
         w = torch.cat([m.weight.detach().float() for m in linears])
-        quantize = rtn_rows([width(n) for n in names], [m.out_features for m in linears], group_size, sym)
+        quantize = by_rows(quantizer, [width(n) for n in names], [m.out_features for m in linears])
         tie = value_tie(heads, kv_heads, head_dim) if is_value else None
         found = search_scales(w, h, x_mean, quantize, group_size, tie)
         short = ",".join(n.rsplit(".", 1)[-1] for n in names)

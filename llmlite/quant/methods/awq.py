@@ -9,6 +9,7 @@ from torch import Tensor
 from llmlite.quant.grid import group_params, on_grid
 from llmlite.quant.method import GroupStats, Method, Quantized, QuantSettings
 from llmlite.quant.methods.clip import clip_search
+from llmlite.quant.smooth import rtn
 
 
 def run(w: Tensor, stats: GroupStats, s: QuantSettings) -> Quantized:
@@ -23,7 +24,7 @@ METHOD = Method(
     needs=frozenset({"hessian"}),
     options=frozenset({"clip", "awq_vo"}),
     defaults=frozenset({"clip", "awq_vo"}),
-    smooths=True,
+    scale_search=lambda s, bits: rtn(bits, s.group_size, s.sym),
     help="AWQ: activation-aware scales folded into the norm or linear before, then round to nearest "
     "with clipping searched",
 )
