@@ -189,7 +189,9 @@ def markdown(cache: dict, n: int, tokens: int) -> str:
         "searched); GPTQ (act-order with static groups, GPTAQ's correction measured on every calibration "
         "window, each group's range searched (`--mse`), damping 0.003, scale refit: the defaults since "
         "80ed87e; rows of earlier commits ran the earlier ones, 16 windows, no `--mse`, damping 0.01); "
-        "AWQ→GPTQ (AWQ's scales, then that GPTQ). Gap closed = (RTN − method) / (RTN − float).",
+        "AWQ→GPTQ (AWQ's scales, each candidate scored by what plain GPTQ makes of it, then that GPTQ; "
+        "rows before 5c88a35 scored the candidates with round to nearest, as the peers do). "
+        "Gap closed = (RTN − method) / (RTN − float).",
         f"- Threads: {env['threads']}; torch {env['torch']}, transformers {env['transformers']}. Time: the "
         "quantization itself (model loading excluded), one process each, on the machine its row names in "
         "the last table (compare times on one machine only).",

@@ -117,8 +117,8 @@ def markdown(cache: dict, n: int, tokens: int) -> str:
         "the tied `lm_head` is not stored).",
         f"- Machine: {env['cpu']}, {env['threads']} threads; torch {env['torch']}, transformers "
         f"{env['transformers']}. Time: the quantization itself (model loading excluded) and, for the "
-        "mixed runs, the sensitivity pass and allocation before it, one process each, niced beside other "
-        "work on the same 2 cores (so slower than on an idle machine).",
+        "mixed runs, the sensitivity pass and allocation before it, one process each, niced, one after "
+        "another (light work beside them now and then: times vary by tens of percent on this VM).",
         "",
         "| run | bits / weight | model.safetensors (MiB) | ppl | toward 4-bit |",
         "| --- | ---: | ---: | ---: | ---: |",
