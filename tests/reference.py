@@ -239,12 +239,12 @@ def awq_scales(
     y = x @ w.T
 
     def loss(s):
+        xs = x / s
         if gptq_damp is None:
             codes, scale, zero = rtn(w * s, bits, group_size, sym)
         else:
-            xs = x / s
             codes, scale, zero = gptq(w * s, 2 * xs.T @ xs / len(x), bits, group_size, sym, True, gptq_damp)
-        return (((x / s) @ ((codes - zero) * scale).T - y) ** 2).sum(1).mean()
+        return ((xs @ ((codes - zero) * scale).T - y) ** 2).sum(1).mean()
 
     best_s, best_r, best = np.ones(w.shape[1]), None, loss(np.ones(w.shape[1]))
     for i in range(grid):

@@ -17,8 +17,8 @@ and keeps the ``s`` whose quantized weight changes the outputs least on the cali
 computed from ``H`` (which the layer walk measures anyway), in float32, so no candidate needs a
 forward pass and no float16 overflow can occur. ``Q`` is the quantizer the model will get: round to
 nearest for AWQ, GPTQ for AWQ→GPTQ (which sees the scaled inputs' Hessian ``diag s⁻¹ H diag s⁻¹``),
-so each candidate is scored on what that quantizer makes of it. ``tie`` lets several input columns share one
-scale: GQA's ``v_proj → o_proj``, where each value channel feeds the same channel of every query
+so each candidate is scored on what that quantizer makes of it. ``tie`` lets several input columns
+share one scale: GQA's ``v_proj → o_proj``, where each value channel feeds the same channel of every query
 head in its group (both peers skip this mapping on GQA models).
 """
 
